@@ -1,0 +1,44 @@
+"""Turn the eager model into the fast one, block by block, in torchtitan's order.
+
+    activation checkpointing  ->  per-block torch.compile (our backend)  ->  (later) fully_shard
+
+Regional compilation: every decoder block has the same code and shapes, so Dynamo traces one block and reuses the
+compiled code for the others (a 64-layer model compiles once, not 64 times). Checkpointing wraps the block *before*
+compiling so the compiled region contains the recompute. The LM head + loss stays eager: it is a chunked custom
+autograd function of its own (surogate/loss.py).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+log = logging.getLogger(__name__)
+
+
+def compile_backend(recipe: str, use_passes: bool):
+    """Our FX passes + Inductor, or Inductor alone (`use_passes=False`: what the passes add is then measurable)."""
+    if not use_passes:
+        return "inductor"
+    from compile_passes.backend import make_backend
+
+    return make_backend(recipe)
+
+
+def parallelize(
+    model: nn.Module, *, recipe: str = "bf16", compile: bool = True, use_passes: bool = True, recompute: bool = False
+) -> nn.Module:
+    """Apply activation checkpointing, then per-block compilation, to `model.model.layers` in place."""
+    layers = model.model.layers
+    if recompute:
+        for i, block in enumerate(layers):
+            layers[i] = checkpoint_wrapper(block)
+    if compile:
+        backend = compile_backend(recipe, use_passes)
+        for i, block in enumerate(layers):
+            layers[i] = torch.compile(block, backend=backend, fullgraph=True)
+    log.info("blocks: %d, recompute=%s, compile=%s, passes=%s", len(layers), recompute, compile, compile and use_passes)
+    return model
