@@ -1,0 +1,125 @@
+"""Causal attention with document isolation for packed rows.
+
+A packed row holds several documents back to back; `position_ids` restart at 0 where a new document starts. A
+token may attend to earlier tokens of its own document only. The mask is derived from `position_ids` once per
+forward (`build_doc_mask`, outside the blocks) and handed to every block, so the compiled block sees one fixed
+input and no Python control flow that depends on the data.
+
+Backends (all take q, k, v as [B, H, S, D] and return [B, H, S, D]; k/v may have fewer heads than q, GQA):
+
+- "sdpa":   `F.scaled_dot_product_attention` with a boolean [B, 1, S, S] block-diagonal causal mask. Works
+            everywhere (the CPU path and the numerical reference), but the dense mask is O(S^2) memory and
+            the fused flash kernel cannot take an arbitrary mask, so it is the slow path on GPU.
+- "flex":   FlexAttention with a document-causal `BlockMask` (built once per forward by `create_block_mask`).
+            Skips fully masked 128x128 tiles, so packing costs no wasted FLOPs. GPU only: FlexAttention has no
+            CPU backward. Eager FlexAttention is an unfused reference implementation, so outside
+            torch.compile we call a compiled copy; inside a compiled block Dynamo traces it directly.
+- "varlen": `torch.nn.attention.varlen.varlen_attn` (flash attention over cu_seqlens), when this torch has it.
+            Building cu_seqlens from position_ids needs the number of documents on the host: one device sync
+            per forward (in `build_doc_mask`, never per block).
+
+`resolve_backend("auto", device)` picks "flex" on CUDA and "sdpa" elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["BACKENDS", "VarlenMask", "attention", "build_doc_mask", "resolve_backend", "varlen_available"]
+
+BACKENDS = ("sdpa", "flex", "varlen")
+
+
+class VarlenMask(NamedTuple):
+    cu_seqlens: torch.Tensor  # (num_docs + 1,) int32, offsets into the flattened B*S tokens
+    max_seqlen: int  # longest document, a host int (varlen kernels size their grid with it)
+
+
+def varlen_available() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """Map "auto" to the best backend for `device`; validate explicit names."""
+    device = torch.device(device)
+    if name == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend must be one of auto, {', '.join(BACKENDS)}; got {name!r}")
+    if name in ("flex", "varlen") and device.type != "cuda":
+        raise ValueError(f"attention backend {name!r} needs a CUDA device (got {device}); use 'sdpa' on CPU")
+    if name == "varlen" and not varlen_available():
+        raise ValueError(f"attention backend 'varlen' needs torch.nn.attention.varlen (torch {torch.__version__})")
+    return name
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] position ids -> [B, S] document index within each row (a new document where position == 0)."""
+    return torch.cumsum((position_ids == 0).to(torch.int32), dim=-1)
+
+
+def build_doc_mask(position_ids: torch.Tensor, backend: str):
+    """Build the document-causal mask for `backend` once per forward (see the module docstring)."""
+    B, S = position_ids.shape
+    if backend == "sdpa":
+        doc = document_ids(position_ids)
+        causal = torch.ones(S, S, dtype=torch.bool, device=position_ids.device).tril()
+        return (doc[:, :, None] == doc[:, None, :]) & causal  # [B, S, S]; broadcast over heads in attention()
+    if backend == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        doc = document_ids(position_ids)
+
+        def document_causal(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
+
+        # _compile=True builds the mask tile by tile instead of materializing [B, S, S] booleans.
+        return create_block_mask(document_causal, B, None, S, S, device=position_ids.device, _compile=True)
+    if backend == "varlen":
+        flat = position_ids.reshape(-1)
+        starts = flat == 0
+        starts[::S] = True  # a row that starts mid-document still starts a sequence: rows never attend across
+        idx = torch.nonzero(starts).reshape(-1).to(torch.int32)  # host sync: the number of documents
+        cu = torch.cat([idx, idx.new_tensor([flat.numel()])])
+        return VarlenMask(cu, int((cu[1:] - cu[:-1]).max()))  # second (tiny) sync, same point in the step
+    raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, backend: str) -> torch.Tensor:
+    """Document-causal attention. q: [B, Hq, S, D]; k, v: [B, Hkv, S, D] with Hq % Hkv == 0 -> [B, Hq, S, D]."""
+    gqa = q.shape[1] != k.shape[1]
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
+    if backend == "flex":
+        if torch.compiler.is_compiling():
+            from torch.nn.attention.flex_attention import flex_attention
+        else:
+            flex_attention = _compiled_flex_attention()
+        return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+    if backend == "varlen":
+        from torch.nn.attention.varlen import varlen_attn
+
+        B, H, S, D = q.shape
+        # [B, H, S, D] views of [B, S, H, D] projections: transposing back is free.
+        qt, kt, vt = (t.transpose(1, 2).reshape(B * S, t.shape[1], D) for t in (q, k, v))
+        if gqa:
+            kt, vt = (t.repeat_interleave(H // k.shape[1], dim=1) for t in (kt, vt))
+        cu, max_len = mask
+        out = varlen_attn(qt, kt, vt, cu, cu, max_len, max_len, window_size=(-1, 0))
+        return out.reshape(B, S, H, D).transpose(1, 2)
+    raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}; got {backend!r}")

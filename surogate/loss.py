@@ -1,0 +1,91 @@
+"""Chunked LM head + cross-entropy that never holds [tokens x vocab] fp32 logits.
+
+With Qwen3's 151,936-token vocabulary, the logits of a 16k-token step in fp32 are ~10 GB, and autograd would keep
+them (plus the softmax) alive until backward. Instead, as in Liger's fused linear cross-entropy, the forward walks
+over chunks of rows and, for each chunk, computes
+
+    logits = h_c @ W.T                    (matmul in the activation dtype, then fp32: the order HF uses)
+    loss  += sum(logsumexp(logits) - logits[label])
+    dlogits = softmax(logits) - onehot(label)      (zero on ignored rows)
+    grad_h[c] = dlogits @ W               (and grad_W += dlogits.T @ h_c only if W is trainable)
+
+so only grad_h ([N, H], the size of the input) survives until backward, which just scales it by the incoming
+gradient. A frozen LM head (the LoRA case) gets no weight gradient and costs no [V, H] fp32 buffer.
+
+Ignored rows (label -100): `select_valid=True` (default) first gathers the rows that carry a label, so prompt
+tokens and padding cost no LM-head FLOPs (in SFT they are often half the tokens and the LM head is a quarter of a
+small model's FLOPs). The price is one host sync (`nonzero` has a data-dependent size) per step, at the end of the
+forward when the GPU queue is full anyway. `select_valid=False` computes every row and masks instead: no sync and
+static shapes (compile/CUDA-graph friendly), more FLOPs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["chunked_lm_loss", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int):
+        # hidden: [N, H]; weight: [V, H]; labels: [N] with IGNORE_INDEX on rows without a target.
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_dh else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_dw else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start : start + chunk_size]
+            y = labels[start : start + chunk_size]
+            valid = y != IGNORE_INDEX
+            y = torch.where(valid, y, 0)[:, None]
+            logits = (h @ weight.T).float()  # [c, V]
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            loss += ((lse - logits.gather(1, y)).squeeze(1) * valid).sum()
+            if need_dh or need_dw:
+                dlogits = logits.sub_(lse).exp_()  # softmax, in place: one [c, V] fp32 buffer per chunk
+                dlogits.scatter_add_(1, y, -valid[:, None].float())
+                dlogits = (dlogits * valid[:, None]).to(hidden.dtype)
+                if need_dh:
+                    grad_h[start : start + chunk_size] = dlogits @ weight
+                if need_dw:
+                    grad_w += (dlogits.T @ h).float()
+        n_valid = (labels != IGNORE_INDEX).sum()
+        ctx.mark_non_differentiable(n_valid)
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss, n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_n):
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_loss.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = (grad_w * grad_loss).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None
+
+
+def chunked_lm_loss(
+    hidden: torch.Tensor,  # [N, H] final-norm hidden states
+    weight: torch.Tensor,  # [V, H] LM head (frozen or trainable)
+    labels: torch.Tensor,  # [N] next-token targets, IGNORE_INDEX where there is none
+    chunk_size: int = 2048,
+    select_valid: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of token cross-entropies (fp32 scalar) and the number of labelled tokens (int64 scalar tensor).
+
+    Equals `F.cross_entropy(hidden @ weight.T, labels, reduction="sum", ignore_index=-100)`; divide by the token
+    count of the whole (accumulated) batch for the mean. See the module docstring for `select_valid`.
+    """
+    if hidden.ndim != 2 or labels.shape != hidden.shape[:1]:
+        raise ValueError(f"expected hidden [N, H] and labels [N], got {tuple(hidden.shape)} and {tuple(labels.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if select_valid:
+        idx = torch.nonzero(labels != IGNORE_INDEX).squeeze(1)  # host sync, see the module docstring
+        hidden, labels = hidden.index_select(0, idx), labels.index_select(0, idx)
+    loss, n_valid = _FusedLinearCrossEntropy.apply(hidden, weight, labels, chunk_size)
+    return loss, n_valid

@@ -1,0 +1,273 @@
+"""Qwen3 dense decoder (and Llama, the same block without QK-norm) in plain PyTorch.
+
+Reads top to bottom like the paper: RMSNorm -> rotary embedding -> grouped-query attention (with per-head RMSNorm
+on q and k for Qwen3) -> SwiGLU MLP -> pre-norm residual block -> the causal LM. Module paths equal Hugging Face's,
+so `state_dict()` keys are checkpoint keys and `apply_lora` sees plain `nn.Linear` projections.
+
+Written for graph capture: everything that depends on the batch contents (the document mask, RoPE cos/sin) is
+computed once per forward in `Qwen3Model.forward`, outside the blocks; a block is `block(x, cos, sin, mask) -> x`
+with no data-dependent Python control flow, which is what the trainer compiles with `fullgraph=True`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surogate.attention import attention, build_doc_mask, resolve_backend
+from surogate.loss import chunked_lm_loss
+
+__all__ = ["ModelArgs", "Qwen3ForCausalLM", "Qwen3Block", "RMSNorm", "shift_labels"]
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int = 128
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    qk_norm: bool = True  # Qwen3: True; Llama: False
+    max_position_embeddings: int = 40960
+    attention_bias: bool = False
+    rope_scaling: dict | None = None  # None (default RoPE) or Llama 3's {"rope_type": "llama3", "factor", ...}
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model {name} must be >= 1, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.rope_scaling is not None and self.rope_scaling.get("rope_type") != "llama3":
+            raise ValueError(f"rope_scaling must be None or rope_type 'llama3', got {self.rope_scaling}")
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> ModelArgs:
+        """Read a Hugging Face config.json (transformers 4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`)."""
+        model_type = cfg.get("model_type")
+        if model_type not in ("qwen3", "llama"):
+            raise ValueError(
+                f"unsupported architecture: model_type {model_type!r} ({cfg.get('architectures')}); "
+                "surogate loads dense 'qwen3' and 'llama' checkpoints"
+            )
+        if cfg.get("hidden_act", "silu") != "silu" or cfg.get("mlp_bias") or cfg.get("use_sliding_window"):
+            raise ValueError(f"unsupported {model_type} variant: needs hidden_act silu, no mlp_bias, no sliding window")
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"unsupported rope_type {rope_type!r}: surogate implements 'default' and 'llama3'")
+        try:
+            heads = cfg["num_attention_heads"]
+            return cls(
+                vocab_size=cfg["vocab_size"],
+                hidden_size=cfg["hidden_size"],
+                intermediate_size=cfg["intermediate_size"],
+                num_layers=cfg["num_hidden_layers"],
+                num_heads=heads,
+                num_kv_heads=cfg.get("num_key_value_heads") or heads,
+                head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+                rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+                rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+                qk_norm=model_type == "qwen3",
+                max_position_embeddings=cfg.get("max_position_embeddings", 40960),
+                attention_bias=cfg.get("attention_bias", False),
+                rope_scaling=None if rope_type == "default" else {**rope, "rope_type": "llama3"},
+            )
+        except KeyError as e:
+            raise ValueError(f"config.json lacks required field {e.args[0]!r}") from None
+
+    def to_hf_config(self) -> dict:
+        """A config.json dict that transformers 4.x and 5.x both read (legacy rope keys, which 5.x converts)."""
+        qwen = self.qk_norm
+        scaling = (
+            None if self.rope_scaling is None else {k: v for k, v in self.rope_scaling.items() if k != "rope_theta"}
+        )
+        return {
+            "architectures": ["Qwen3ForCausalLM" if qwen else "LlamaForCausalLM"],
+            "model_type": "qwen3" if qwen else "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rope_theta": self.rope_theta,
+            "rope_scaling": scaling,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "attention_bias": self.attention_bias,
+        }
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    """Normalize in fp32, scale in the input dtype (the order Hugging Face uses, so bf16 results match)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rope_inv_freq(args: ModelArgs, device: torch.device | None = None) -> torch.Tensor:
+    """[head_dim / 2] fp32 inverse frequencies, with Llama 3's long-context rescaling when configured."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    if args.rope_scaling is None:
+        return inv_freq
+    s = args.rope_scaling  # Llama 3: keep high frequencies, divide low ones by `factor`, blend in between
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos/sin as [B, S, 1, head_dim] in `dtype`; angles in fp32 (positions up to ~1e5 need the mantissa)."""
+    freqs = position_ids[..., None].float() * inv_freq  # [B, S, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + D/2) of x: [B, S, H, D] (the "rotate half" layout of HF checkpoints)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, backend: str):
+        super().__init__()
+        self.backend = backend
+        self.head_dim = args.head_dim
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(args.hidden_size, args.num_heads * args.head_dim, bias=bias)
+        self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
+        self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
+        self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=bias)
+        if args.qk_norm:  # Qwen3 normalizes each head of q and k before RoPE
+            self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, -1, self.head_dim)  # [B, S, Hq, D]
+        k = self.k_proj(x).view(B, S, -1, self.head_dim)  # [B, S, Hkv, D]
+        v = self.v_proj(x).view(B, S, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.backend)
+        return self.o_proj(o.transpose(1, 2).reshape(B, S, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen3Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, args: ModelArgs, backend: str):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args, backend)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, args: ModelArgs, backend: str):
+        super().__init__()
+        self.args = args
+        self.backend = backend
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Qwen3Block(args, backend) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [B, S, hidden]
+        # Once per forward, shared by all blocks. inv_freq is recomputed rather than kept as a buffer so meta
+        # init, `.to(bf16)` and FSDP can never touch its fp32 values.
+        cos, sin = rope_cos_sin(position_ids, rope_inv_freq(self.args, x.device), x.dtype)
+        mask = build_doc_mask(position_ids, self.backend)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return self.norm(x)
+
+
+def shift_labels(labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """HF-style labels (aligned with input_ids) -> next-token targets; no target crosses a document boundary."""
+    nxt = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+    boundary = torch.cat([position_ids[:, 1:] == 0, position_ids.new_ones((labels.shape[0], 1), dtype=torch.bool)], 1)
+    return nxt.masked_fill(boundary, IGNORE_INDEX)
+
+
+class Qwen3ForCausalLM(nn.Module):
+    def __init__(self, args: ModelArgs, attn_backend: str = "sdpa"):
+        super().__init__()
+        self.args = args
+        self.model = Qwen3Model(args, attn_backend)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Tied checkpoints share one tensor; call again after anything that reassigns parameters."""
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def set_attn_backend(self, backend: str) -> None:
+        backend = resolve_backend(backend, self.lm_head.weight.device)
+        self.model.backend = backend
+        for layer in self.model.layers:
+            layer.self_attn.backend = backend
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor | None = None):
+        """labels None -> logits [B, S, V]; else HF-style labels [B, S] -> (loss_sum fp32, num_tokens int64)."""
+        h = self.model(input_ids, position_ids)
+        if labels is None:
+            return self.lm_head(h)
+        if type(self.lm_head) is not nn.Linear:
+            raise ValueError("the chunked loss reads lm_head.weight directly: do not wrap lm_head (e.g. with LoRA)")
+        targets = shift_labels(labels, position_ids)
+        return chunked_lm_loss(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
