@@ -89,6 +89,16 @@ def load_rows(source: Source, streaming: bool = False) -> Any:
         raise DataError(f"{source.name}: cannot be read as {source.builder} ({type(e).__name__}: {e})") from e
 
 
+def first_rows(source: Source, n: int) -> list[tuple[int, dict]]:
+    """The first n rows as (1-based row number, row); streaming reads only what it needs from the file."""
+    try:  # a streaming dataset parses lazily, so read errors surface while iterating
+        return [(i + 1, row) for i, row in zip(range(n), load_rows(source, streaming=True))]
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{source.name}: cannot be read as {source.builder} ({type(e).__name__}: {e})") from e
+
+
 def check_rows(name: str, rows: list[tuple[int, dict]], fmt: str, total: int, skip_bad_rows: bool) -> list[int]:
     """Row numbers (1-based) that do not fit `fmt`; raises DataError listing the first few unless skipping."""
     bad: list[tuple[int, str]] = []
@@ -123,7 +133,7 @@ def validate_data(cfg: DataConfig, num_rows: int = 32) -> list[tuple[str, str]]:
     found = []
     for name in cfg.paths:
         source = resolve_source(name, cfg.split)
-        head = [(i + 1, row) for i, row in zip(range(num_rows), load_rows(source, streaming=True))]
+        head = first_rows(source, num_rows)
         if not head:
             raise DataError(f"{name}: contains no rows")
         fmt = source_format(source, list(head[0][1].keys()), cfg.format)
