@@ -10,7 +10,8 @@ Assistant masks. Templates differ in what they add around a turn (Qwen3 inserts 
 last assistant turn and strips it from earlier ones), so we never assume a fixed layout. We render the whole
 conversation once (`full`) and, for each assistant turn i, the prompt before it with the generation header
 (`render(messages[:i], add_generation_prompt=True)`): that prompt must be a prefix of `full`, so the assistant text
-starts right after it. The turn ends after its content plus the template's end-of-turn marker (what follows the content
+starts right after it (or where the two diverge, for templates that add text to the generation prompt only).
+The turn ends after its content plus the template's end-of-turn marker (what follows the content
 in `render(messages[:i+1])`, e.g. "<|im_end|>"), so the model learns to stop. Character spans are mapped to tokens
 with the fast tokenizer's offsets. This works for any template whose prompts are prefixes of the full conversation,
 which is what generation relies on anyway; a row where it fails is reported as a bad row.
@@ -19,6 +20,7 @@ which is what generation relies on anyway; a row where it fails is reported as a
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -137,9 +139,11 @@ def render_conversation(
             prompt, with_turn = render(messages[:i], True), render(messages[: i + 1], False)
         except Exception as e:
             raise RowError(f"chat template failed on a prefix: {e}") from e
-        if not full.startswith(prompt):
+        # Normally the generation prompt is a prefix of the full text. Some templates put extra text in the
+        # generation prompt only (e.g. an empty <think></think> block): start where the two texts diverge then.
+        start = len(prompt) if full.startswith(prompt) else len(os.path.commonprefix([prompt, full]))
+        if start < cursor:
             raise RowError("chat template renders the prompt before an assistant turn inconsistently")
-        start = max(len(prompt), cursor)
         content = m["content"].strip()
         idx = full.find(content, start) if content else start
         if idx < 0:

@@ -99,6 +99,18 @@ def test_template_with_inconsistent_turns(tok):
     assert text == "2 + 3 = 5.<|im_end|><think>\n\n</think>\n\ncba<|im_end|>"
 
 
+def test_template_with_think_in_generation_prompt(tok):
+    # Some Qwen3 derivatives also put the empty think block into the generation prompt, so the prompt before an
+    # earlier assistant turn is not a prefix of the full conversation.
+    template = QWEN3_LIKE.replace(
+        "'<|im_start|>assistant\\n' }}{%- endif %}",
+        "'<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' }}{%- endif %}",
+    )
+    assert template != QWEN3_LIKE
+    _, _, text = labeled_text(tok, CONV, template)
+    assert text == "2 + 3 = 5.<|im_end|>cba<|im_end|>"
+
+
 def test_user_text_repeated_in_answer_is_not_trained(tok):
     msgs = [{"role": "user", "content": "Say: cba"}, {"role": "assistant", "content": "cba"}]
     _, _, text = labeled_text(tok, msgs, tok.chat_template)

@@ -106,3 +106,21 @@ def test_config_validation():
         with pytest.raises(DataError, match=msg):
             DataConfig(**kwargs)
     assert DataConfig(paths="a.jsonl").paths == ["a.jsonl"]
+
+
+def test_dataset_name_from_local_hub_cache(tmp_path, monkeypatch, tok):
+    # The layout huggingface_hub writes when a dataset repo was downloaded earlier on a connected machine.
+    import huggingface_hub.constants
+
+    commit = "0" * 40
+    repo = tmp_path / "datasets--someorg--tiny-set"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    data = repo / "snapshots" / commit / "data"
+    data.mkdir(parents=True)
+    pd.DataFrame(ROWS).to_parquet(data / "train-00000-of-00001.parquet")
+    pd.DataFrame(ROWS[:3]).to_parquet(data / "test-00000-of-00001.parquet")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    cfg = DataConfig(paths=["someorg/tiny-set"], sequence_len=64, sample_packing=False)
+    assert validate_data(cfg) == [("someorg/tiny-set", "instruction")]
+    assert len(build_dataset(cfg, tok)) == 12  # the train split only
