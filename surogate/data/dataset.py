@@ -54,6 +54,21 @@ def _render_source(cfg: DataConfig, tokenizer: Any, name: str, stats: PackStats)
     return texts, spans
 
 
+def _to_sample(ids: list[int], trained: list[bool], cfg: DataConfig, stats: PackStats) -> Sample | None:
+    """Apply the overlong policy and the label shift; None (counted) when the sample is dropped."""
+    if len(ids) > cfg.sequence_len:
+        if cfg.overlong == "drop":
+            stats.num_dropped += 1
+            return None
+        stats.num_truncated += 1
+        ids, trained = ids[: cfg.sequence_len], trained[: cfg.sequence_len]
+    labels = shift_labels(ids, trained)  # after truncation, so a cut document's last token has no target
+    if all(t == IGNORE_INDEX for t in labels):
+        stats.num_no_loss += 1  # e.g. the answer was truncated away: the row would only cost compute
+        return None
+    return Sample(ids, labels)
+
+
 def build_dataset(cfg: DataConfig, tokenizer: Any) -> PackedDataset:
     """Load, format, tokenize and pack every source of `cfg` (concatenated) into rows of cfg.sequence_len."""
     stats = PackStats()
@@ -62,20 +77,8 @@ def build_dataset(cfg: DataConfig, tokenizer: Any) -> PackedDataset:
         texts, spans = _render_source(cfg, tokenizer, name, stats)
         before = len(samples)
         for c in range(0, len(texts), TOKENIZE_CHUNK):
-            for ids, trained in tokenize_with_spans(
-                tokenizer, texts[c : c + TOKENIZE_CHUNK], spans[c : c + TOKENIZE_CHUNK]
-            ):
-                if len(ids) > cfg.sequence_len:
-                    if cfg.overlong == "drop":
-                        stats.num_dropped += 1
-                        continue
-                    stats.num_truncated += 1
-                    ids, trained = ids[: cfg.sequence_len], trained[: cfg.sequence_len]
-                labels = shift_labels(ids, trained)
-                if all(t == IGNORE_INDEX for t in labels):
-                    stats.num_no_loss += 1
-                    continue
-                samples.append(Sample(ids, labels))
+            chunk = tokenize_with_spans(tokenizer, texts[c : c + TOKENIZE_CHUNK], spans[c : c + TOKENIZE_CHUNK])
+            samples += [s for ids, trained in chunk if (s := _to_sample(ids, trained, cfg, stats)) is not None]
         stats.per_source[name] = len(samples) - before
     if not samples:
         raise DataError(f"no usable samples in {cfg.paths} after filtering ({stats.summary()})")
