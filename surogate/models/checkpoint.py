@@ -128,8 +128,9 @@ def load_model(
     args = inspect_checkpoint(path, allow_pickle)
     with torch.device("meta"):
         model = Qwen3ForCausalLM(args, backend)
-    expected = set(model.state_dict())
+    expected = {name: t.shape for name, t in model.state_dict().items()}
     unexpected: list[str] = []
+    wrong_shape: list[str] = []
     for file in _weight_files(path, allow_pickle):
         shard = {}
         for name, tensor in _read_tensors(file, device):
@@ -138,15 +139,18 @@ def load_model(
             if name not in expected:
                 unexpected.append(name)
                 continue
+            if tensor.shape != expected[name]:
+                wrong_shape.append(f"{name} {tuple(tensor.shape)} != {tuple(expected[name])}")
+                continue
             shard[name] = tensor.to(dtype)
         model.load_state_dict(shard, strict=False, assign=True)  # one shard resident beside the model at a time
         del shard
     model.tie_weights()  # assign replaced embed_tokens.weight; point lm_head at the loaded tensor again
     missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if unexpected or missing:
+    if unexpected or missing or wrong_shape:
         raise ValueError(
-            f"checkpoint {str(path)!r} does not match a {args.to_hf_config()['model_type']} model: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"checkpoint {str(path)!r} does not match its config.json: {len(missing)} missing {missing[:3]}, "
+            f"{len(unexpected)} unexpected {unexpected[:3]}, {len(wrong_shape)} wrong shape {wrong_shape[:3]}"
         )
     return model, args
 

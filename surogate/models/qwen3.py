@@ -21,9 +21,7 @@ from torch import nn
 from surogate.attention import attention, build_doc_mask, resolve_backend
 from surogate.loss import chunked_lm_loss
 
-__all__ = ["ModelArgs", "Qwen3ForCausalLM", "Qwen3Block", "RMSNorm", "shift_labels"]
-
-IGNORE_INDEX = -100
+__all__ = ["ModelArgs", "Qwen3ForCausalLM", "Qwen3Block", "RMSNorm"]
 
 
 @dataclass
@@ -236,13 +234,6 @@ class Qwen3Model(nn.Module):
         return self.norm(x)
 
 
-def shift_labels(labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    """HF-style labels (aligned with input_ids) -> next-token targets; no target crosses a document boundary."""
-    nxt = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
-    boundary = torch.cat([position_ids[:, 1:] == 0, position_ids.new_ones((labels.shape[0], 1), dtype=torch.bool)], 1)
-    return nxt.masked_fill(boundary, IGNORE_INDEX)
-
-
 class Qwen3ForCausalLM(nn.Module):
     def __init__(self, args: ModelArgs, attn_backend: str = "sdpa"):
         super().__init__()
@@ -263,11 +254,14 @@ class Qwen3ForCausalLM(nn.Module):
             layer.self_attn.backend = backend
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor | None = None):
-        """labels None -> logits [B, S, V]; else HF-style labels [B, S] -> (loss_sum fp32, num_tokens int64)."""
+        """labels None -> logits [B, S, V]; else (loss_sum fp32, num_tokens int64) without full logits.
+
+        labels [B, S] are already next-token targets (labels[t] = input_ids[t + 1] of the same document, or -100),
+        as surogate.data builds them: the model does not shift, unlike Hugging Face's `labels=input_ids`.
+        """
         h = self.model(input_ids, position_ids)
         if labels is None:
             return self.lm_head(h)
         if type(self.lm_head) is not nn.Linear:
             raise ValueError("the chunked loss reads lm_head.weight directly: do not wrap lm_head (e.g. with LoRA)")
-        targets = shift_labels(labels, position_ids)
-        return chunked_lm_loss(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        return chunked_lm_loss(h.flatten(0, 1), self.lm_head.weight, labels.flatten())

@@ -94,16 +94,17 @@ def test_sharded_checkpoint(tmp_path):
 
 
 def test_loss_matches_transformers(tmp_path):
-    """labels given -> (loss_sum, n_tokens) equals HF's shifted mean loss times the token count."""
+    """labels given (pre-shifted, surogate.data's convention) -> (loss_sum, n_tokens) equals HF's mean loss * count."""
     hf = _save_hf(tmp_path, _hf_config("qwen3", tied=True))
     model, args = load_model(tmp_path, "cpu", dtype=torch.float32)
     ids, pos = _inputs(args.vocab_size)
-    labels = ids.clone()
-    labels[:, :5] = -100
+    hf_labels = ids.clone()  # HF shifts inside the model; ours are already shifted
+    hf_labels[:, :5] = -100
+    labels = torch.cat([hf_labels[:, 1:], torch.full_like(hf_labels[:, :1], -100)], dim=1)
     with torch.no_grad():
-        ref = hf(input_ids=ids, position_ids=pos, labels=labels).loss
+        ref = hf(input_ids=ids, position_ids=pos, labels=hf_labels).loss
         loss_sum, n = model(ids, pos, labels)
-    assert n.item() == (labels[:, 1:] != -100).sum().item()
+    assert n.item() == (labels != -100).sum().item()
     assert loss_sum.dtype == torch.float32
     torch.testing.assert_close(loss_sum / n, ref, rtol=1e-5, atol=1e-6)
 
