@@ -118,7 +118,23 @@ def build_hf_peft(model_name: str, device, s: Setting):
     return model, args, loss_fn
 
 
-def time_training(model, loss_fn, batches, s: Setting, device) -> dict:
+def profile_step(model, loss_fn, batches, params, opt, path: Path) -> None:
+    """One more optimizer step under torch.profiler: the kernel table by CUDA time goes to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    total_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for batch in batches:
+            loss_fn(batch, total_tokens).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=90))
+    prof.export_chrome_trace(str(path.with_suffix(".json")))
+
+
+def time_training(model, loss_fn, batches, s: Setting, device, profile_to: Path | None = None) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=device.type == "cuda")
     total_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
@@ -136,6 +152,8 @@ def time_training(model, loss_fn, batches, s: Setting, device) -> dict:
         if step == 0 and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
     step_s = statistics.median(times[s.warmup :])
+    if profile_to is not None:
+        profile_step(model, loss_fn, batches, params, opt, profile_to)
     return {"step_s": step_s, "first_step_s": times[0], "peak_mem_gib": peak_mem_gib(device)}
 
 
@@ -149,6 +167,8 @@ def peak_mem_gib(device) -> float:
 
 
 def git_commit() -> str:
+    if os.environ.get("SUROGATE_COMMIT"):  # the GPU machine gets a copy of the tree without .git
+        return os.environ["SUROGATE_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
     except (OSError, subprocess.CalledProcessError):
@@ -166,7 +186,8 @@ def run_one(name: str, model_name: str, recipe: str, cli, device, s: Setting) ->
         )
     build_s = time.perf_counter() - t_build
     batches = random_batches(args.vocab_size, s, device)
-    timing = time_training(model, loss_fn, batches, s, device)
+    profile_to = Path(cli.profile_dir) / f"profile-{model_name}-{recipe}-{name}.txt" if cli.profile_dir else None
+    timing = time_training(model, loss_fn, batches, s, device, profile_to)
     num_gpus = 1
     tokens_per_sec = s.micro_batch * s.grad_accum * s.seq_len * num_gpus / timing["step_s"]
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -242,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--grad-accum", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--profile-dir", default=None, help="write a torch.profiler kernel table per run here (CUDA)")
     p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results.jsonl")
     p.add_argument("--readme", action="store_true", help="regenerate the README table from results.jsonl and exit")
     cli = p.parse_args(argv)
