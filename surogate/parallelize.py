@@ -19,6 +19,34 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 log = logging.getLogger(__name__)
 
 
+SHARED_INPUT_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+
+
+def colocate_shared_input_weights(model: nn.Module) -> int:
+    """Store each block's q/k/v (and gate/up) frozen weights back to back in one buffer.
+
+    The shared-input fusion pass runs one GEMM against the concatenated weights of a group; when the weights are
+    already adjacent in memory that concatenation is a free view (`ops.lora_linear.frozen_concat`) instead of a
+    cached copy (~9 GB extra on Qwen3-8B). Each projection keeps its own `weight` parameter (a view), so module
+    paths, state-dict keys and the eager reference are unchanged. Returns the number of groups moved.
+    """
+    moved = 0
+    for block in model.model.layers:
+        for parent_name, names in SHARED_INPUT_GROUPS:
+            parent = getattr(block, parent_name)
+            mods = [getattr(parent, n) for n in names]
+            weights = [m.weight for m in mods]
+            if any(w.requires_grad or w.device.type == "meta" for w in weights):
+                continue  # only frozen, materialized weights (LoRA targets or not)
+            if len({(w.dtype, w.device, w.shape[1:]) for w in weights}) != 1:
+                continue
+            buffer = torch.cat([w.detach() for w in weights], dim=0)
+            for m, view in zip(mods, buffer.split([w.shape[0] for w in weights], dim=0)):
+                m.weight = nn.Parameter(view, requires_grad=False)
+            moved += 1
+    return moved
+
+
 def compile_backend(recipe: str, use_passes: bool):
     """Our FX passes + Inductor, or Inductor alone (`use_passes=False`: what the passes add is then measurable)."""
     if not use_passes:
@@ -33,6 +61,8 @@ def parallelize(
 ) -> nn.Module:
     """Apply activation checkpointing, then per-block compilation, to `model.model.layers` in place."""
     layers = model.model.layers
+    if compile and use_passes:
+        colocate_shared_input_weights(model)
     if recompute:
         for i, block in enumerate(layers):
             layers[i] = checkpoint_wrapper(block)
