@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.multiprocessing.reductions import StorageWeakRef
 
-__all__ = ["lora_linear", "lora_linear_reference", "frozen_concat", "clear_frozen_concat_cache"]
+__all__ = ["lora_linear", "lora_linear_reference", "frozen_concat", "pack_frozen_weights", "clear_frozen_concat_cache"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -121,6 +121,24 @@ def frozen_concat(weights: Sequence[Tensor]) -> Tensor:
         fused = torch.cat([w.detach() for w in weights], dim=0)
         _CONCAT_CACHE[key] = ([StorageWeakRef(w.untyped_storage()) for w in weights], fused)
         return fused
+
+
+def pack_frozen_weights(weights: Sequence[Tensor]) -> Tensor:
+    """Re-home frozen weights (e.g. q/k/v of one block) into one [sum out, in] storage, in place, before compile.
+
+    Optional: after it `frozen_concat` is a zero-copy view and the cache holds nothing, saving one copy of every
+    fused group (~9 GB for Qwen3-8B in bf16). The parameters stay separate `nn.Parameter`s (same objects, same
+    state-dict keys); only their storage is shared, so call it after loading and before compiling. Savers that
+    refuse shared storage (safetensors) need `.contiguous()` copies; FSDP re-homes parameters anyway.
+    """
+    if any(w.requires_grad for w in weights):
+        raise ValueError("pack_frozen_weights is for frozen weights only")
+    packed = torch.cat([w.detach() for w in weights], dim=0)
+    offset = 0
+    for w in weights:
+        w.data = packed[offset : offset + w.shape[0]]
+        offset += w.shape[0]
+    return packed
 
 
 def _drop_dead_entries() -> None:
@@ -261,12 +279,10 @@ def lora_linear_backward(
 
 
 @lora_linear_backward.register_fake
-def _lora_linear_backward_fake(
-    grad_y, lora_inputs, xa, weights, lora_As, lora_Bs, scalings, shared_input, needs_grad_x
-):  # noqa: E501
+def _lora_linear_backward_fake(grad_y, lora_inputs, xa, weights, lora_As, lora_Bs, scalings, shared_input, needs_x):
     grad_As = [a.new_empty(a.shape) for a in lora_As]
     grad_Bs = [b.new_empty(b.shape) for b in lora_Bs]
-    if not needs_grad_x:
+    if not needs_x:
         return grad_y.new_empty(0), [], grad_As, grad_Bs
     grad_x = grad_y.new_empty(*grad_y.shape[:-1], weights[0].shape[1])
     grad_lora_inputs = [] if shared_input else [xl.new_empty(xl.shape) for xl in lora_inputs]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ops.lora_linear import clear_frozen_concat_cache, frozen_concat, lora_linear_reference
+from ops.lora_linear import clear_frozen_concat_cache, frozen_concat, lora_linear_reference, pack_frozen_weights
 
 OP = torch.ops.surogate.lora_linear.default
 BWD = torch.ops.surogate.lora_linear_backward.default
@@ -137,6 +137,14 @@ def test_frozen_concat_is_cached_and_invalidated():
     ws[1].add_(1.0)  # in-place change bumps the version counter: must not return the stale copy
     second = frozen_concat(ws)
     assert second is not first and torch.equal(second, torch.cat(ws))
+
+
+def test_pack_frozen_weights_makes_concat_free():
+    params = [torch.nn.Parameter(torch.randn(o, 16), requires_grad=False) for o in (8, 4, 4)]
+    before = [p.detach().clone() for p in params]
+    packed = pack_frozen_weights(params)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert frozen_concat(params).data_ptr() == packed.data_ptr()
 
 
 def test_frozen_concat_zero_copy_for_adjacent_weights():
