@@ -1,0 +1,139 @@
+"""Resumable checkpoints: everything needed to continue the same loss curve, written atomically.
+
+    output_dir/checkpoint-{step}/
+        adapter/                 PEFT adapter (adapter_config.json + adapter_model.safetensors): usable on its own
+        optimizer.pt             AdamW state (moments, step counts) of the LoRA parameters
+        scheduler.pt             LambdaLR state
+        rng.pt                   Python, NumPy, torch CPU and CUDA generator states (LoRA dropout draws from them)
+        trainer_state.json       step, data position (epoch, micro-batch within the epoch), bad-step counters, config
+
+A checkpoint is written to `.checkpoint-{step}.tmp` and renamed into place with `os.replace`, so a crash mid-write
+leaves the previous checkpoints intact and never a half-written `checkpoint-{step}`. Everything is loaded with
+`torch.load(weights_only=True)`: a checkpoint directory cannot run code.
+
+The data order needs no saved state: `surogate.data.batches` derives each epoch's permutation from seed + epoch,
+so (epoch, micro-batch) is a complete data position.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from surogate.export import load_adapter, save_adapter
+
+__all__ = ["TrainState", "save_checkpoint", "load_checkpoint", "list_checkpoints", "resolve_resume"]
+
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch of the next micro-batch
+    micro_step: int = 0  # micro-batch index within `epoch` of the next micro-batch
+    bad_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient, in total
+    bad_run: int = 0  # ... in a row, ending at `step`
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CKPT_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if (p / "trainer_state.json").is_file()]
+
+
+def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
+    """`resume_from_checkpoint` -> checkpoint directory (None for false); ValueError with what to set otherwise."""
+    if resume == "false":
+        return None
+    if resume == "true":
+        ckpts = list_checkpoints(output_dir)
+        if not ckpts:
+            raise ValueError(
+                f"resume_from_checkpoint=true but {output_dir} has no checkpoint-N directory: "
+                "set resume_from_checkpoint=<checkpoint dir> or false"
+            )
+        return ckpts[-1]
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise ValueError(f"resume_from_checkpoint={resume!r} is not a checkpoint directory (no trainer_state.json)")
+    return path
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    state: TrainState,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    config: dict,
+    adapter_kwargs: dict,
+    save_total_limit: int = 0,
+) -> Path:
+    """Write checkpoint-{state.step} atomically, then delete the oldest beyond `save_total_limit` (0 = keep all)."""
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{state.step}"
+    tmp = output_dir / f".checkpoint-{state.step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_adapter(model, tmp / "adapter", **adapter_kwargs)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(_rng_state(), tmp / "rng.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({**asdict(state), "config": config}, indent=2) + "\n")
+    if final.exists():  # re-saving a step (a resumed run reached it again): replace
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if save_total_limit > 0:
+        for old in list_checkpoints(output_dir)[:-save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
+    """Restore adapter, optimizer, scheduler and RNG states in place; return the trainer state to continue from."""
+    path = Path(path)
+    load_adapter(model, path / "adapter")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    saved = json.loads((path / "trainer_state.json").read_text())
+    return TrainState(**{k: saved[k] for k in asdict(TrainState())})
+
+
+def saved_config(path: str | Path) -> dict:
+    return json.loads((Path(path) / "trainer_state.json").read_text()).get("config", {})

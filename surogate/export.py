@@ -1,0 +1,169 @@
+"""Adapters out (and back in): PEFT-format LoRA adapters and merged full checkpoints.
+
+A PEFT LoRA adapter is a directory with `adapter_config.json` and `adapter_model.safetensors` whose keys are
+
+    base_model.model.<module path>.lora_A.weight   # [r, in]
+    base_model.model.<module path>.lora_B.weight   # [out, r]
+
+Our module paths are the Hugging Face ones (surogate/models keeps HF names and `apply_lora` keeps module names), so
+the only work is dropping the wrappers that activation checkpointing and `torch.compile` insert into module paths.
+`peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter_dir)` then reproduces our model.
+peft itself is not imported here (its import pulls in a lot); the format is small and tested against peft.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from surogate.lora import LoRALinear
+
+__all__ = ["lora_modules", "peft_state_dict", "save_adapter", "load_adapter", "merge_lora_", "copy_tokenizer_files"]
+
+# Path segments inserted by wrappers: torch.compile's OptimizedModule and torch.distributed's CheckpointWrapper.
+_WRAPPER_SEGMENTS = ("_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+def _clean(name: str) -> str:
+    return ".".join(p for p in name.split(".") if p not in _WRAPPER_SEGMENTS)
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """LoRA modules keyed by their Hugging Face module path (wrappers removed)."""
+    return {_clean(name): m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, m in lora_modules(model).items():
+        out[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.detach().cpu().contiguous()
+        out[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.detach().cpu().contiguous()
+    return out
+
+
+def adapter_config(*, rank: int, alpha: float, dropout: float, target_modules: list[str], base_model: str) -> dict:
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted(target_modules),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
+
+
+def save_adapter(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    target_modules: list[str],
+    base_model: str,
+) -> Path:
+    """Write a PEFT adapter directory; written next to `out_dir` first and moved into place in one step."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(peft_state_dict(model), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = adapter_config(rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules, base_model=base_model)
+    (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: adapter_dir must be a PEFT adapter directory")
+    cfg = json.loads(path.read_text())
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    if cfg.get("use_dora") or cfg.get("use_rslora") or cfg.get("fan_in_fan_out") or cfg.get("rank_pattern"):
+        raise ValueError(f"{path}: DoRA / rsLoRA / fan_in_fan_out / per-module ranks are not supported")
+    return cfg
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
+    """Copy a PEFT adapter's A/B weights into the model's LoRA modules (same targets and rank required)."""
+    tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    modules = lora_modules(model)
+    expected = {f"base_model.model.{n}.lora_{ab}.weight" for n in modules for ab in "AB"}
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
+        raise ValueError(
+            f"adapter {adapter_dir} does not match the model's LoRA modules: missing {missing}, unexpected {extra}"
+        )
+    with torch.no_grad():
+        for name, m in modules.items():
+            m.lora_A.copy_(tensors[f"base_model.model.{name}.lora_A.weight"])
+            m.lora_B.copy_(tensors[f"base_model.model.{name}.lora_B.weight"])
+
+
+@torch.no_grad()
+def merge_lora_(model: nn.Module) -> int:
+    """Fold every LoRA update into its base weight (W + scaling * B @ A, computed in fp32) and put plain
+    `nn.Linear`s back, in place. Returns the number of merged modules."""
+    merged = 0
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if not isinstance(child, LoRALinear):
+                continue
+            w = child.weight.float() + child.scaling * (child.lora_B.float() @ child.lora_A.float())
+            linear = nn.Linear(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                device=w.device,
+                dtype=child.weight.dtype,
+            )
+            linear.weight.copy_(w)
+            if child.bias is not None:
+                linear.bias.copy_(child.bias)
+            linear.requires_grad_(False)
+            setattr(parent, child_name, linear)
+            merged += 1
+    return merged
+
+
+def copy_tokenizer_files(src_dir: str | Path, out_dir: str | Path) -> list[str]:
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src_dir / name).is_file():
+            shutil.copy2(src_dir / name, out_dir / name)
+            copied.append(name)
+    return copied
