@@ -30,19 +30,17 @@ def colocate_shared_input_weights(model: nn.Module) -> int:
     cached copy (~9 GB extra on Qwen3-8B). Each projection keeps its own `weight` parameter (a view), so module
     paths, state-dict keys and the eager reference are unchanged. Returns the number of groups moved.
     """
+    from ops.lora_linear import pack_frozen_weights
+
     moved = 0
     for block in model.model.layers:
         for parent_name, names in SHARED_INPUT_GROUPS:
-            parent = getattr(block, parent_name)
-            mods = [getattr(parent, n) for n in names]
-            weights = [m.weight for m in mods]
+            weights = [getattr(getattr(block, parent_name), n).weight for n in names]
             if any(w.requires_grad or w.device.type == "meta" for w in weights):
-                continue  # only frozen, materialized weights (LoRA targets or not)
+                continue  # only frozen, materialized weights
             if len({(w.dtype, w.device, w.shape[1:]) for w in weights}) != 1:
                 continue
-            buffer = torch.cat([w.detach() for w in weights], dim=0)
-            for m, view in zip(mods, buffer.split([w.shape[0] for w in weights], dim=0)):
-                m.weight = nn.Parameter(view, requires_grad=False)
+            pack_frozen_weights(weights)
             moved += 1
     return moved
 
