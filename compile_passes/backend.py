@@ -45,8 +45,9 @@ def run_passes(gm: fx.GraphModule, ops: RecipeOps) -> dict[str, int]:
 
 
 class SurogateBackend:
-    def __init__(self, recipe: str, passes: bool, keep_graphs: bool, inductor: bool):
+    def __init__(self, recipe: str, passes: bool, keep_graphs: bool, inductor: bool, cudagraphs: bool = False):
         self.recipe = recipe
+        self.cudagraphs = cudagraphs
         self.ops = recipe_ops(recipe)  # unknown recipe: ValueError now, not at the first compile
         self.passes = passes
         self.keep_graphs = keep_graphs
@@ -65,11 +66,18 @@ class SurogateBackend:
             return gm.forward  # eager execution of the rewritten graph (the ops' autograd still applies)
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, list(example_inputs))
+        # CUDA graphs (Inductor's cudagraph trees) remove the per-kernel launch cost that dominates small models.
+        patches = {"triton.cudagraphs": True} if self.cudagraphs else {}
+        return compile_fx(gm, list(example_inputs), config_patches=patches)
 
 
 def make_backend(
-    recipe: str = "bf16", passes: bool = True, *, keep_graphs: bool = False, inductor: bool = True
+    recipe: str = "bf16",
+    passes: bool = True,
+    *,
+    keep_graphs: bool = False,
+    inductor: bool = True,
+    cudagraphs: bool = False,
 ) -> SurogateBackend:
     """A torch.compile backend running our passes for `recipe`, then Inductor.
 
@@ -77,4 +85,4 @@ def make_backend(
     graph eagerly (fast to compile: for tests of the passes themselves); keep_graphs=True keeps the post-pass
     graphs in `backend.stats.graphs`.
     """
-    return SurogateBackend(recipe, passes, keep_graphs, inductor)
+    return SurogateBackend(recipe, passes, keep_graphs, inductor, cudagraphs)

@@ -45,17 +45,21 @@ def colocate_shared_input_weights(model: nn.Module) -> int:
     return moved
 
 
-def compile_backend(recipe: str, use_passes: bool):
+def compile_backend(recipe: str, use_passes: bool, cudagraphs: bool = False):
     """Our FX passes + Inductor, or Inductor alone (`use_passes=False`: what the passes add is then measurable)."""
-    if not use_passes:
-        return "inductor"
     from compile_passes.backend import make_backend
 
-    return make_backend(recipe)
+    return make_backend(recipe, passes=use_passes, cudagraphs=cudagraphs)
 
 
 def parallelize(
-    model: nn.Module, *, recipe: str = "bf16", compile: bool = True, use_passes: bool = True, recompute: bool = False
+    model: nn.Module,
+    *,
+    recipe: str = "bf16",
+    compile: bool = True,
+    use_passes: bool = True,
+    recompute: bool = False,
+    cudagraphs: bool = False,
 ) -> nn.Module:
     """Apply activation checkpointing, then per-block compilation, to `model.model.layers` in place."""
     layers = model.model.layers
@@ -65,7 +69,7 @@ def parallelize(
         for i, block in enumerate(layers):
             layers[i] = checkpoint_wrapper(block)
     if compile:
-        backend = compile_backend(recipe, use_passes)
+        backend = compile_backend(recipe, use_passes, cudagraphs)
         for i, block in enumerate(layers):
             layers[i] = torch.compile(block, backend=backend, fullgraph=True)
     log.info("blocks: %d, recompute=%s, compile=%s, passes=%s", len(layers), recompute, compile, compile and use_passes)
