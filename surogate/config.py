@@ -71,14 +71,14 @@ class TrainConfig:
     skip_bad_rows: bool = opt(False, "skip (and count) rows that do not fit the format instead of failing")
     allow_pickle: bool = opt(False, "allow loading .bin (pickle) checkpoints; they can run arbitrary code")
     # --- optimization
-    per_device_train_batch_size: int = opt(4, "rows per micro-batch on each device")
+    per_device_train_batch_size: int = opt(2, "rows per micro-batch on each device")
     gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step (loss is token-weighted over all)")
     learning_rate: float = opt(1e-3, "peak AdamW learning rate of the LoRA parameters")
     warmup_steps: int = opt(5, "optimizer steps of linear warmup from 0 to learning_rate")
     lr_scheduler_type: str = opt("cosine", "decay after warmup", ("linear", "cosine", "constant"))
     weight_decay: float = opt(0.0, "AdamW decoupled weight decay")
     max_grad_norm: float = opt(1.0, "clip the global gradient norm to this; 0 = no clipping")
-    num_epochs: int = opt(1, "passes over the data (ignored when max_steps > 0)")
+    num_epochs: int = opt(3, "passes over the data (ignored when max_steps > 0)")
     max_steps: int = opt(-1, "optimizer steps to run; -1 = num_epochs over the data")
     seed: int = opt(42, "seed for LoRA init, dropout and data order")
     max_bad_steps: int = opt(10, "stop after this many optimizer steps in a row with a non-finite loss or gradient")
@@ -98,7 +98,11 @@ class TrainConfig:
         ("auto", "bf16", "fp32"),
     )
     device: str = opt("auto", "auto = cuda when available, else cpu", ("auto", "cuda", "cpu"))
-    compile: bool = opt(True, "torch.compile each decoder block (regional compilation; CUDA only: skipped on CPU)")
+    compile: str = opt(
+        "auto",
+        "torch.compile each decoder block (regional); auto = on CUDA only (on CPU it costs ~25 s and gains nothing)",
+        ("auto", "true", "false"),
+    )
     use_passes: bool = opt(True, "compile with surogate's FX passes (fused LoRA ops) instead of plain Inductor")
     recompute: bool = opt(False, "activation checkpointing per decoder block (less memory, ~30% more compute)")
     attn_backend: str = opt(
@@ -127,6 +131,7 @@ def validate(cfg: TrainConfig) -> None:
     """Range and consistency checks; choices come from field metadata."""
     if isinstance(cfg.precision, dict):  # constructed directly in Python with a plain dict
         cfg.precision = PrecisionConfig(**cfg.precision)
+    cfg.compile = str(cfg.compile).lower()  # a YAML/CLI boolean arrives in this str field as True/False
     for obj, prefix in ((cfg, ""), (cfg.precision, "precision.")):
         for f in dataclasses.fields(obj):
             choices = f.metadata.get("choices")

@@ -35,6 +35,7 @@ class Plan:
     attn_backend: str
     resume: Path | None
     is_preset: bool
+    compile: bool
     use_passes: bool
     data_cfg: object
 
@@ -107,14 +108,15 @@ def preflight(cfg: TrainConfig) -> Plan:
             "overwrite_output_dir=true to replace it, resume_from_checkpoint=true to continue it, "
             "or choose another output_dir"
         )
+    compile = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
     use_passes = cfg.use_passes
-    if cfg.compile and use_passes:
+    if compile and use_passes:
         try:
             from compile_passes.backend import make_backend  # noqa: F401
         except ImportError as e:
             log.warning("compile_passes backend not available (%s): compiling with plain Inductor", e)
             use_passes = False
-    return Plan(device, dtype, backend, resume, is_preset, use_passes, data_cfg)
+    return Plan(device, dtype, backend, resume, is_preset, compile, use_passes, data_cfg)
 
 
 def _seed_everything(seed: int) -> None:
@@ -173,7 +175,7 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
         dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.lora_dtype],
     )
     wrapped = apply_lora(model, lora_cfg)
-    parallelize(model, recipe=cfg.recipe, compile=cfg.compile, use_passes=plan.use_passes, recompute=cfg.recompute)
+    parallelize(model, recipe=cfg.recipe, compile=plan.compile, use_passes=plan.use_passes, recompute=cfg.recompute)
     params = [p for p in model.parameters() if p.requires_grad]
     n_lora = sum(p.numel() for p in params)
     print(
