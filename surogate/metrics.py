@@ -108,10 +108,6 @@ class MetricsLogger:
         else:
             print(f"step {step}/{self.total_steps} | {line}", file=sys.stderr, flush=True)
 
-    def message(self, text: str) -> None:
-        if self.enabled:
-            (self._progress.console if self._progress else self.console).print(text, highlight=False)
-
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()

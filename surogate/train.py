@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +38,8 @@ class Plan:
     is_preset: bool
     compile: bool
     use_passes: bool
-    data_cfg: object
+    data_cfg: Any
+    tokenizer: Any
 
 
 def _data_config(cfg: TrainConfig):
@@ -66,7 +68,7 @@ def preflight(cfg: TrainConfig) -> Plan:
     """Check device, model, data and output_dir before anything is loaded or written. Raises ConfigError."""
     from surogate.attention import resolve_backend
     from surogate.checkpointing import resolve_resume
-    from surogate.data import DataError, validate_data
+    from surogate.data import DataError, load_tokenizer, validate_data
     from surogate.models.checkpoint import inspect_checkpoint
     from surogate.models.presets import PRESETS
 
@@ -84,11 +86,13 @@ def preflight(cfg: TrainConfig) -> Plan:
     except ValueError as e:
         raise ConfigError(f"attn_backend: {e}") from None
     is_preset = cfg.model in PRESETS and not Path(cfg.model).is_dir()
-    if not is_preset:
-        try:
-            inspect_checkpoint(cfg.model, cfg.allow_pickle)
-        except (ValueError, OSError) as e:
-            raise ConfigError(f"model: {e}") from None
+    try:
+        args = PRESETS[cfg.model] if is_preset else inspect_checkpoint(cfg.model, cfg.allow_pickle)
+        tokenizer = load_tokenizer(cfg.model)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"model: {e}") from None
+    if len(tokenizer) > args.vocab_size:
+        raise ConfigError(f"model: its tokenizer has {len(tokenizer)} tokens but vocab_size is {args.vocab_size}")
     try:
         data_cfg = _data_config(cfg)
         validate_data(data_cfg)
@@ -116,7 +120,31 @@ def preflight(cfg: TrainConfig) -> Plan:
         except ImportError as e:
             log.warning("compile_passes backend not available (%s): compiling with plain Inductor", e)
             use_passes = False
-    return Plan(device, dtype, backend, resume, is_preset, compile, use_passes, data_cfg)
+    return Plan(device, dtype, backend, resume, is_preset, compile, use_passes, data_cfg, tokenizer)
+
+
+# Options that may change between a checkpoint and its resumption without changing the loss curve.
+_RESUME_FREE = {
+    "output_dir",
+    "overwrite_output_dir",
+    "resume_from_checkpoint",
+    "save_steps",
+    "save_total_limit",
+    "logging_steps",
+    "report_to",
+    "wandb_project",
+    "compile",
+    "use_passes",
+    "recompute",
+    "attn_backend",
+}
+
+
+def _warn_config_changes(saved: dict, current: dict) -> None:
+    changed = sorted(k for k in current if k not in _RESUME_FREE and k in saved and saved[k] != current[k])
+    if changed:
+        desc = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed[:5])
+        log.warning("resuming with options that differ from the checkpoint's (%s); the loss curve will differ", desc)
 
 
 def _seed_everything(seed: int) -> None:
@@ -129,8 +157,8 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
     """Build everything and train. Returns a small summary (also printed)."""
     from omegaconf import OmegaConf
 
-    from surogate.checkpointing import TrainState, load_checkpoint
-    from surogate.data import batches, build_dataset, load_tokenizer, steps_per_epoch
+    from surogate.checkpointing import TrainState, load_checkpoint, saved_config
+    from surogate.data import batches, build_dataset, steps_per_epoch
     from surogate.data.config import BUNDLED_TOKENIZER
     from surogate.export import copy_tokenizer_files, save_adapter
     from surogate.lora import LoRAConfig, apply_lora
@@ -151,14 +179,10 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
     rank, world_size = dist_info()
     _seed_everything(cfg.seed)
 
-    tokenizer = load_tokenizer(cfg.model)
-    dataset = build_dataset(plan.data_cfg, tokenizer)
-    print(f"data: {dataset.stats.summary()}", file=sys.stderr)
+    dataset = build_dataset(plan.data_cfg, plan.tokenizer)  # logs its packing summary
     model, args = load_model(
         cfg.model, plan.device, plan.dtype, attn_backend=plan.attn_backend, allow_pickle=cfg.allow_pickle
     )
-    if len(tokenizer) > args.vocab_size:
-        raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {args.vocab_size}")
     base_name = str(Path(cfg.model).resolve()) if not plan.is_preset else cfg.model
     n_params = sum(p.numel() for p in model.parameters())
     if plan.is_preset and n_params <= SAVE_RANDOM_BASE_MAX_PARAMS and rank == 0:
@@ -196,6 +220,7 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, total, cfg.lr_scheduler_type)
     state = TrainState()
     if plan.resume is not None:
+        _warn_config_changes(saved_config(plan.resume), config_dict)
         state = load_checkpoint(plan.resume, model, optimizer, scheduler)
         print(
             f"resumed from {plan.resume} at step {state.step} (epoch {state.epoch}, batch {state.micro_step})",
@@ -264,11 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(2) from None
+    from surogate.data import DataError
     from surogate.trainer import TrainingDiverged
 
     try:
         run(cfg, plan)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(2) from None
     except TrainingDiverged as e:
