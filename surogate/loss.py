@@ -21,6 +21,8 @@ static shapes (compile/CUDA-graph friendly), more FLOPs.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = ["chunked_lm_loss", "IGNORE_INDEX"]
@@ -28,30 +30,45 @@ __all__ = ["chunked_lm_loss", "IGNORE_INDEX"]
 IGNORE_INDEX = -100
 
 
+def _ce_chunk(logits: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [c, V] in the activation dtype -> (summed CE of valid rows, fp32; dlogits [c, V] in that dtype)."""
+    dtype = logits.dtype
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    loss = ((lse - logits.gather(1, y)).squeeze(1) * valid).sum()
+    dlogits = logits.sub_(lse).exp_()  # softmax, in place: one [c, V] fp32 buffer per chunk in eager
+    dlogits.scatter_add_(1, y, -valid[:, None].float())
+    return loss, (dlogits * valid[:, None]).to(dtype)
+
+
+@functools.cache
+def _ce_chunk_compiled():
+    # Eager makes ~8 passes over the fp32 [c, V] chunk; Inductor fuses them into a reduction and a pointwise pass.
+    return torch.compile(_ce_chunk, dynamic=True)
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int):
         # hidden: [N, H]; weight: [V, H]; labels: [N] with IGNORE_INDEX on rows without a target.
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_dh else None
+        ce = _ce_chunk_compiled() if hidden.is_cuda and not torch.compiler.is_compiling() else _ce_chunk
+        losses, grad_h_chunks = [], []
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_dw else None
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]
             y = labels[start : start + chunk_size]
             valid = y != IGNORE_INDEX
-            y = torch.where(valid, y, 0)[:, None]
-            logits = (h @ weight.T).float()  # [c, V]
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            loss += ((lse - logits.gather(1, y)).squeeze(1) * valid).sum()
-            if need_dh or need_dw:
-                dlogits = logits.sub_(lse).exp_()  # softmax, in place: one [c, V] fp32 buffer per chunk
-                dlogits.scatter_add_(1, y, -valid[:, None].float())
-                dlogits = (dlogits * valid[:, None]).to(hidden.dtype)
-                if need_dh:
-                    grad_h[start : start + chunk_size] = dlogits @ weight
-                if need_dw:
-                    grad_w += (dlogits.T @ h).float()
+            loss, dlogits = ce(h @ weight.T, torch.where(valid, y, 0)[:, None], valid)
+            losses.append(loss)
+            if need_dh:
+                grad_h_chunks.append(dlogits @ weight)
+            if need_dw:
+                grad_w = grad_w + (dlogits.T @ h).float()
+        # Out-of-place accumulation (lists, then one sum / cat): writing chunks into a preallocated grad buffer
+        # came back as zeros under torch.compile on torch 2.11 (tests/test_loss.py::test_compiles).
+        loss = torch.stack(losses).sum() if losses else hidden.new_zeros((), dtype=torch.float32)
+        grad_h = (torch.cat(grad_h_chunks) if grad_h_chunks else torch.zeros_like(hidden)) if need_dh else None
         n_valid = (labels != IGNORE_INDEX).sum()
         ctx.mark_non_differentiable(n_valid)
         ctx.weight_dtype = weight.dtype
@@ -72,7 +89,7 @@ def chunked_lm_loss(
     hidden: torch.Tensor,  # [N, H] final-norm hidden states
     weight: torch.Tensor,  # [V, H] LM head (frozen or trainable)
     labels: torch.Tensor,  # [N] next-token targets, IGNORE_INDEX where there is none
-    chunk_size: int = 2048,
+    chunk_size: int = 1024,
     select_valid: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of token cross-entropies (fp32 scalar) and the number of labelled tokens (int64 scalar tensor).
