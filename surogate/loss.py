@@ -17,6 +17,10 @@ tokens and padding cost no LM-head FLOPs (in SFT they are often half the tokens 
 small model's FLOPs). The price is one host sync (`nonzero` has a data-dependent size) per step, at the end of the
 forward when the GPU queue is full anyway. `select_valid=False` computes every row and masks instead: no sync and
 static shapes (compile/CUDA-graph friendly), more FLOPs.
+
+Measured (H100, torch 2.11, N=16384 rows, H=4096, V=151936, bf16, half the rows ignored, frozen head, fwd+bwd):
+naive `F.cross_entropy(h @ W.T)` 95 ms / +27.7 GiB peak; this function 37 ms / +1.4 GiB (chunk 1024, Inductor-fused
+chunk math; 56 ms with the eager chunk math); select_valid=False 76 ms.
 """
 
 from __future__ import annotations
