@@ -71,8 +71,13 @@ def test_gradient_accumulation_is_token_weighted():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_non_finite_steps_are_skipped_then_training_stops(tmp_path):
-    model = _ToyLM(poison=True)
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])])
+def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, device):
+    """On CUDA this exercises fused AdamW's found_inf skip (no host sync); on CPU the host-side skip."""
+    model = _ToyLM(poison=True).to(device)
     before = model.head.weight.detach().clone()
     cfg = SimpleNamespace(
         max_grad_norm=1.0,
@@ -85,11 +90,24 @@ def test_non_finite_steps_are_skipped_then_training_stops(tmp_path):
         seed=0,
         save_total_limit=0,
     )
-    trainer = _trainer(model, cfg, total=10, out=tmp_path)
+    trainer = _trainer(model, cfg, total=10, out=tmp_path, device=device)
+    assert trainer.optimizer.defaults["fused"] == (device == "cuda")
     with pytest.raises(TrainingDiverged, match="max_bad_steps=3"):
         trainer.train()
     assert trainer.state.bad_steps == 3 and trainer.state.step == 3
     assert torch.equal(model.head.weight, before)  # the optimizer never stepped on NaN gradients
+    assert all(int(st["step"]) == 0 for st in trainer.optimizer.state.values())  # fused AdamW undid its counts
+
+
+@pytest.mark.gpu
+@CUDA
+def test_short_run_cuda_bf16_compiled(tmp_path):
+    out = tmp_path / "run"
+    args = ["sequence_len=256", "max_steps=12", "learning_rate=3e-3", "warmup_steps=2", "compile=true"]
+    assert main([f"output_dir={out}", "device=cuda", *args]) == 0
+    rows = _metrics(out)
+    assert len(rows) == 12 and all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["peak_mem_gib"] > 0
+    assert sum(r["loss"] for r in rows[-3:]) / 3 < rows[0]["loss"] - 0.5
 
 
 def test_lr_schedule_shapes():
@@ -129,9 +147,10 @@ class _ToyLM(nn.Module):
         return loss, (labels != -100).sum()
 
 
-def _trainer(model, cfg, total=1, out=None):
+def _trainer(model, cfg, total=1, out=None, device="cpu"):
+    device = torch.device(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = build_optimizer(params, 1e-2, 0.0, torch.device("cpu"))
+    opt = build_optimizer(params, 1e-2, 0.0, device)
     sched = build_scheduler(opt, 0, total, "constant")
     data = {
         "input_ids": torch.randint(0, 32, (1, 8)),
@@ -143,4 +162,4 @@ def _trainer(model, cfg, total=1, out=None):
         yield from [data] * 4
 
     logger = MetricsLogger(out, total, {}, enabled=out is not None)
-    return Trainer(cfg, model, None, batches, torch.device("cpu"), out, total, logger, TrainState(), opt, sched, {}, {})
+    return Trainer(cfg, model, None, batches, device, out, total, logger, TrainState(), opt, sched, {}, {})
