@@ -128,8 +128,8 @@ class Trainer:
         n_tok = torch.zeros((), device=dev, dtype=torch.int64)
         real = 0
         for batch in window:
-            ids, pos, labels = (batch[k].to(dev, non_blocking=True) for k in ("input_ids", "position_ids", "labels"))
             real += _real_tokens(batch)
+            ids, pos, labels = (_to_device(batch[k], dev) for k in ("input_ids", "position_ids", "labels"))
             ls, nt = self.model(ids, pos, labels)
             ls.backward()
             loss_sum += ls.detach()
@@ -235,6 +235,13 @@ class Trainer:
                 self.adapter_kwargs,
                 self.cfg.save_total_limit,
             )
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Pinned host memory makes the copy truly asynchronous (a pageable copy can stall the host)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
 
 
 def _real_tokens(batch: dict[str, torch.Tensor]) -> int:
