@@ -41,14 +41,20 @@ def run_passes(gm: fx.GraphModule, ops: RecipeOps) -> dict[str, int]:
     counts = {"rewrite_lora_linears": rewrite_lora_linears(gm, ops.lora_linear)}
     if ops.fuse_shared_inputs:
         counts["fuse_shared_input_lora_linears"] = fuse_shared_input_lora_linears(gm, ops.lora_linear)
+    for graph_pass in ops.graph_passes:
+        counts[graph_pass.__name__] = graph_pass(gm, ops)
     return counts
 
 
 class SurogateBackend:
-    def __init__(self, recipe: str, passes: bool, keep_graphs: bool, inductor: bool, cudagraphs: bool = False):
+    def __init__(
+        self, recipe: str | RecipeOps, passes: bool, keep_graphs: bool, inductor: bool, cudagraphs: bool = False
+    ):
         self.recipe = recipe
         self.cudagraphs = cudagraphs
-        self.ops = recipe_ops(recipe)  # unknown recipe: ValueError now, not at the first compile
+        # A name from the registry, or RecipeOps built for non-default options (e.g. fp8 with e4m3 gradients).
+        # Unknown recipe: ValueError now, not at the first compile.
+        self.ops = recipe if isinstance(recipe, RecipeOps) else recipe_ops(recipe)
         self.passes = passes
         self.keep_graphs = keep_graphs
         self.inductor = inductor
@@ -72,7 +78,7 @@ class SurogateBackend:
 
 
 def make_backend(
-    recipe: str = "bf16",
+    recipe: str | RecipeOps = "bf16",
     passes: bool = True,
     *,
     keep_graphs: bool = False,

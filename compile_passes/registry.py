@@ -8,6 +8,7 @@ lora_inputs[]) -> (y, xa) so both passes can build single and fused calls of it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,8 @@ __all__ = ["RecipeOps", "register_recipe", "recipe_ops", "known_recipes"]
 class RecipeOps:
     lora_linear: torch._ops.OpOverload  # single projection or a shared-input group
     fuse_shared_inputs: bool = True  # whether q/k/v and gate/up become one call
+    op_kwargs: tuple[tuple[str, object], ...] = ()  # options of the op, set by one of `graph_passes`
+    graph_passes: tuple[Callable, ...] = ()  # pass(gm, recipe_ops) -> count, run after rewrite and fusion
 
 
 _RECIPES: dict[str, RecipeOps] = {
@@ -35,7 +38,17 @@ def register_recipe(name: str, recipe: RecipeOps) -> None:
     _RECIPES[name] = recipe
 
 
+def _register_builtin_variants() -> None:
+    """Op families living in their own modules register on first use (fp8, qfp8: compile_passes/fp8_weights.py)."""
+    if "fp8" not in _RECIPES:
+        from compile_passes.fp8_weights import fp8_recipe_ops
+
+        register_recipe("fp8", fp8_recipe_ops())
+        register_recipe("qfp8", fp8_recipe_ops())
+
+
 def recipe_ops(name: str) -> RecipeOps:
+    _register_builtin_variants()
     try:
         return _RECIPES[name]
     except KeyError:
@@ -43,4 +56,5 @@ def recipe_ops(name: str) -> RecipeOps:
 
 
 def known_recipes() -> tuple[str, ...]:
+    _register_builtin_variants()
     return tuple(sorted(_RECIPES))

@@ -45,32 +45,107 @@ def colocate_shared_input_weights(model: nn.Module) -> int:
     return moved
 
 
-def compile_backend(recipe: str, use_passes: bool, cudagraphs: bool = False):
+def compile_backend(recipe, use_passes: bool, cudagraphs: bool = False):
     """Our FX passes + Inductor, or Inductor alone (`use_passes=False`: what the passes add is then measurable)."""
     from compile_passes.backend import make_backend
 
     return make_backend(recipe, passes=use_passes, cudagraphs=cudagraphs)
 
 
+def _precision(recipe: str, precision):
+    """The recipe's precision section (recipes/NAME.yaml) unless given; None for a registry-only recipe name."""
+    if precision is not None:
+        return precision
+    from surogate.config import RECIPES_DIR, recipe_precision
+
+    return recipe_precision(recipe) if (RECIPES_DIR / f"{recipe}.yaml").is_file() else None
+
+
+def quantized_blocks(precision, num_layers: int) -> list[bool]:
+    """Which decoder blocks run the FP8 recipe; skip_quant_first/last_layers keep theirs in bf16."""
+    if precision is None or not precision.quantized:
+        return [False] * num_layers
+    first, last = precision.skip_quant_first_layers, precision.skip_quant_last_layers
+    return [first <= i < num_layers - last for i in range(num_layers)]
+
+
+def block_recipe(recipe: str, precision, quantized: bool):
+    """The recipe (registry name or RecipeOps with the configured options) of one block's compile backend."""
+    if precision is None:
+        return recipe
+    if not quantized:
+        return "bf16"
+    from compile_passes.fp8_weights import fp8_recipe_ops
+
+    return fp8_recipe_ops(precision.fp8_grad_format, precision.compute)
+
+
+def quantize_base_weights(model: nn.Module, blocks: list[bool], embedding: bool = False) -> int:
+    """qfp8: replace the LoRA modules of the quantized blocks by `FP8LoRALinear` (e4m3 codes + per-row scales).
+
+    Shared-input groups (q/k/v, gate/up) are quantized together into one packed storage, so the fused op reads
+    zero-copy views; each bf16 weight is released as its group is done. With `embedding`, an untied input
+    embedding is stored in FP8 too (`FP8Embedding`). Returns the number of modules converted.
+    """
+    from ops.fp8 import FP8Embedding, quantize_lora_base_
+    from surogate.lora import LoRALinear
+
+    groups = (*SHARED_INPUT_GROUPS, ("self_attn", ("o_proj",)), ("mlp", ("down_proj",)))
+    converted = 0
+    for block, quantized in zip(model.model.layers, blocks):
+        if not quantized:
+            continue
+        for parent_name, names in groups:
+            parent = getattr(block, parent_name)
+            members = [n for n in names if type(getattr(parent, n)) is LoRALinear]
+            for group in [members] if len(members) == len(names) else [[n] for n in members]:
+                if not group:
+                    continue
+                for name, new in zip(group, quantize_lora_base_([getattr(parent, n) for n in group])):
+                    setattr(parent, name, new)
+                    converted += 1
+    embed = model.model.embed_tokens
+    if embedding and not model.args.tie_word_embeddings and type(embed) is nn.Embedding:
+        model.model.embed_tokens = FP8Embedding(embed)
+    return converted
+
+
 def parallelize(
     model: nn.Module,
     *,
     recipe: str = "bf16",
+    precision=None,
     compile: bool = True,
     use_passes: bool = True,
     recompute: bool = False,
     cudagraphs: bool = False,
 ) -> nn.Module:
-    """Apply activation checkpointing, then per-block compilation, to `model.model.layers` in place."""
+    """Apply activation checkpointing, then per-block compilation, to `model.model.layers` in place.
+
+    `precision` (a `surogate.config.PrecisionConfig`) defaults to the recipe file's. FP8 recipes: blocks outside
+    skip_quant_first/last_layers get the FP8 op variant, the others the bf16 one (each group its own backend);
+    with FP8 weight storage (qfp8) those blocks' LoRA bases are quantized here, before compiling, whether or not
+    the model is compiled (the eager module dequantizes: it is the numerical reference).
+    """
     layers = model.model.layers
-    if compile and use_passes:
+    precision = _precision(recipe, precision)
+    quantized = quantized_blocks(precision, len(layers))
+    if (compile and use_passes) or (precision is not None and precision.weights == "fp8"):
         colocate_shared_input_weights(model)
+    if precision is not None and precision.weights == "fp8":
+        n = quantize_base_weights(model, quantized, embedding=precision.quantize_embedding)
+        log.info("fp8 weight storage: %d LoRA base weights in %d of %d blocks", n, sum(quantized), len(layers))
     if recompute:
         for i, block in enumerate(layers):
             layers[i] = checkpoint_wrapper(block)
     if compile:
-        backend = compile_backend(recipe, use_passes, cudagraphs)
+        backends = {}  # one backend per distinct block recipe (fp8 blocks share one: regional compilation)
         for i, block in enumerate(layers):
-            layers[i] = torch.compile(block, backend=backend, fullgraph=True)
+            if quantized[i] not in backends:
+                backends[quantized[i]] = compile_backend(
+                    block_recipe(recipe, precision, quantized[i]), use_passes, cudagraphs
+                )
+            layers[i] = torch.compile(block, backend=backends[quantized[i]], fullgraph=True)
+        model.compile_backends = backends  # inspectable: tests and benchmarks read each backend's stats
     log.info("blocks: %d, recompute=%s, compile=%s, passes=%s", len(layers), recompute, compile, compile and use_passes)
     return model

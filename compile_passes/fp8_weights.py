@@ -1,0 +1,73 @@
+"""Pass: give the FP8 LoRA op its options and, for FP8-stored base weights, the stored codes and scales.
+
+Why: `lora_rewrite.py` and `shared_input_fusion.py` build calls of the recipe's op with the generic LoRA-linear
+arguments only. For the FP8 recipes two things are left to say:
+
+1. The op's options (`grad_format`, `compute`) come from the recipe (`RecipeOps.op_kwargs`); this pass sets them
+   as keyword arguments on every call of the op.
+2. qfp8 (`ops.fp8.FP8LoRALinear`) stores W as e4m3 codes + per-row scales and its eager forward is
+   `linear(x, fp8_dequantize(codes, scale)) + lora`. After the rewrite the op's `weights` are those
+   `fp8_dequantize` nodes. We hand the op the codes and scales instead (`weights=[codes...]`,
+   `weight_scales=[scale...]`): the op runs its FP8 GEMMs on the stored codes, and the dequantize nodes, now
+   unused, are removed, so no bf16 copy of a weight is made in the forward or saved for the backward.
+
+Pattern: calls of `ops.lora_linear` (the recipe's op) whose weights are all `surogate::fp8_dequantize` outputs
+(unwrapped), or none of them (left as they are: the fp8 recipe quantizes bf16 weights itself). A mix cannot come
+from one model and is refused.
+
+Checked on: torch 2.13 CPU (Dynamo keeps the custom dequantize op as one call_function node).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import fx
+
+import ops.fp8  # noqa: F401  (registers surogate::lora_linear_fp8, surogate::fp8_dequantize)
+
+__all__ = ["configure_fp8_lora_linears", "fp8_recipe_ops"]
+
+log = logging.getLogger(__name__)
+
+DEQUANTIZE = torch.ops.surogate.fp8_dequantize.default
+
+
+def _is_dequantize(node: object) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is DEQUANTIZE
+
+
+def configure_fp8_lora_linears(gm: fx.GraphModule, recipe) -> int:
+    """Set the recipe's options on every call of its op and unwrap dequantized weights; returns calls changed."""
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is recipe.lora_linear]
+    for node in calls:
+        weights = node.args[1]
+        kwargs = dict(recipe.op_kwargs)
+        stored = [_is_dequantize(w) for w in weights]
+        if all(stored):
+            node.args = (node.args[0], [w.args[0] for w in weights], *node.args[2:])
+            kwargs["weight_scales"] = [w.args[1] for w in weights]
+        elif any(stored):
+            raise RuntimeError(f"{node.format_node()}: mixes FP8-stored and bf16 base weights in one call")
+        node.kwargs = kwargs
+    if calls:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    log.debug("configure_fp8_lora_linears: %d calls", len(calls))
+    return len(calls)
+
+
+def fp8_recipe_ops(grad_format: str = "e5m2", compute: str = "fp8"):
+    """The RecipeOps of the FP8 op family for these options (fp8 and qfp8 recipes; see ops/fp8.py)."""
+    from compile_passes.registry import RecipeOps
+
+    if grad_format not in ops.fp8.GRAD_FORMATS:
+        raise ValueError(f"fp8_grad_format={grad_format!r}: use one of {sorted(ops.fp8.GRAD_FORMATS)}")
+    if compute not in ("fp8", "bf16"):
+        raise ValueError(f"compute={compute!r}: use fp8 or bf16")
+    return RecipeOps(
+        lora_linear=torch.ops.surogate.lora_linear_fp8.default,
+        op_kwargs=(("grad_format", grad_format), ("compute", compute)),
+        graph_passes=(configure_fp8_lora_linears,),
+    )

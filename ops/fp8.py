@@ -1,0 +1,617 @@
+"""FP8 LoRA linear: the frozen base GEMMs in FP8 on tensor cores, the LoRA path in bf16 (`surogate::lora_linear_fp8`).
+
+Two recipes share this op family:
+
+    fp8   base weights stay bf16 in memory; the op quantizes each (group of) frozen weight(s) to e4m3 once, on first
+          use, and caches the codes (see `_cached_fp8_weight`: keyed like `ops.lora_linear.frozen_concat`).
+    qfp8  base weights are stored only as e4m3 codes + one fp32 scale per output row (`FP8LoRALinear`, made by
+          `quantize_lora_base_`); the bf16 copy is gone. The pass hands the op the codes and scales as graph inputs.
+
+Formats and scales (`scale` is always the *dequantization* multiplier, what `torch._scaled_mm` takes):
+    activations x   e4m3, one scale per row (token), computed on the fly by a fused Triton kernel (absmax, scale,
+                    cast in one launch; `quantize_rows`). Rowwise rather than tensorwise: equally fast here (the
+                    kernel is one pass over a row that is in L2 anyway) and it needs no grid-wide absmax reduction.
+    weights W       e4m3, one scale per output row. Forward `y = x W^T` is `_scaled_mm(xq, Wq.t())` with W's row
+                    scales as scale_b [1, out]: the stored [out, in] codes are exactly the column-major operand.
+    grad output dy  e5m2 ("hybrid", default: more range for gradients) or e4m3 (`fp8_grad_format`), rowwise.
+
+The dX GEMM `dx = dy W` needs W with `out` as the contiguous (K) axis, because Hopper FP8 GEMMs are TN only:
+    fp8   caches a second orientation, W^T [in, out] e4m3 with one scale per input column (its own absmax: the
+          best accuracy for dX), so the backward does no layout work.
+    qfp8  keeps one copy (memory is the point of the recipe) and uses dy W = (dy diag(s)) C with C the row codes:
+          the row scales s of W fold into dy before it is quantized (the quantize kernel takes a column
+          multiplier), and C is transposed per backward (1 byte/param read + write, ~1-2% of a step).
+The LoRA products (x A^T, (x A^T) B^T and their gradients) stay in the activation dtype, as in `lora_linear`.
+
+`precision.compute: bf16` with fp8 weights dequantizes the codes inside the op, forward and backward (nothing bf16
+is saved between them). No weight gradient is ever formed.
+
+Devices: on CUDA the GEMMs are `torch._scaled_mm` (rowwise scaling, bf16 out, fast accumulation in the forward,
+not in dX, as torchao does). Elsewhere (CPU tests) they are emulated exactly as `_scaled_mm` defines them:
+dequantize to fp32, matmul, round to the output dtype. `stats["fp8_gemms"]` counts FP8 GEMMs run (either way),
+so tests and benchmarks can assert that the FP8 path really ran.
+
+References: `lora_linear_fp8_reference` (plain torch, differentiable: quantize -> dequantize -> linear) and
+`quantize_rows_reference` (the Triton kernel is tested against it, also under TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from ops.lora_linear import _block_diag_B, frozen_concat
+
+__all__ = [
+    "E4M3",
+    "E5M2",
+    "FP8_MAX",
+    "GRAD_FORMATS",
+    "FP8Embedding",
+    "FP8LoRALinear",
+    "dequantize",
+    "dequantize_blockwise",
+    "lora_linear_fp8",
+    "lora_linear_fp8_reference",
+    "quantize_blockwise",
+    "quantize_lora_base_",
+    "quantize_rows",
+    "quantize_rows_reference",
+    "quantize_tensorwise",
+    "stats",
+]
+
+E4M3 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
+FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
+GRAD_FORMATS = {"e5m2": E5M2, "e4m3": E4M3}
+EPS = 1e-12  # absmax floor: an all-zero row gets a tiny scale, not a division by zero
+stats: Counter = Counter()  # "fp8_gemms": FP8 GEMMs run; "weights_quantized": frozen weights quantized (fp8 recipe)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Quantization: references (plain torch) and the fused Triton rowwise kernel.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def quantize_rows_reference(
+    x: Tensor,  # [M, K]
+    dtype: torch.dtype = E4M3,
+    col_scale: Tensor | None = None,  # [K] fp32, multiplied in before quantizing
+) -> tuple[Tensor, Tensor]:  # codes [M, K] fp8, scale [M, 1] fp32 (dequant: codes * scale)
+    fmax = FP8_MAX[dtype]
+    xf = x.float() if col_scale is None else x.float() * col_scale.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(EPS)
+    codes = (xf * (fmax / amax)).clamp(-fmax, fmax).to(dtype)
+    return codes, amax / fmax
+
+
+def quantize_tensorwise(x: Tensor, dtype: torch.dtype = E4M3) -> tuple[Tensor, Tensor]:
+    """One scale for the whole tensor (0-d fp32)."""
+    fmax = FP8_MAX[dtype]
+    amax = x.float().abs().amax().clamp_min(EPS)
+    return (x.float() * (fmax / amax)).clamp(-fmax, fmax).to(dtype), amax / fmax
+
+
+def quantize_blockwise(w: Tensor, block: int = 128, dtype: torch.dtype = E4M3) -> tuple[Tensor, Tensor]:
+    """Per (block x block) tile scales, as Hugging Face fine-grained FP8 checkpoints store them (`weight_scale_inv`,
+    shape [ceil(out/block), ceil(in/block)])."""
+    rows, cols = w.shape
+    pr, pc = -rows % block, -cols % block
+    wp = F.pad(w.float(), (0, pc, 0, pr))
+    tiles = wp.view(wp.shape[0] // block, block, wp.shape[1] // block, block)
+    amax = tiles.abs().amax(dim=(1, 3), keepdim=True).clamp_min(EPS)
+    fmax = FP8_MAX[dtype]
+    codes = (tiles * (fmax / amax)).clamp(-fmax, fmax).to(dtype).view(wp.shape)[:rows, :cols].contiguous()
+    return codes, (amax / fmax).squeeze(3).squeeze(1)
+
+
+def dequantize(codes: Tensor, scale: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """codes [M, K] * scale ([M, 1] or [M] rowwise, or 0-d tensorwise), computed in fp32, rounded once to `dtype`."""
+    s = scale.float()
+    if s.dim() == 1:
+        s = s[:, None]
+    return (codes.float() * s).to(dtype)
+
+
+def dequantize_blockwise(codes: Tensor, scale: Tensor, block: int = 128, dtype: torch.dtype = torch.bfloat16):
+    s = scale.float().repeat_interleave(block, 0).repeat_interleave(block, 1)[: codes.shape[0], : codes.shape[1]]
+    return (codes.float() * s).to(dtype)
+
+
+def _triton_quantize_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def quantize_rows_kernel(
+        x_ptr,
+        col_ptr,
+        q_ptr,
+        s_ptr,
+        K,
+        stride_x,
+        stride_q,
+        FMAX: tl.constexpr,
+        HAS_COL: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * stride_x
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for start in range(0, K, BLOCK):  # pass 1: absmax of the row (of x * col when HAS_COL)
+            cols = start + tl.arange(0, BLOCK)
+            v = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+            if HAS_COL:
+                v = v * tl.load(col_ptr + cols, mask=cols < K, other=0.0)
+            acc = tl.maximum(acc, tl.abs(v))
+        amax = tl.maximum(tl.max(acc, axis=0), 1e-12)
+        inv = FMAX / amax
+        tl.store(s_ptr + row, amax / FMAX)
+        for start in range(0, K, BLOCK):  # pass 2: scale, saturate, cast (the row is in L1/L2 from pass 1)
+            cols = start + tl.arange(0, BLOCK)
+            v = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+            if HAS_COL:
+                v = v * tl.load(col_ptr + cols, mask=cols < K, other=0.0)
+            q = tl.minimum(tl.maximum(v * inv, -FMAX), FMAX)
+            tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=cols < K)
+
+    return quantize_rows_kernel
+
+
+_KERNEL = None
+
+
+def quantize_rows_triton(
+    x: Tensor, dtype: torch.dtype = E4M3, col_scale: Tensor | None = None, block: int = 2048
+) -> tuple[Tensor, Tensor]:
+    """The fused kernel: one program per row (CUDA, or CPU tensors under TRITON_INTERPRET=1 in tests)."""
+    global _KERNEL
+    if _KERNEL is None:
+        _KERNEL = _triton_quantize_kernel()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    rows, k = x.shape
+    codes = torch.empty(rows, k, dtype=dtype, device=x.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    block = min(block, max(16, 1 << (k - 1).bit_length()))
+    col = col_scale.float().contiguous() if col_scale is not None else scale  # dummy pointer when unused
+    if rows:
+        _KERNEL[(rows,)](
+            x, col, codes, scale, k, x.stride(0), codes.stride(0),
+            FMAX=FP8_MAX[dtype], HAS_COL=col_scale is not None, BLOCK=block, num_warps=8,
+        )  # fmt: skip
+    return codes, scale
+
+
+def quantize_rows(x: Tensor, dtype: torch.dtype = E4M3, col_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Rowwise quantization of [M, K]: the Triton kernel on CUDA, the reference elsewhere."""
+    if x.device.type == "cuda":
+        return quantize_rows_triton(x, dtype, col_scale)
+    return quantize_rows_reference(x, dtype, col_scale)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FP8 GEMM: torch._scaled_mm on CUDA, exact emulation elsewhere.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def emulated_scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """What `_scaled_mm` computes: (a * scale_a) @ (b * scale_b) in fp32, rounded to `out_dtype`."""
+    return ((a.float() * scale_a) @ (b.float() * scale_b)).to(out_dtype)
+
+
+def fp8_mm(
+    a: Tensor,  # [M, K] fp8, row-major
+    b: Tensor,  # [K, N] fp8, column-major
+    scale_a: Tensor,  # [M, 1] fp32
+    scale_b: Tensor,  # [1, N] fp32
+    out_dtype: torch.dtype,
+    fast_accum: bool,
+) -> Tensor:  # [M, N]
+    stats["fp8_gemms"] += 1
+    if a.device.type != "cuda":
+        return emulated_scaled_mm(a, b, scale_a, scale_b, out_dtype)
+    if out_dtype != torch.bfloat16:
+        raise ValueError(f"FP8 GEMMs with rowwise scales produce bf16; got activations in {out_dtype} (use dtype=bf16)")
+    if a.shape[1] % 16 or b.shape[1] % 16:
+        raise ValueError(f"FP8 GEMMs need K and N divisible by 16; got [{a.shape[0]}, {a.shape[1]}] x {list(b.shape)}")
+    return torch._scaled_mm(a, b, scale_a, scale_b, out_dtype=out_dtype, use_fast_accum=fast_accum)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The quantized base weight as the op sees it.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Fp8Weight:
+    codes: Tensor  # [out, in] e4m3 (forward operand: codes.t())
+    scale: Tensor  # [1, out] fp32, per output row
+    codes_t: Tensor | None = None  # [in, out] e4m3 (dX operand: codes_t.t()); None: transpose per backward
+    scale_t: Tensor | None = None  # [1, in] fp32, per input column
+
+
+_WEIGHT_CACHE: dict[tuple, tuple[int, StorageWeakRef, _Fp8Weight]] = {}
+_WEIGHT_LOCK = threading.Lock()
+
+
+def _key(w: Tensor) -> tuple:
+    return (w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype, w.device)
+
+
+def quantize_weight(w: Tensor, transposed: bool = True) -> _Fp8Weight:
+    """Both orientations of a frozen [out, in] weight, each with its own absmax scales (rowwise e4m3)."""
+    codes, scale = quantize_rows(w.detach(), E4M3)
+    fw = _Fp8Weight(codes, scale.view(1, -1))
+    if transposed:
+        codes_t, scale_t = quantize_rows(w.detach().t().contiguous(), E4M3)
+        fw.codes_t, fw.scale_t = codes_t, scale_t.view(1, -1)
+    return fw
+
+
+def _cached_fp8_weight(weights: Sequence[Tensor]) -> _Fp8Weight:
+    """The (concatenated) bf16 base weights quantized once; later calls hit the cache (fp8 recipe).
+
+    Keyed on address, shape, stride, dtype and device, checked against a weak reference to the storage (a freed and
+    reused address misses) and the version counter (an in-place write re-quantizes and *replaces* the entry, so a
+    weight never has two cached copies; torch.compile's first run bumps parameter versions once).
+    """
+    w = frozen_concat(weights)
+    key = _key(w)
+    with _WEIGHT_LOCK:
+        hit = _WEIGHT_CACHE.get(key)
+        if hit is not None and hit[0] == w._version and not hit[1].expired():
+            return hit[2]
+        for k in [k for k, (_, ref, _) in _WEIGHT_CACHE.items() if ref.expired()]:
+            del _WEIGHT_CACHE[k]
+        fw = quantize_weight(w)
+        stats["weights_quantized"] += 1
+        _WEIGHT_CACHE[key] = (w._version, StorageWeakRef(w.untyped_storage()), fw)
+        return fw
+
+
+def clear_fp8_weight_cache() -> None:
+    with _WEIGHT_LOCK:
+        _WEIGHT_CACHE.clear()
+
+
+def _stored_fp8_weight(codes: Sequence[Tensor], scales: Sequence[Tensor]) -> _Fp8Weight:
+    """qfp8: the stored codes/scales (zero-copy views when a group was packed by `quantize_lora_base_`)."""
+    return _Fp8Weight(frozen_concat(codes), frozen_concat(scales).view(1, -1))
+
+
+def _dequantized(fw: _Fp8Weight, dtype: torch.dtype) -> Tensor:
+    return dequantize(fw.codes, fw.scale.view(-1), dtype)
+
+
+def _base_forward(x2: Tensor, fw: _Fp8Weight, compute: str) -> Tensor:
+    if compute == "bf16":
+        return x2 @ _dequantized(fw, x2.dtype).t()
+    xq, xs = quantize_rows(x2, E4M3)
+    return fp8_mm(xq, fw.codes.t(), xs, fw.scale, x2.dtype, fast_accum=True)
+
+
+def _base_grad_input(dy: Tensor, fw: _Fp8Weight, compute: str, grad_dtype: torch.dtype) -> Tensor:
+    if compute == "bf16":
+        return dy @ _dequantized(fw, dy.dtype)
+    if fw.codes_t is not None:
+        dyq, dys = quantize_rows(dy, grad_dtype)
+        return fp8_mm(dyq, fw.codes_t.t(), dys, fw.scale_t, dy.dtype, fast_accum=False)
+    # dy W = (dy diag(s)) C: fold W's row scales into dy, quantize, GEMM against the transposed row codes.
+    dyq, dys = quantize_rows(dy, grad_dtype, col_scale=fw.scale.view(-1))
+    ones = torch.ones(1, fw.codes.shape[1], dtype=torch.float32, device=dy.device)
+    return fp8_mm(dyq, fw.codes.t().contiguous().t(), dys, ones, dy.dtype, fast_accum=False)
+
+
+def _fp8_weight(weights: Sequence[Tensor], weight_scales: Sequence[Tensor] | None) -> _Fp8Weight:
+    if weight_scales is None:
+        return _cached_fp8_weight(weights)
+    return _stored_fp8_weight(weights, weight_scales)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference (plain torch, differentiable).
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Fp8LinearReference(torch.autograd.Function):
+    """x @ W^T with the op's quantization, in plain torch (fp32 matmuls of dequantized values)."""
+
+    @staticmethod
+    def forward(ctx, x2: Tensor, fw: _Fp8Weight, grad_dtype: torch.dtype) -> Tensor:
+        ctx.fw, ctx.grad_dtype = fw, grad_dtype
+        xq = dequantize(*quantize_rows_reference(x2, E4M3), torch.float32)
+        return (xq @ dequantize(fw.codes, fw.scale.view(-1), torch.float32).t()).to(x2.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        fw = ctx.fw
+        if fw.codes_t is not None:  # fp8: dy quantized, W^T with per-input-column scales
+            dyq = dequantize(*quantize_rows_reference(dy, ctx.grad_dtype), torch.float32)
+            w = dequantize(fw.codes_t, fw.scale_t.view(-1), torch.float32).t()
+        else:  # qfp8: W's row scales folded into dy, then the row codes
+            dyq = dequantize(*quantize_rows_reference(dy, ctx.grad_dtype, fw.scale.view(-1)), torch.float32)
+            w = fw.codes.float()
+        return (dyq @ w).to(dy.dtype), None, None
+
+
+def lora_linear_fp8_reference(
+    x: Tensor,  # [..., in]
+    weight: Tensor,  # [out, in] bf16 base (fp8 recipe) or e4m3 codes (with weight_scale)
+    lora_A: Tensor,  # [r, in]
+    lora_B: Tensor,  # [out, r]
+    scaling: float,
+    weight_scale: Tensor | None = None,  # [out] fp32 when `weight` holds codes
+    grad_format: str = "e5m2",
+) -> Tensor:
+    """The op's arithmetic in plain torch: base GEMMs on rowwise-quantized operands, LoRA in x.dtype."""
+    if weight_scale is None:
+        fw = _Fp8Weight(*(quantize_rows_reference(t, E4M3)[i] for t in (weight.detach(),) for i in (0, 1)))
+        codes_t, scale_t = quantize_rows_reference(weight.detach().t().contiguous(), E4M3)
+        fw.scale, fw.codes_t, fw.scale_t = fw.scale.view(1, -1), codes_t, scale_t.view(1, -1)
+    else:
+        fw = _Fp8Weight(weight, weight_scale.view(1, -1))
+    x2 = x.reshape(-1, x.shape[-1])
+    base = _Fp8LinearReference.apply(x2, fw, GRAD_FORMATS[grad_format]).view(*x.shape[:-1], -1)
+    return base + scaling * F.linear(F.linear(x, lora_A), lora_B)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels of the op (forward and backward), then registration.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _fp8_forward(x, weights, weight_scales, bias, lora_As, lora_Bs, scalings, lora_inputs, compute):
+    x2 = x.reshape(-1, x.shape[-1])
+    if lora_inputs:
+        xa = torch.cat([xl.reshape(-1, xl.shape[-1]) @ a.t() for xl, a in zip(lora_inputs, lora_As)], dim=1)
+    else:
+        a_cat = lora_As[0] if len(lora_As) == 1 else torch.cat(lora_As, dim=0)
+        xa = x2 @ a_cat.t()
+    y = _base_forward(x2, _fp8_weight(weights, weight_scales), compute)
+    if bias is not None:
+        y += bias
+    b_blk, alpha = _block_diag_B(lora_Bs, scalings)
+    y.addmm_(xa, b_blk.t(), alpha=alpha)
+    return y.view(*x.shape[:-1], y.shape[-1]), xa
+
+
+def _fp8_backward(
+    grad_y,
+    lora_inputs,
+    xa,
+    weights,
+    weight_scales,
+    lora_As,
+    lora_Bs,
+    scalings,
+    shared_input,
+    needs_grad_x,
+    fmt,
+    compute,
+):
+    dy = grad_y.reshape(-1, grad_y.shape[-1])
+    b_blk, alpha = _block_diag_B(lora_Bs, scalings)
+    dxa = dy @ b_blk
+    if alpha != 1.0:
+        dxa.mul_(alpha)
+    ranks = [a.shape[0] for a in lora_As]
+    outs = [b.shape[0] for b in lora_Bs]
+    grad_Bs = [
+        (dy_i.t() @ xa_i).mul_(s).to(b.dtype)
+        for dy_i, xa_i, b, s in zip(dy.split(outs, dim=1), xa.split(ranks, dim=1), lora_Bs, scalings)
+    ]
+    in_features = weights[0].shape[1]
+    if shared_input:
+        grad_a_cat = dxa.t() @ lora_inputs[0].reshape(-1, in_features)
+        grad_As = [g.to(a.dtype, copy=True) for g, a in zip(grad_a_cat.split(ranks, dim=0), lora_As)]
+    else:
+        grad_As = [
+            (dxa_i.t() @ xl.reshape(-1, in_features)).to(a.dtype)
+            for dxa_i, xl, a in zip(dxa.split(ranks, dim=1), lora_inputs, lora_As)
+        ]
+    if not needs_grad_x:
+        return grad_y.new_empty(0), [], grad_As, grad_Bs
+    lead = grad_y.shape[:-1]
+    fw = _fp8_weight(weights, weight_scales)
+    grad_x = _base_grad_input(dy, fw, compute, GRAD_FORMATS[fmt])  # [N, in]
+    grad_lora_inputs: list[Tensor] = []
+    if shared_input:
+        a_cat = lora_As[0] if len(lora_As) == 1 else torch.cat(lora_As, dim=0)
+        grad_x.addmm_(dxa, a_cat)
+    else:
+        grad_lora_inputs = [(d @ a).view(*lead, in_features) for d, a in zip(dxa.split(ranks, dim=1), lora_As)]
+    return grad_x.view(*lead, in_features), grad_lora_inputs, grad_As, grad_Bs
+
+
+_OPTIONS_DOC = 'Tensor[]? weight_scales=None, str grad_format="e5m2", str compute="fp8"'
+
+
+def _lora_linear_fp8(
+    x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs, weight_scales=None, grad_format="e5m2", compute="fp8"
+):
+    return _fp8_forward(x, weights, weight_scales, bias, lora_As, lora_Bs, scalings, lora_inputs, compute)
+
+
+lora_linear_fp8 = torch.library.custom_op(
+    "surogate::lora_linear_fp8",
+    _lora_linear_fp8,
+    mutates_args=(),
+    schema="(Tensor x, Tensor[] weights, Tensor? bias, Tensor[] lora_As, Tensor[] lora_Bs, float[] scalings, "
+    f"Tensor[] lora_inputs, {_OPTIONS_DOC}) -> (Tensor, Tensor)",
+)
+
+
+@lora_linear_fp8.register_fake
+def _lora_linear_fp8_fake(
+    x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs, weight_scales=None, grad_format="e5m2", compute="fp8"
+):
+    n = x.numel() // x.shape[-1]
+    out = sum(w.shape[0] for w in weights)
+    return x.new_empty(*x.shape[:-1], out), x.new_empty(n, sum(a.shape[0] for a in lora_As))
+
+
+def _lora_linear_fp8_backward(
+    grad_y,
+    lora_inputs,
+    xa,
+    weights,
+    weight_scales,
+    lora_As,
+    lora_Bs,
+    scalings,
+    shared_input,
+    needs_grad_x,
+    fmt,
+    compute,
+):
+    return _fp8_backward(
+        grad_y, lora_inputs, xa, weights, weight_scales, lora_As, lora_Bs, scalings, shared_input, needs_grad_x, fmt,
+        compute,
+    )  # fmt: skip
+
+
+lora_linear_fp8_backward = torch.library.custom_op(
+    "surogate::lora_linear_fp8_backward",
+    _lora_linear_fp8_backward,
+    mutates_args=(),
+    schema="(Tensor grad_y, Tensor[] lora_inputs, Tensor xa, Tensor[] weights, Tensor[]? weight_scales, "
+    "Tensor[] lora_As, Tensor[] lora_Bs, float[] scalings, bool shared_input, bool needs_grad_x, str grad_format, "
+    "str compute) -> (Tensor, Tensor[], Tensor[], Tensor[])",
+)
+
+
+@lora_linear_fp8_backward.register_fake
+def _backward_fake(grad_y, lora_inputs, xa, weights, weight_scales, lora_As, lora_Bs, scalings, shared, needs_x, f, c):
+    grad_As = [a.new_empty(a.shape) for a in lora_As]
+    grad_Bs = [b.new_empty(b.shape) for b in lora_Bs]
+    if not needs_x:
+        return grad_y.new_empty(0), [], grad_As, grad_Bs
+    grad_x = grad_y.new_empty(*grad_y.shape[:-1], weights[0].shape[1])
+    return grad_x, [] if shared else [xl.new_empty(xl.shape) for xl in lora_inputs], grad_As, grad_Bs
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs = inputs[:7]
+    opts = dict(zip(("weight_scales", "grad_format", "compute"), inputs[7:]))
+    weight_scales = opts.get("weight_scales")
+    if any(w.requires_grad for w in weights) or (bias is not None and bias.requires_grad):
+        raise RuntimeError("surogate::lora_linear_fp8 never computes a base weight/bias gradient: freeze the base")
+    ctx.shared_input = len(lora_inputs) == 0
+    ctx.n_weights = len(weights)
+    ctx.has_scales = weight_scales is not None
+    ctx.scalings = list(scalings)
+    ctx.grad_format = opts.get("grad_format", "e5m2")
+    ctx.compute = opts.get("compute", "fp8")
+    saved_inputs = [x] if ctx.shared_input else list(lora_inputs)
+    ctx.n_inputs = len(saved_inputs)
+    ctx.save_for_backward(output[1], *saved_inputs, *weights, *(weight_scales or []), *lora_As, *lora_Bs)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_y, _grad_xa):
+    saved = list(ctx.saved_tensors)
+    xa, saved = saved[0], saved[1:]
+    k, n = ctx.n_inputs, ctx.n_weights
+    lora_inputs, saved = saved[:k], saved[k:]
+    weights, saved = saved[:n], saved[n:]
+    scales, saved = (saved[:n], saved[n:]) if ctx.has_scales else (None, saved)
+    lora_As, lora_Bs = saved[:n], saved[n:]
+    needs_grad_x = ctx.needs_input_grad[0] or any(ctx.needs_input_grad[6])
+    # needs_input_grad has one entry per argument as called (options left at their defaults are not passed)
+    grad_x, grad_lora_inputs, grad_As, grad_Bs = lora_linear_fp8_backward(
+        grad_y, lora_inputs, xa, weights, scales, lora_As, lora_Bs, ctx.scalings, ctx.shared_input, needs_grad_x,
+        ctx.grad_format, ctx.compute,
+    )  # fmt: skip
+    if not needs_grad_x:
+        grad_x, grad_lora_inputs = None, [None] * (0 if ctx.shared_input else k)
+    options = [[None] * n if ctx.has_scales else None, None, None][: len(ctx.needs_input_grad) - 7]
+    return grad_x, [None] * n, None, grad_As, grad_Bs, None, grad_lora_inputs, *options
+
+
+lora_linear_fp8.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# qfp8 storage: the eager module (numerical reference) and the conversion that makes it.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("surogate::fp8_dequantize", mutates_args=())
+def fp8_dequantize(codes: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """codes [out, in] e4m3 * scale [out] -> `dtype` (one op, so the pass sees the stored weight behind it)."""
+    return dequantize(codes, scale, dtype)
+
+
+@fp8_dequantize.register_fake
+def _(codes: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    return codes.new_empty(codes.shape, dtype=dtype)
+
+
+class FP8LoRALinear(nn.Module):
+    """LoRALinear whose frozen base is stored as e4m3 codes (`weight`, a frozen parameter, so FSDP shards it and the
+    state-dict key stays `...weight`) with one fp32 scale per output row (`weight_scale`, a buffer).
+
+    Eager forward (the reference the pass rewrites): `linear(x, dequantize(W)) + scaling * lora(x)`.
+    """
+
+    def __init__(self, lora: nn.Module, codes: Tensor, scale: Tensor):
+        super().__init__()
+        self.in_features, self.out_features = lora.in_features, lora.out_features
+        self.rank, self.scaling = lora.rank, lora.scaling
+        self.weight = nn.Parameter(codes, requires_grad=False)
+        self.register_buffer("weight_scale", scale)
+        self.bias = lora.bias
+        self.lora_A, self.lora_B, self.dropout = lora.lora_A, lora.lora_B, lora.dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.lora_A.to(x.dtype)
+        b = self.lora_B.to(x.dtype)
+        w = fp8_dequantize(self.weight, self.weight_scale, x.dtype)
+        return F.linear(x, w, self.bias) + self.scaling * F.linear(F.linear(self.dropout(x), a), b)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}, fp8 base"
+
+
+class FP8Embedding(nn.Module):
+    """A frozen input embedding stored as e4m3 codes + one fp32 scale per token row; looks up and dequantizes
+    only the rows it needs (qfp8 with `quantize_embedding`: the table is ~8% of Qwen3-8B)."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        codes, scale = quantize_rows(embedding.weight.detach(), E4M3)
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.dtype = embedding.weight.dtype
+        self.weight = nn.Parameter(codes, requires_grad=False)
+        self.register_buffer("weight_scale", scale.view(-1))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return (self.weight[ids].float() * self.weight_scale[ids, None]).to(self.dtype)
+
+
+def quantize_lora_base_(modules: Sequence[nn.Module]) -> list[FP8LoRALinear]:
+    """Quantize the base weights of LoRA modules that share an input (or one module) into one packed storage.
+
+    Codes of a group lie back to back ([sum out, in]) as do their scales, so the fused op reads zero-copy views.
+    The bf16 weights are released as each group is done (peak: one group's bf16 + its codes). Returns the new
+    modules, to be set in place of the old ones by the caller.
+    """
+    w = frozen_concat([m.weight.detach() for m in modules])  # a view when parallelize packed the group
+    codes, scale = quantize_rows(w, E4M3)
+    scale = scale.view(-1)
+    new, offset = [], 0
+    for m in modules:
+        rows = m.out_features
+        new.append(FP8LoRALinear(m, codes[offset : offset + rows], scale[offset : offset + rows]))
+        m.weight = None  # drop the module's reference to the bf16 tensor
+        offset += rows
+    return new
