@@ -77,14 +77,14 @@ def random_batches(vocab: int, s: Setting, device: torch.device, seed: int = 0) 
     return out
 
 
-def build_ours(model_name, recipe, passes, recompute, attn_backend, device, s: Setting, cudagraphs=False):
+def build_ours(model_name, recipe, passes, recompute, attn_backend, device, s: Setting, compile=True):
     from surogate.lora import LoRAConfig, apply_lora
     from surogate.models.checkpoint import load_model
     from surogate.parallelize import parallelize
 
     model, args = load_model(model_name, device=device, dtype=torch.bfloat16, attn_backend=attn_backend)
     apply_lora(model, LoRAConfig(rank=s.rank, alpha=s.alpha, dtype=torch.float32))
-    parallelize(model, recipe=recipe, use_passes=passes, recompute=recompute, cudagraphs=cudagraphs)
+    parallelize(model, recipe=recipe, compile=compile, use_passes=passes, recompute=recompute)
 
     def loss_fn(batch, total_tokens):
         loss_sum, _ = model(batch["input_ids"], batch["position_ids"], batch["labels"])
@@ -182,7 +182,7 @@ def run_one(name: str, model_name: str, recipe: str, cli, device, s: Setting) ->
         model, args, loss_fn = build_hf_peft(model_name, device, s)
     else:
         model, args, loss_fn = build_ours(
-            model_name, recipe, not cli.no_passes, cli.recompute, cli.attn_backend, device, s, cli.cudagraphs
+            model_name, recipe, not cli.no_passes, cli.recompute, cli.attn_backend, device, s, not cli.eager
         )
     build_s = time.perf_counter() - t_build
     batches = random_batches(args.vocab_size, s, device)
@@ -195,11 +195,11 @@ def run_one(name: str, model_name: str, recipe: str, cli, device, s: Setting) ->
         "model": model_name,
         "recipe": recipe,
         "framework": "surogate" if name == "ours" else name,
-        "passes": name == "ours" and not cli.no_passes,
+        "passes": name == "ours" and not cli.no_passes and not cli.eager,
         "gpu": gpu,
         "num_gpus": num_gpus,
         "recompute": bool(cli.recompute) and name == "ours",
-        "cudagraphs": bool(cli.cudagraphs) and name == "ours",
+        "compiled": not cli.eager or name != "ours",
         "micro_batch": s.micro_batch,
         "seq_len": s.seq_len,
         "grad_accum": s.grad_accum,
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--baseline", choices=["hf-peft", "unsloth"], default=None)
     p.add_argument("--recompute", action="store_true", help="activation checkpointing on every block")
     p.add_argument("--attn-backend", default="auto")
-    p.add_argument("--cudagraphs", action="store_true", help="CUDA graphs for the compiled blocks")
+    p.add_argument("--eager", action="store_true", help="no torch.compile at all (CPU smoke tests, or to compare)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=2048)
