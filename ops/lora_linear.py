@@ -77,24 +77,36 @@ _CONCAT_CACHE: dict[tuple, tuple[list[StorageWeakRef], Tensor]] = {}
 _CONCAT_LOCK = threading.Lock()
 
 
+def _adjacent_view(weights: Sequence[Tensor]) -> Tensor | None:
+    """The weights as one [sum out, in] view when they already lie back to back in one storage (zero copy).
+
+    This runs on every call (it is the hot path once `pack_frozen_weights` has run), so it is a plain loop over
+    cheap tensor attributes. Adjacent addresses alone are not enough (two allocations may happen to touch), so the
+    first weight's storage must also cover all the rows: then every weight's memory lies inside that storage.
+    """
+    first = weights[0]
+    n_rows = first.shape[0]
+    if not n_rows or not first.is_contiguous():
+        return None
+    dtype, row_shape, row_stride = first.dtype, first.shape[1:], first.stride()[1:]
+    row_numel = first.numel() // n_rows
+    row_bytes = row_numel * first.element_size()
+    ptr = first.data_ptr()
+    rows = 0
+    for w in weights:
+        if w.data_ptr() != ptr + rows * row_bytes or w.dtype != dtype or w.shape[1:] != row_shape:
+            return None
+        if not w.is_contiguous():
+            return None
+        rows += w.shape[0]
+    if (first.storage_offset() + rows * row_numel) * first.element_size() > first.untyped_storage().nbytes():
+        return None
+    return first.as_strided((rows, *row_shape), (row_numel, *row_stride))
+
+
 def _weight_key(w: Tensor) -> tuple:
     # _version changes on any in-place write (load_state_dict, copy_, merge), so a modified weight misses.
-    return (w.data_ptr(), w._version, tuple(w.shape), tuple(w.stride()), w.dtype, w.device)
-
-
-def _adjacent_view(weights: Sequence[Tensor]) -> Tensor | None:
-    """The weights as one [sum out, in] view when they already lie back to back in one storage (zero copy)."""
-    first = weights[0]
-    if not all(w.is_contiguous() and w.dtype == first.dtype and w.shape[1:] == first.shape[1:] for w in weights):
-        return None
-    storage_ptr = first.untyped_storage().data_ptr()
-    offset = first.storage_offset()
-    for w in weights:
-        if w.untyped_storage().data_ptr() != storage_ptr or w.storage_offset() != offset:
-            return None
-        offset += w.numel()
-    rows = sum(w.shape[0] for w in weights)
-    return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
+    return (w.data_ptr(), w._version, w.shape, w.stride(), w.dtype, w.device)
 
 
 def frozen_concat(weights: Sequence[Tensor]) -> Tensor:
@@ -112,10 +124,10 @@ def frozen_concat(weights: Sequence[Tensor]) -> Tensor:
     view = _adjacent_view(weights)
     if view is not None:
         return view
-    key = tuple(_weight_key(w) for w in weights)
+    key = tuple(map(_weight_key, weights))
     with _CONCAT_LOCK:
         hit = _CONCAT_CACHE.get(key)
-        if hit is not None and all(not ref.expired() for ref in hit[0]):
+        if hit is not None and not any(ref.expired() for ref in hit[0]):
             return hit[1]
         _drop_dead_entries()
         fused = torch.cat([w.detach() for w in weights], dim=0)
@@ -167,6 +179,22 @@ def _block_diag_B(lora_Bs: Sequence[Tensor], scalings: Sequence[float]) -> tuple
     return torch.block_diag(*scaled), 1.0
 
 
+def _mm_scaled(a: Tensor, b: Tensor, s: float) -> Tensor:
+    """`s * (a @ b)` as one GEMM: the scale is the GEMM's alpha (exact, no extra pass over the result). With beta=0
+    the accumulator's contents are ignored (documented: not even NaN propagates), so it may be uninitialized."""
+    if s == 1.0:
+        return torch.mm(a, b)
+    return a.new_empty(a.shape[0], b.shape[1]).addmm_(a, b, beta=0, alpha=s)
+
+
+# Host cost matters as much as FLOPs here: on a small model (Qwen3-0.6B) these GEMMs take a few microseconds on the
+# GPU, so every aten op dispatched (and every Python call around it) is time the host can't spend staying ahead.
+# Hence: no block-diagonal B (torch.block_diag is a zeros + a copy per block), no dtype casts that are no-ops (A, B
+# and x share the activation dtype, or the forward's GEMMs would already have refused them), scales as GEMM alphas,
+# per-block GEMMs written straight into column slices of one buffer (out=/addmm_ on a strided slice: cuBLAS and the
+# CPU BLAS path take the leading dimension, no copy), and slicing with split() (one call, all views).
+
+
 def _lora_forward(
     x: Tensor,
     weights: Sequence[Tensor],
@@ -176,17 +204,28 @@ def _lora_forward(
     scalings: Sequence[float],
     lora_inputs: Sequence[Tensor],
 ) -> tuple[Tensor, Tensor]:
-    x2 = x.reshape(-1, x.shape[-1])
-    if lora_inputs:  # dropout: each projection has its own masked input, so one small A GEMM each
-        xa = torch.cat([xl.reshape(-1, xl.shape[-1]) @ a.t() for xl, a in zip(lora_inputs, lora_As)], dim=1)
+    in_features = x.shape[-1]
+    x2 = x.reshape(-1, in_features)
+    y = F.linear(x2, weights[0] if len(weights) == 1 else frozen_concat(weights), bias)  # [N, sum out]
+    if len(lora_As) == 1:
+        xl = lora_inputs[0].reshape(-1, in_features) if lora_inputs else x2
+        xa = F.linear(xl, lora_As[0])  # [N, r]
+        y.addmm_(xa, lora_Bs[0].t(), alpha=scalings[0])  # in place: the LoRA update accumulates into the base output
     else:
-        a_cat = lora_As[0] if len(lora_As) == 1 else torch.cat(lora_As, dim=0)
-        xa = x2 @ a_cat.t()
-    w = frozen_concat(weights)
-    y = x2 @ w.t() if bias is None else torch.addmm(bias, x2, w.t())
-    b_blk, alpha = _block_diag_B(lora_Bs, scalings)
-    y.addmm_(xa, b_blk.t(), alpha=alpha)  # in place: the LoRA update accumulates into the base output
-    return y.view(*x.shape[:-1], y.shape[-1]), xa
+        ranks = [a.shape[0] for a in lora_As]
+        if lora_inputs:  # dropout: each projection has its own masked input, so one small A GEMM each
+            xa = x2.new_empty(x2.shape[0], sum(ranks))
+            for xl, a, xa_i in zip(lora_inputs, lora_As, xa.split_with_sizes(ranks, 1)):
+                torch.mm(xl.reshape(-1, in_features), a.t(), out=xa_i)
+        else:  # shared input: all A's in one GEMM (the cat is [sum r, in], tiny)
+            xa = F.linear(x2, torch.cat(lora_As))
+        # y_i += s_i xa_i B_i^T, one GEMM per projection into y's column block (the block-diagonal B is never built)
+        outs = [b.shape[0] for b in lora_Bs]
+        for y_i, xa_i, b, s in zip(y.split_with_sizes(outs, 1), xa.split_with_sizes(ranks, 1), lora_Bs, scalings):
+            y_i.addmm_(xa_i, b.t(), alpha=s)
+    if x.dim() != 2:
+        y = y.view(*x.shape[:-1], y.shape[1])
+    return y, xa
 
 
 def _lora_backward(
@@ -199,40 +238,72 @@ def _lora_backward(
     scalings: Sequence[float],
     shared_input: bool,
     needs_grad_x: bool,
-) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
+    """Returns (grad_x or empty, grad_lora_inputs, grad_A_cat [sum r, in], grad_B_full [sum out, sum r]).
+
+    dA and dB come back as one tensor each, not one per projection: an op's outputs may not alias each other, so
+    per-projection outputs would cost a copy each. The autograd formula hands out views (`_split_grads`): dA_i is
+    row block i of grad_A_cat, dB_i the diagonal block (i, i) of grad_B_full = s * dy^T xa, which one GEMM gives
+    for every projection at once. Its off-diagonal blocks are wasted FLOPs: sum_r / in of the base dX GEMM (q/k/v,
+    r=16: 48/1024 on Qwen3-0.6B, 48/4096 on 8B) against one GEMM launch instead of one per projection.
+    """
     dy = grad_y.reshape(-1, grad_y.shape[-1])
-    b_blk, alpha = _block_diag_B(lora_Bs, scalings)
-    dxa = dy @ b_blk  # [N, sum r]
-    if alpha != 1.0:
-        dxa.mul_(alpha)
-    ranks = [a.shape[0] for a in lora_As]
-    outs = [b.shape[0] for b in lora_Bs]
-    # dB_i = s_i * dy_i^T (x_i A_i^T): per block, on strided slices (no copies, no wasted off-diagonal blocks).
-    grad_Bs = []
-    for dy_i, xa_i, b, s in zip(dy.split(outs, dim=1), xa.split(ranks, dim=1), lora_Bs, scalings):
-        grad_Bs.append((dy_i.t() @ xa_i).mul_(s).to(b.dtype))
+    n = len(lora_Bs)
     in_features = weights[0].shape[1]
+    s0 = scalings[0]
+    if n == 1:
+        dxa = _mm_scaled(dy, lora_Bs[0], s0)  # [N, r]
+        ranks = outs = None
+    else:
+        ranks = [a.shape[0] for a in lora_As]
+        outs = [b.shape[0] for b in lora_Bs]
+        dxa = torch.empty_like(xa)  # [N, sum r]; every column block is written below (beta=0: not read)
+        for dxa_i, dy_i, b, s in zip(dxa.split_with_sizes(ranks, 1), dy.split_with_sizes(outs, 1), lora_Bs, scalings):
+            dxa_i.addmm_(dy_i, b, beta=0, alpha=s)
+    uniform = n == 1 or scalings.count(s0) == n
+    grad_b = _mm_scaled(dy.t(), xa, s0 if uniform else 1.0)
+    if not uniform:  # per-projection scales: scale the diagonal blocks (the only ones used)
+        for g_i, r_i, s in zip(grad_b.split_with_sizes(outs, 0), _offsets(ranks), scalings):
+            g_i[:, r_i[0] : r_i[1]].mul_(s)
     if shared_input:
         x2 = lora_inputs[0].reshape(-1, in_features)
-        grad_a_cat = dxa.t() @ x2  # one GEMM for all A's
-        grad_As = [g.to(a.dtype, copy=True) for g, a in zip(grad_a_cat.split(ranks, dim=0), lora_As)]
+        grad_a = torch.mm(dxa.t(), x2)  # one GEMM for all A's
+    elif n == 1:
+        grad_a = torch.mm(dxa.t(), lora_inputs[0].reshape(-1, in_features))
     else:
-        grad_As = [
-            (dxa_i.t() @ xl.reshape(-1, in_features)).to(a.dtype)
-            for dxa_i, xl, a in zip(dxa.split(ranks, dim=1), lora_inputs, lora_As)
-        ]
-    lead = grad_y.shape[:-1]
+        grad_a = dxa.new_empty(dxa.shape[1], in_features)
+        for dxa_i, xl, g_i in zip(dxa.split_with_sizes(ranks, 1), lora_inputs, grad_a.split_with_sizes(ranks, 0)):
+            torch.mm(dxa_i.t(), xl.reshape(-1, in_features), out=g_i)
     if not needs_grad_x:
-        return grad_y.new_empty(0), [], grad_As, grad_Bs
-    grad_x = dy @ frozen_concat(weights)  # [N, in]; never a gradient for the frozen weight
+        return grad_y.new_empty(0), [], grad_a, grad_b
+    grad_x = torch.mm(dy, weights[0] if len(weights) == 1 else frozen_concat(weights))  # [N, in]; no dW, ever
+    lead = grad_y.shape[:-1]
     grad_lora_inputs: list[Tensor] = []
     if shared_input:
-        a_cat = lora_As[0] if len(lora_As) == 1 else torch.cat(lora_As, dim=0)
-        grad_x.addmm_(dxa, a_cat)  # the LoRA dX folds into the base dX in place
+        grad_x.addmm_(dxa, lora_As[0] if n == 1 else torch.cat(lora_As))  # the LoRA dX folds into the base dX
+    elif n == 1:
+        grad_lora_inputs.append(torch.mm(dxa, lora_As[0]).view(*lead, in_features))
     else:
-        for dxa_i, a in zip(dxa.split(ranks, dim=1), lora_As):
-            grad_lora_inputs.append((dxa_i @ a).view(*lead, in_features))
-    return grad_x.view(*lead, in_features), grad_lora_inputs, grad_As, grad_Bs
+        for dxa_i, a in zip(dxa.split_with_sizes(ranks, 1), lora_As):
+            grad_lora_inputs.append(torch.mm(dxa_i, a).view(*lead, in_features))
+    return grad_x.view(*lead, in_features), grad_lora_inputs, grad_a, grad_b
+
+
+def _offsets(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    bounds, start = [], 0
+    for size in sizes:
+        bounds.append((start, start + size))
+        start += size
+    return bounds
+
+
+def _split_grads(grad_a: Tensor, grad_b: Tensor, ranks: list[int], outs: list[int]) -> tuple[list, list]:
+    """Per-projection dA / dB as views of the backward's concatenated results (see `_lora_backward`)."""
+    if len(ranks) == 1:
+        return [grad_a], [grad_b]
+    grad_As = list(grad_a.split_with_sizes(ranks, 0))
+    grad_Bs = [g_i[:, lo:hi] for g_i, (lo, hi) in zip(grad_b.split_with_sizes(outs, 0), _offsets(ranks))]
+    return grad_As, grad_Bs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -273,20 +344,26 @@ def lora_linear_backward(
     scalings: list[float],
     shared_input: bool,
     needs_grad_x: bool,
-) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
-    """Returns (grad_x or empty, grad_lora_inputs (empty if shared_input), grad_As, grad_Bs)."""
+) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
+    """Returns (grad_x or empty, grad_lora_inputs (empty if shared_input), grad_A_cat, grad_B_full).
+
+    Why an opaque op rather than tracing `_lora_backward` into the compiled backward: `frozen_concat` needs real
+    storage (data_ptr) to find or cache the concatenated weight, which fake tensors don't have; traced, the dX GEMM
+    would have to concatenate the frozen weights every step or split into one GEMM per projection.
+    """
     return _lora_backward(grad_y, lora_inputs, xa, weights, lora_As, lora_Bs, scalings, shared_input, needs_grad_x)
 
 
 @lora_linear_backward.register_fake
 def _lora_linear_backward_fake(grad_y, lora_inputs, xa, weights, lora_As, lora_Bs, scalings, shared_input, needs_x):
-    grad_As = [a.new_empty(a.shape) for a in lora_As]
-    grad_Bs = [b.new_empty(b.shape) for b in lora_Bs]
+    rank = sum(a.shape[0] for a in lora_As)
+    grad_a = grad_y.new_empty(rank, weights[0].shape[1])
+    grad_b = grad_y.new_empty(grad_y.shape[-1], rank)
     if not needs_x:
-        return grad_y.new_empty(0), [], grad_As, grad_Bs
+        return grad_y.new_empty(0), [], grad_a, grad_b
     grad_x = grad_y.new_empty(*grad_y.shape[:-1], weights[0].shape[1])
     grad_lora_inputs = [] if shared_input else [xl.new_empty(xl.shape) for xl in lora_inputs]
-    return grad_x, grad_lora_inputs, grad_As, grad_Bs
+    return grad_x, grad_lora_inputs, grad_a, grad_b
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -296,30 +373,30 @@ def _setup_context(ctx, inputs, output) -> None:
             "surogate::lora_linear never computes a base weight/bias gradient; freeze the base linear "
             "(apply_lora does) or do not rewrite this projection"
         )
-    ctx.shared_input = len(lora_inputs) == 0
-    ctx.n_weights = len(weights)
-    ctx.scalings = list(scalings)
-    saved_inputs = [x] if ctx.shared_input else list(lora_inputs)
+    ctx.shared_input = not lora_inputs
+    ctx.n = len(weights)
+    ctx.scalings = scalings
+    ctx.ranks = [a.shape[0] for a in lora_As]
+    ctx.outs = [b.shape[0] for b in lora_Bs]
     # Saved: the LoRA input(s) and xa ([N, r]); the weights, A and B are inputs anyway (no extra memory).
-    ctx.save_for_backward(output[1], *saved_inputs, *weights, *lora_As, *lora_Bs)
-    ctx.n_inputs = len(saved_inputs)
+    ctx.save_for_backward(output[1], *(lora_inputs or (x,)), *weights, *lora_As, *lora_Bs)
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_y, _grad_xa):
-    saved = list(ctx.saved_tensors)
-    xa, saved = saved[0], saved[1:]
-    k, n = ctx.n_inputs, ctx.n_weights
+    xa, *saved = ctx.saved_tensors
+    n = ctx.n
+    k = len(saved) - 3 * n  # number of saved LoRA inputs: 1 (x) when shared
     lora_inputs, weights, lora_As, lora_Bs = saved[:k], saved[k : k + n], saved[k + n : k + 2 * n], saved[k + 2 * n :]
     # needs_input_grad mirrors the inputs' structure: a bool per tensor, a list of bools per tensor list.
     needs_grad_x = ctx.needs_input_grad[0] or any(ctx.needs_input_grad[6])
-    grad_x, grad_lora_inputs, grad_As, grad_Bs = lora_linear_backward(
+    grad_x, grad_lora_inputs, grad_a, grad_b = lora_linear_backward(
         grad_y, lora_inputs, xa, weights, lora_As, lora_Bs, ctx.scalings, ctx.shared_input, needs_grad_x
     )
+    grad_As, grad_Bs = _split_grads(grad_a, grad_b, ctx.ranks, ctx.outs)
     if not needs_grad_x:
         grad_x, grad_lora_inputs = None, [None] * (0 if ctx.shared_input else k)
-    no_grads = [None] * n  # the frozen weights: never a gradient
-    return grad_x, no_grads, None, grad_As, grad_Bs, None, grad_lora_inputs
+    return grad_x, [None] * n, None, grad_As, grad_Bs, None, grad_lora_inputs  # frozen weights: never a gradient
 
 
 lora_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -199,7 +199,7 @@ def run_one(name: str, model_name: str, recipe: str, cli, device, s: Setting) ->
         "gpu": gpu,
         "num_gpus": num_gpus,
         "recompute": bool(cli.recompute) and name == "ours",
-        "compiled": not cli.eager or name != "ours",
+        "compiled": name == "ours" and not cli.eager,
         "micro_batch": s.micro_batch,
         "seq_len": s.seq_len,
         "grad_accum": s.grad_accum,
