@@ -35,7 +35,18 @@ DEQUANTIZE = torch.ops.surogate.fp8_dequantize.default
 
 
 def _is_dequantize(node: object) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is DEQUANTIZE
+    targets = (DEQUANTIZE, torch.ops.surogate.fp8_dequantize, ops.fp8.fp8_dequantize)
+    return isinstance(node, fx.Node) and node.op == "call_function" and any(node.target is t for t in targets)
+
+
+def _check_frozen_input(node: fx.Node, weight: fx.Node) -> None:
+    """bf16 weights must be graph inputs: the op caches their FP8 form by address, and a weight computed inside
+    the graph would be re-quantized every step (and saved for the backward): refuse instead of running slowly."""
+    if not (isinstance(weight, fx.Node) and weight.op in ("placeholder", "get_attr")):
+        raise RuntimeError(
+            f"{node.format_node()}: base weight {weight} is computed in the graph ({getattr(weight, 'target', '?')}),"
+            " not a module parameter; the FP8 op would re-quantize it every step"
+        )
 
 
 def configure_fp8_lora_linears(gm: fx.GraphModule, recipe) -> int:
@@ -50,6 +61,9 @@ def configure_fp8_lora_linears(gm: fx.GraphModule, recipe) -> int:
             kwargs["weight_scales"] = [w.args[1] for w in weights]
         elif any(stored):
             raise RuntimeError(f"{node.format_node()}: mixes FP8-stored and bf16 base weights in one call")
+        else:
+            for w in weights:
+                _check_frozen_input(node, w)
         node.kwargs = kwargs
     if calls:
         gm.graph.eliminate_dead_code()
