@@ -52,19 +52,22 @@ def _check_frozen_input(node: fx.Node, weight: fx.Node) -> None:
 def configure_fp8_lora_linears(gm: fx.GraphModule, recipe) -> int:
     """Set the recipe's options on every call of its op and unwrap dequantized weights; returns calls changed."""
     calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is recipe.lora_linear]
+    options = dict(recipe.op_kwargs)
     for node in calls:
         weights = node.args[1]
-        kwargs = dict(recipe.op_kwargs)
+        scales = None
         stored = [_is_dequantize(w) for w in weights]
         if all(stored):
-            node.args = (node.args[0], [w.args[0] for w in weights], *node.args[2:])
-            kwargs["weight_scales"] = [w.args[1] for w in weights]
+            weights, scales = [w.args[0] for w in weights], [w.args[1] for w in weights]
         elif any(stored):
             raise RuntimeError(f"{node.format_node()}: mixes FP8-stored and bf16 base weights in one call")
         else:
             for w in weights:
                 _check_frozen_input(node, w)
-        node.kwargs = kwargs
+        # All options positional: the autograd setup_context then reads them at fixed positions on every torch
+        # version (how keyword arguments reach it differs between versions).
+        node.args = (node.args[0], weights, *node.args[2:7], scales, options["grad_format"], options["compute"])
+        node.kwargs = {}
     if calls:
         gm.graph.eliminate_dead_code()
         gm.recompile()

@@ -313,6 +313,8 @@ def _base_grad_input(dy: Tensor, fw: _Fp8Weight, compute: str, grad_dtype: torch
 
 def _fp8_weight(weights: Sequence[Tensor], weight_scales: Sequence[Tensor] | None) -> _Fp8Weight:
     if weight_scales is None:
+        if weights[0].dtype in FP8_MAX:
+            raise RuntimeError("surogate::lora_linear_fp8 got FP8 weight codes without weight_scales")
         return _cached_fp8_weight(weights)
     return _stored_fp8_weight(weights, weight_scales)
 
