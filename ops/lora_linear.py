@@ -8,9 +8,9 @@ dX contributions accumulate in place in one buffer (`dx = dy W; dx += dxa A` via
 Why lists: one op serves a single projection and a *group* of projections that read the same input (q/k/v,
 gate/up). For a group the base weights are concatenated ([sum out, in], prepared once, see `frozen_concat`) so the
 input is read by one GEMM, and the LoRA-A matrices are concatenated ([sum r, in]) so `x A^T` is one GEMM too. The
-per-projection B products are one GEMM against a block-diagonal B ([sum out, sum r]); r is small, so the zero blocks
-cost nothing worth measuring next to the base GEMM. The op returns the concatenated output; the graph splits it
-(custom ops may not return outputs that alias each other).
+per-projection B products are one small GEMM each, accumulated in place into that projection's column block of the
+output (no block-diagonal B is built: that cost a zeros and a copy per block on every call). The op returns the
+concatenated output; the graph splits it (custom ops may not return outputs that alias each other).
 
 Dropout stays outside the op. `nn.Dropout` in the block becomes an ordinary `dropout` node in the Dynamo graph, so
 its RNG is whatever torch.compile does for every other dropout (Inductor's philox stream, or eager's with
@@ -43,7 +43,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.multiprocessing.reductions import StorageWeakRef
 
-__all__ = ["lora_linear", "lora_linear_reference", "frozen_concat", "pack_frozen_weights", "clear_frozen_concat_cache"]
+__all__ = [
+    "lora_linear",
+    "lora_linear_reference",
+    "frozen_concat",
+    "pack_frozen_weights",
+    "clear_frozen_concat_cache",
+    "set_frozen_concat_cache",
+]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -75,6 +82,20 @@ def lora_linear_reference(
 
 _CONCAT_CACHE: dict[tuple, tuple[list[StorageWeakRef], Tensor]] = {}
 _CONCAT_LOCK = threading.Lock()
+_CONCAT_CACHING = True  # off while FSDP shards the base weights: see set_frozen_concat_cache
+
+
+def set_frozen_concat_cache(enabled: bool) -> None:
+    """Cache non-adjacent concatenations (default) or concatenate per call (`enabled=False`).
+
+    With the frozen base sharded by FSDP2 (`surogate.distributed`, shard_base_weights) every all-gather writes the
+    group's weights into fresh, separate allocations, so a cache keyed by address would miss every step and keep
+    growing. Per-call concatenation then costs one transient copy of the group per op call, never a leak.
+    """
+    global _CONCAT_CACHING
+    _CONCAT_CACHING = enabled
+    if not enabled:
+        clear_frozen_concat_cache()
 
 
 def _adjacent_view(weights: Sequence[Tensor]) -> Tensor | None:
@@ -124,6 +145,8 @@ def frozen_concat(weights: Sequence[Tensor]) -> Tensor:
     view = _adjacent_view(weights)
     if view is not None:
         return view
+    if not _CONCAT_CACHING:
+        return torch.cat([w.detach() for w in weights], dim=0)
     key = tuple(map(_weight_key, weights))
     with _CONCAT_LOCK:
         hit = _CONCAT_CACHE.get(key)
@@ -238,8 +261,8 @@ def _lora_backward(
     scalings: Sequence[float],
     shared_input: bool,
     needs_grad_x: bool,
-) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
-    """Returns (grad_x or empty, grad_lora_inputs, grad_A_cat [sum r, in], grad_B_full [sum out, sum r]).
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """Returns (grad_x or empty, grad_A_cat [sum r, in], grad_B_full [sum out, sum r], grad_lora_inputs).
 
     dA and dB come back as one tensor each, not one per projection: an op's outputs may not alias each other, so
     per-projection outputs would cost a copy each. The autograd formula hands out views (`_split_grads`): dA_i is
@@ -275,7 +298,7 @@ def _lora_backward(
         for dxa_i, xl, g_i in zip(dxa.split_with_sizes(ranks, 1), lora_inputs, grad_a.split_with_sizes(ranks, 0)):
             torch.mm(dxa_i.t(), xl.reshape(-1, in_features), out=g_i)
     if not needs_grad_x:
-        return grad_y.new_empty(0), [], grad_a, grad_b
+        return grad_y.new_empty(0), grad_a, grad_b, []
     grad_x = torch.mm(dy, weights[0] if len(weights) == 1 else frozen_concat(weights))  # [N, in]; no dW, ever
     lead = grad_y.shape[:-1]
     grad_lora_inputs: list[Tensor] = []
@@ -286,7 +309,7 @@ def _lora_backward(
     else:
         for dxa_i, a in zip(dxa.split_with_sizes(ranks, 1), lora_As):
             grad_lora_inputs.append(torch.mm(dxa_i, a).view(*lead, in_features))
-    return grad_x.view(*lead, in_features), grad_lora_inputs, grad_a, grad_b
+    return grad_x.view(*lead, in_features), grad_a, grad_b, grad_lora_inputs
 
 
 def _offsets(sizes: Sequence[int]) -> list[tuple[int, int]]:
@@ -333,8 +356,8 @@ def _lora_linear_fake(x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs)
     return x.new_empty(*x.shape[:-1], out), x.new_empty(n, rank)
 
 
-@torch.library.custom_op("surogate::lora_linear_backward", mutates_args=())
-def lora_linear_backward(
+@torch.library.custom_op("surogate::lora_linear_grad", mutates_args=())
+def lora_linear_grad(
     grad_y: Tensor,
     lora_inputs: list[Tensor],
     xa: Tensor,
@@ -344,26 +367,27 @@ def lora_linear_backward(
     scalings: list[float],
     shared_input: bool,
     needs_grad_x: bool,
-) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
-    """Returns (grad_x or empty, grad_lora_inputs (empty if shared_input), grad_A_cat, grad_B_full).
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """Returns (grad_x or empty, grad_A_cat, grad_B_full, grad_lora_inputs (empty if shared_input)).
 
-    Why an opaque op rather than tracing `_lora_backward` into the compiled backward: `frozen_concat` needs real
-    storage (data_ptr) to find or cache the concatenated weight, which fake tensors don't have; traced, the dX GEMM
-    would have to concatenate the frozen weights every step or split into one GEMM per projection.
+    Named `lora_linear_grad`, not `lora_linear_backward` (the earlier op, whose outputs were per-projection
+    lists): Inductor's on-disk caches key a graph on the forward graph (op names, not their autograd formulas), so
+    compiled code cached before the change calls the old name and fails loudly instead of misreading the outputs.
+    Clear the cache (or set TORCHINDUCTOR_CACHE_DIR) after changing this op's outputs.
     """
     return _lora_backward(grad_y, lora_inputs, xa, weights, lora_As, lora_Bs, scalings, shared_input, needs_grad_x)
 
 
-@lora_linear_backward.register_fake
+@lora_linear_grad.register_fake
 def _lora_linear_backward_fake(grad_y, lora_inputs, xa, weights, lora_As, lora_Bs, scalings, shared_input, needs_x):
     rank = sum(a.shape[0] for a in lora_As)
     grad_a = grad_y.new_empty(rank, weights[0].shape[1])
     grad_b = grad_y.new_empty(grad_y.shape[-1], rank)
     if not needs_x:
-        return grad_y.new_empty(0), [], grad_a, grad_b
+        return grad_y.new_empty(0), grad_a, grad_b, []
     grad_x = grad_y.new_empty(*grad_y.shape[:-1], weights[0].shape[1])
     grad_lora_inputs = [] if shared_input else [xl.new_empty(xl.shape) for xl in lora_inputs]
-    return grad_x, grad_lora_inputs, grad_a, grad_b
+    return grad_x, grad_a, grad_b, grad_lora_inputs
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -390,7 +414,7 @@ def _backward(ctx, grad_y, _grad_xa):
     lora_inputs, weights, lora_As, lora_Bs = saved[:k], saved[k : k + n], saved[k + n : k + 2 * n], saved[k + 2 * n :]
     # needs_input_grad mirrors the inputs' structure: a bool per tensor, a list of bools per tensor list.
     needs_grad_x = ctx.needs_input_grad[0] or any(ctx.needs_input_grad[6])
-    grad_x, grad_lora_inputs, grad_a, grad_b = lora_linear_backward(
+    grad_x, grad_a, grad_b, grad_lora_inputs = lora_linear_grad(
         grad_y, lora_inputs, xa, weights, lora_As, lora_Bs, ctx.scalings, ctx.shared_input, needs_grad_x
     )
     grad_As, grad_Bs = _split_grads(grad_a, grad_b, ctx.ranks, ctx.outs)

@@ -8,7 +8,7 @@ import torch
 from ops.lora_linear import clear_frozen_concat_cache, frozen_concat, lora_linear_reference, pack_frozen_weights
 
 OP = torch.ops.surogate.lora_linear.default
-BWD = torch.ops.surogate.lora_linear_backward.default
+BWD = torch.ops.surogate.lora_linear_grad.default
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 # (leading dims, in_features, out_features per projection, rank per projection): odd sizes on purpose
@@ -69,6 +69,24 @@ def test_matches_reference(shape, dropout, dtype, device="cpu"):
     for g, w, t in zip(got, want, [x, *As, *Bs, *lora_inputs]):
         assert g.dtype == t.dtype and g.shape == t.shape
         assert rel_err(g, w) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_group_one_scale_packed_weights(dropout):
+    # The common configuration: one LoRA scale for the group (GEMM alpha path) and weights packed back to back
+    # (frozen_concat is a view), with an unusual leading shape (reshape/view path).
+    x, weights, As, Bs, _, lora_inputs = make_inputs(
+        (2, 3, 4), 40, [24, 8, 8], [4, 4, 4], torch.float32, dropout=dropout
+    )
+    pack_frozen_weights(weights)
+    scalings = [0.5] * 3
+    y, _ = OP(x, weights, None, As, Bs, scalings, lora_inputs)
+    y_ref = lora_linear_reference(x, weights, None, As, Bs, scalings, lora_inputs)
+    assert rel_err(y, y_ref) <= 1e-5
+    grad = torch.randn_like(y)
+    leaves = [x, *As, *Bs, *lora_inputs]
+    for g, w in zip(grads_of(y, leaves, grad), grads_of(y_ref, leaves, grad)):
+        assert rel_err(g, w) <= 1e-5
 
 
 def test_grads_in_lora_dtype_given():
