@@ -16,13 +16,36 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import fx
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from compile_passes.lora_rewrite import rewrite_lora_linears
 from compile_passes.registry import RecipeOps, recipe_ops
 from compile_passes.shared_input_fusion import fuse_shared_input_lora_linears
+
+_OWN_SOURCES = tuple(
+    sorted(str(p) for d in ("ops", "compile_passes") for p in (Path(__file__).parents[1] / d).glob("*.py"))
+)
+
+
+class _OpsSourceKey(CustomGraphPass):
+    """A no-op post-grad pass whose uuid is a hash of our ops' and passes' source files.
+
+    Inductor's FX-graph and AOTAutograd caches key on the Dynamo graph, which names our custom ops but not the
+    autograd formulas registered for them: after a change to an op's backward, a warm cache would replay graphs that
+    call the old backward (seen on torch 2.13 when `lora_linear_backward` was renamed). Inductor folds a custom pass's
+    uuid into its cache keys, so this pass ties every cached graph to the exact op code it was compiled against.
+    """
+
+    def __call__(self, graph: fx.Graph) -> None:
+        return None
+
+    def uuid(self) -> bytes:
+        return get_hash_for_files(_OWN_SOURCES)
+
 
 __all__ = ["PassStats", "SurogateBackend", "make_backend", "run_passes"]
 
@@ -47,11 +70,8 @@ def run_passes(gm: fx.GraphModule, ops: RecipeOps) -> dict[str, int]:
 
 
 class SurogateBackend:
-    def __init__(
-        self, recipe: str | RecipeOps, passes: bool, keep_graphs: bool, inductor: bool, cudagraphs: bool = False
-    ):
+    def __init__(self, recipe: str | RecipeOps, passes: bool, keep_graphs: bool, inductor: bool):
         self.recipe = recipe
-        self.cudagraphs = cudagraphs
         # A name from the registry, or RecipeOps built for non-default options (e.g. fp8 with e4m3 gradients).
         # Unknown recipe: ValueError now, not at the first compile.
         self.ops = recipe if isinstance(recipe, RecipeOps) else recipe_ops(recipe)
@@ -72,9 +92,7 @@ class SurogateBackend:
             return gm.forward  # eager execution of the rewritten graph (the ops' autograd still applies)
         from torch._inductor.compile_fx import compile_fx
 
-        # CUDA graphs (Inductor's cudagraph trees) remove the per-kernel launch cost that dominates small models.
-        patches = {"triton.cudagraphs": True} if self.cudagraphs else {}
-        return compile_fx(gm, list(example_inputs), config_patches=patches)
+        return compile_fx(gm, list(example_inputs), config_patches={"post_grad_custom_pre_pass": _OpsSourceKey()})
 
 
 def make_backend(
@@ -83,7 +101,6 @@ def make_backend(
     *,
     keep_graphs: bool = False,
     inductor: bool = True,
-    cudagraphs: bool = False,
 ) -> SurogateBackend:
     """A torch.compile backend running our passes for `recipe`, then Inductor.
 
@@ -91,4 +108,4 @@ def make_backend(
     graph eagerly (fast to compile: for tests of the passes themselves); keep_graphs=True keeps the post-pass
     graphs in `backend.stats.graphs`.
     """
-    return SurogateBackend(recipe, passes, keep_graphs, inductor, cudagraphs)
+    return SurogateBackend(recipe, passes, keep_graphs, inductor)

@@ -45,11 +45,11 @@ def colocate_shared_input_weights(model: nn.Module) -> int:
     return moved
 
 
-def compile_backend(recipe, use_passes: bool, cudagraphs: bool = False):
+def compile_backend(recipe, use_passes: bool):
     """Our FX passes + Inductor, or Inductor alone (`use_passes=False`: what the passes add is then measurable)."""
     from compile_passes.backend import make_backend
 
-    return make_backend(recipe, passes=use_passes, cudagraphs=cudagraphs)
+    return make_backend(recipe, passes=use_passes)
 
 
 def _precision(recipe: str, precision):
@@ -118,7 +118,6 @@ def parallelize(
     compile: bool = True,
     use_passes: bool = True,
     recompute: bool = False,
-    cudagraphs: bool = False,
 ) -> nn.Module:
     """Apply activation checkpointing, then per-block compilation, to `model.model.layers` in place.
 
@@ -142,9 +141,7 @@ def parallelize(
         backends = {}  # one backend per distinct block recipe (fp8 blocks share one: regional compilation)
         for i, block in enumerate(layers):
             if quantized[i] not in backends:
-                backends[quantized[i]] = compile_backend(
-                    block_recipe(recipe, precision, quantized[i]), use_passes, cudagraphs
-                )
+                backends[quantized[i]] = compile_backend(block_recipe(recipe, precision, quantized[i]), use_passes)
             layers[i] = torch.compile(block, backend=backends[quantized[i]], fullgraph=True)
         model.compile_backends = backends  # inspectable: tests and benchmarks read each backend's stats
     log.info("blocks: %d, recompute=%s, compile=%s, passes=%s", len(layers), recompute, compile, compile and use_passes)
