@@ -5,11 +5,17 @@
         optimizer.pt             AdamW state (moments, step counts) of the LoRA parameters
         scheduler.pt             LambdaLR state
         rng.pt                   Python, NumPy, torch CPU and CUDA generator states (LoRA dropout draws from them)
+        rng-rank{r}.pt           the same for rank r >= 1 of a distributed run
         trainer_state.json       step, data position (epoch, micro-batch within the epoch), bad-step counters, config
 
 A checkpoint is written to `.checkpoint-{step}.tmp` and renamed into place with `os.replace`, so a crash mid-write
 leaves the previous checkpoints intact and never a half-written `checkpoint-{step}`. Everything is loaded with
 `torch.load(weights_only=True)`: a checkpoint directory cannot run code.
+
+Distributed (FSDP2): every rank calls save and load. The sharded LoRA and optimizer tensors are gathered whole (they
+are small), so the files are those of a single-process run and rank 0 writes them; loading hands each rank its shard.
+A checkpoint resumes with the world size it was written with (the data position counts global batches); its adapter
+loads with any.
 
 The data order needs no saved state: `surogate.data.batches` derives each epoch's permutation from seed + epoch,
 so (epoch, micro-batch) is a complete data position.
@@ -30,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from surogate import distributed
 from surogate.export import load_adapter, save_adapter
 
 __all__ = ["TrainState", "save_checkpoint", "load_checkpoint", "list_checkpoints", "resolve_resume"]
@@ -108,12 +115,19 @@ def save_checkpoint(
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{state.step}"
     tmp = output_dir / f".checkpoint-{state.step}.tmp"
+    optim_state = distributed.gather_optimizer_state(optimizer)  # collectives first, on every rank
+    rng_states = distributed.gather_objects(_rng_state())
+    if not distributed.rank0():
+        save_adapter(model, tmp / "adapter", **adapter_kwargs)  # this rank's part of the gather; rank 0 writes
+        distributed.barrier()
+        return final
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_adapter(model, tmp / "adapter", **adapter_kwargs)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optim_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
+    for r, rng in enumerate(rng_states):
+        torch.save(rng, tmp / ("rng.pt" if r == 0 else f"rng-rank{r}.pt"))
     (tmp / "trainer_state.json").write_text(json.dumps({**asdict(state), "config": config}, indent=2) + "\n")
     if final.exists():  # re-saving a step (a resumed run reached it again): replace
         shutil.rmtree(final)
@@ -121,6 +135,7 @@ def save_checkpoint(
     if save_total_limit > 0:
         for old in list_checkpoints(output_dir)[:-save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
     return final
 
 
@@ -128,9 +143,12 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     """Restore adapter, optimizer, scheduler and RNG states in place; return the trainer state to continue from."""
     path = Path(path)
     load_adapter(model, path / "adapter")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    optim_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(distributed.shard_optimizer_state(optimizer, optim_state))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    rank = torch.distributed.get_rank() if distributed.is_distributed() else 0
+    rng_file = path / f"rng-rank{rank}.pt"
+    _set_rng_state(torch.load(rng_file if rank > 0 and rng_file.is_file() else path / "rng.pt", weights_only=True))
     saved = json.loads((path / "trainer_state.json").read_text())
     return TrainState(**{k: saved[k] for k in asdict(TrainState())})
 

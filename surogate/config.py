@@ -124,6 +124,12 @@ class TrainConfig:
     )
     use_passes: bool = opt(True, "compile with surogate's FX passes (fused LoRA ops) instead of plain Inductor")
     recompute: bool = opt(False, "activation checkpointing per decoder block (less memory, ~30% more compute)")
+    shard_base_weights: str = opt(
+        "auto",
+        "multi-GPU (torchrun): shard the frozen base across ranks (fits larger models) or replicate it (no "
+        "all-gathers, fastest); auto = replicate when it fits in half the free GPU memory",
+        ("auto", "true", "false"),
+    )
     attn_backend: str = opt(
         "auto", "attention kernel; auto = flex on CUDA, sdpa on CPU", ("auto", "flex", "varlen", "sdpa")
     )
@@ -151,6 +157,7 @@ def validate(cfg: TrainConfig) -> None:
     if isinstance(cfg.precision, dict):  # constructed directly in Python with a plain dict
         cfg.precision = PrecisionConfig(**cfg.precision)
     cfg.compile = str(cfg.compile).lower()  # a YAML/CLI boolean arrives in this str field as True/False
+    cfg.shard_base_weights = str(cfg.shard_base_weights).lower()
     for obj, prefix in ((cfg, ""), (cfg.precision, "precision.")):
         for f in dataclasses.fields(obj):
             choices = f.metadata.get("choices")

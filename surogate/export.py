@@ -50,10 +50,13 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Whole A/B tensors on the CPU; FSDP-sharded ones are gathered (then every rank must call)."""
+    from surogate.distributed import full_tensor
+
     out = {}
     for name, m in lora_modules(model).items():
-        out[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.detach().cpu().contiguous()
-        out[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.detach().cpu().contiguous()
+        out[f"base_model.model.{name}.lora_A.weight"] = full_tensor(m.lora_A.detach()).cpu().contiguous()
+        out[f"base_model.model.{name}.lora_B.weight"] = full_tensor(m.lora_B.detach()).cpu().contiguous()
     return out
 
 
@@ -91,12 +94,18 @@ def save_adapter(
     target_modules: list[str],
     base_model: str,
 ) -> Path:
-    """Write a PEFT adapter directory; written next to `out_dir` first and moved into place in one step."""
+    """Write a PEFT adapter directory; written next to `out_dir` first and moved into place in one step.
+    Distributed: every rank calls (the LoRA shards are gathered), rank 0 writes."""
+    from surogate.distributed import rank0
+
     out_dir = Path(out_dir)
+    tensors = peft_state_dict(model)
+    if not rank0():
+        return out_dir
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(peft_state_dict(model), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     cfg = adapter_config(rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules, base_model=base_model)
     (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     if out_dir.exists():
@@ -118,7 +127,10 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
-    """Copy a PEFT adapter's A/B weights into the model's LoRA modules (same targets and rank required)."""
+    """Copy a PEFT adapter's A/B weights into the model's LoRA modules (same targets and rank required). Under FSDP
+    each rank keeps its shard, so an adapter loads with any world size."""
+    from surogate.distributed import shard_like
+
     tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
     modules = lora_modules(model)
     expected = {f"base_model.model.{n}.lora_{ab}.weight" for n in modules for ab in "AB"}
@@ -129,8 +141,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
         )
     with torch.no_grad():
         for name, m in modules.items():
-            m.lora_A.copy_(tensors[f"base_model.model.{name}.lora_A.weight"])
-            m.lora_B.copy_(tensors[f"base_model.model.{name}.lora_B.weight"])
+            m.lora_A.copy_(shard_like(tensors[f"base_model.model.{name}.lora_A.weight"], m.lora_A))
+            m.lora_B.copy_(shard_like(tensors[f"base_model.model.{name}.lora_B.weight"], m.lora_B))
 
 
 @torch.no_grad()

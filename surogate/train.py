@@ -3,7 +3,8 @@
 Order matters for the user's time: everything that can be wrong in the configuration, the model directory or the
 data is checked first (`preflight`: no weights read, nothing written), and any problem is one line on stderr with exit
 code 2. Only then are the tokenizer, the packed data and the model built, LoRA applied, the blocks compiled
-(`surogate.parallelize`: activation checkpointing, then per-block compile), and the trainer run.
+(`surogate.parallelize`: activation checkpointing, then per-block compile), sharded with FSDP2 when launched by
+torchrun (`surogate.distributed`), and the trainer run.
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ _RESUME_FREE = {
     "use_passes",
     "recompute",
     "attn_backend",
+    "shard_base_weights",
 }
 
 
@@ -157,31 +159,46 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
     """Build everything and train. Returns a small summary (also printed)."""
     from omegaconf import OmegaConf
 
+    from surogate import distributed
     from surogate.checkpointing import TrainState, load_checkpoint, saved_config
     from surogate.data import batches, build_dataset, steps_per_epoch
     from surogate.data.config import BUNDLED_TOKENIZER
     from surogate.export import copy_tokenizer_files, save_adapter
     from surogate.lora import LoRAConfig, apply_lora
     from surogate.metrics import MetricsLogger, plot_losses
-    from surogate.models.checkpoint import load_model, save_hf_checkpoint
+    from surogate.models.checkpoint import inspect_checkpoint, load_model, save_hf_checkpoint
+    from surogate.models.presets import PRESETS
     from surogate.parallelize import parallelize
     from surogate.trainer import Trainer, build_optimizer, build_scheduler, dist_info
 
     t_start = time.perf_counter()
     out = Path(cfg.output_dir)
-    if cfg.overwrite_output_dir and plan.resume is None:
-        for name in _previous_run(out):
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    config_dict = OmegaConf.to_container(OmegaConf.structured(cfg))
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(config_dict))
     rank, world_size = dist_info()
+    config_dict = OmegaConf.to_container(OmegaConf.structured(cfg))
+    if rank == 0:
+        if cfg.overwrite_output_dir and plan.resume is None:
+            for name in _previous_run(out):
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(config_dict))
+    distributed.barrier()
     _seed_everything(cfg.seed)
 
     dataset = build_dataset(plan.data_cfg, plan.tokenizer)  # logs its packing summary
+    # Replicate or shard the frozen base (decided before loading: a sharded base is loaded on the CPU and each
+    # fully_shard moves only its shards to the GPU).
+    model_args = PRESETS[cfg.model] if plan.is_preset else inspect_checkpoint(cfg.model, cfg.allow_pickle)
+    base_bytes = distributed.base_weight_bytes(model_args, plan.dtype, fp8_blocks=cfg.precision.weights == "fp8")
+    try:
+        shard_base, shard_why = distributed.decide_shard_base(
+            cfg.shard_base_weights, base_bytes, plan.device, cfg.precision
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    load_device = torch.device("cpu") if shard_base else plan.device
     model, args = load_model(
-        cfg.model, plan.device, plan.dtype, attn_backend=plan.attn_backend, allow_pickle=cfg.allow_pickle
+        cfg.model, load_device, plan.dtype, attn_backend=plan.attn_backend, allow_pickle=cfg.allow_pickle
     )
     base_name = str(Path(cfg.model).resolve()) if not plan.is_preset else cfg.model
     n_params = sum(p.numel() for p in model.parameters())
@@ -200,13 +217,20 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
     )
     wrapped = apply_lora(model, lora_cfg)
     parallelize(model, recipe=cfg.recipe, compile=plan.compile, use_passes=plan.use_passes, recompute=cfg.recompute)
+    if world_size > 1:
+        distributed.apply_fsdp(model, shard_base)  # after checkpointing and compile: torchtitan's order
+        if rank > 0:  # identical LoRA init on every rank (above); from here on each rank draws its own dropout
+            torch.manual_seed(cfg.seed + rank)
     params = [p for p in model.parameters() if p.requires_grad]
     n_lora = sum(p.numel() for p in params)
-    print(
-        f"model: {cfg.model} ({n_params / 1e6:.1f}M params, {plan.dtype}, {plan.device}, attn {plan.attn_backend});"
-        f" LoRA r={cfg.lora_rank} on {len(wrapped)} linears: {n_lora / 1e6:.2f}M trainable",
-        file=sys.stderr,
-    )
+    if rank == 0:
+        print(
+            f"model: {cfg.model} ({n_params / 1e6:.1f}M params, {plan.dtype}, {plan.device}, attn "
+            f"{plan.attn_backend}); LoRA r={cfg.lora_rank} on {len(wrapped)} linears: {n_lora / 1e6:.2f}M trainable",
+            file=sys.stderr,
+        )
+        if world_size > 1:
+            print(f"data parallel: {world_size} ranks (FSDP2); {shard_why}", file=sys.stderr)
 
     per_epoch = steps_per_epoch(dataset, cfg.per_device_train_batch_size, world_size)
     if per_epoch == 0:
@@ -222,10 +246,11 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
     if plan.resume is not None:
         _warn_config_changes(saved_config(plan.resume), config_dict)
         state = load_checkpoint(plan.resume, model, optimizer, scheduler)
-        print(
-            f"resumed from {plan.resume} at step {state.step} (epoch {state.epoch}, batch {state.micro_step})",
-            file=sys.stderr,
-        )
+        if rank == 0:
+            print(
+                f"resumed from {plan.resume} at step {state.step} (epoch {state.epoch}, batch {state.micro_step})",
+                file=sys.stderr,
+            )
     adapter_kwargs = dict(
         rank=cfg.lora_rank,
         alpha=cfg.lora_alpha,
@@ -261,8 +286,8 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
         trainer.train()
     finally:
         logger.close()
+    save_adapter(model, out / "adapter", **adapter_kwargs)  # every rank gathers its LoRA shards; rank 0 writes
     if rank == 0:
-        save_adapter(model, out / "adapter", **adapter_kwargs)
         plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{cfg.model} LoRA r={cfg.lora_rank}")
     summary = {
         "steps": state.step,
@@ -270,10 +295,11 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
         "wall_s": round(time.perf_counter() - t_start, 1),
         "output_dir": str(out),
     }
-    print(
-        f"done: {state.step} steps in {summary['wall_s']} s; adapter, metrics.jsonl and loss.png in {out}",
-        file=sys.stderr,
-    )
+    if rank == 0:
+        print(
+            f"done: {state.step} steps in {summary['wall_s']} s; adapter, metrics.jsonl and loss.png in {out}",
+            file=sys.stderr,
+        )
     return summary
 
 
@@ -290,8 +316,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(2) from None
     from surogate.data import DataError
+    from surogate.distributed import init_distributed, shutdown
     from surogate.trainer import TrainingDiverged
 
+    dist_env = init_distributed(plan.device)  # torchrun: join the group, take cuda:LOCAL_RANK; else nothing
+    plan.device = dist_env.device
+    if dist_env.rank > 0:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 speaks for the run
     try:
         run(cfg, plan)
     except (ConfigError, DataError) as e:
@@ -300,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    finally:
+        shutdown()
     return 0
 
 

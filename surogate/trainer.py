@@ -12,8 +12,10 @@ No host synchronization inside a step: loss sums, token counts, grad norms and t
 The optimizer skips a non-finite step without asking the host: fused AdamW (CUDA) takes a `found_inf` tensor, the
 same protocol `torch.amp.GradScaler` uses, and undoes its step count. The host reads values only at logging steps.
 
-Distributed (later): rank/world_size come from torch.distributed when initialized; the window token count will need
-an all-reduce so every rank divides by the global count. This file is written so 1 GPU is the N=1 case.
+Distributed (torchrun, `surogate.distributed`): rank/world_size come from torch.distributed. Non-final micro-steps
+accumulate gradients locally (no communication); the final one reduce-scatters them during its backward, while the
+window's loss sum and token count are all-reduced asynchronously, so every rank divides by the global count: the
+step equals the single-process step over the global batch. 1 GPU is the N=1 case.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from surogate import distributed
 from surogate.checkpointing import TrainState, save_checkpoint
 from surogate.metrics import MetricsLogger, peak_memory_gib
 
@@ -121,28 +124,37 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------------- step
     def accumulate(self, window: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Forward/backward every micro-batch of `window`, then divide the summed gradients by the window's token
-        count. Returns device tensors (loss_sum, n_tokens) and the real (non-padding) token count, which is counted
-        on the host from the CPU batches (no sync)."""
+        count. Returns device tensors (loss_sum, n_tokens), summed over ranks when distributed, and this rank's real
+        (non-padding) token count, which is counted on the host from the CPU batches (no sync)."""
         dev = self.device
         loss_sum = torch.zeros((), device=dev, dtype=torch.float32)
         n_tok = torch.zeros((), device=dev, dtype=torch.int64)
-        real = 0
-        for batch in window:
+        real, pending = 0, None
+        for i, batch in enumerate(window):
+            last = i == len(window) - 1
             real += _real_tokens(batch)
+            distributed.set_gradient_sync(self.model, last)  # reduce only in the window's final backward
             ids, pos, labels = (_to_device(batch[k], dev) for k in ("input_ids", "position_ids", "labels"))
             ls, nt = self.model(ids, pos, labels)
-            ls.backward()
             loss_sum += ls.detach()
             n_tok += nt
-        grads = [p.grad for p in self.params if p.grad is not None]
+            if last and self.world_size > 1:  # the global count travels while the last backward runs
+                totals = torch.stack([loss_sum.double(), n_tok.double()])
+                pending = distributed.all_reduce_async(totals)
+            ls.backward()
+        if pending is not None:
+            pending.wait()
+            loss_sum, n_tok = totals[0].float(), totals[1].round().long()
+        grads = [distributed.local_tensor(p.grad) for p in self.params if p.grad is not None]
         if grads:  # 0 tokens -> 0/0 = NaN gradients -> the step is skipped in `apply`
-            torch._foreach_div_(grads, n_tok.to(grads[0].dtype))
+            # FSDP averaged the ranks' sums: divide by the mean token count per rank (N=1: the count itself).
+            torch._foreach_div_(grads, n_tok.to(grads[0].dtype) / self.world_size)
         return loss_sum, n_tok, real
 
     def apply(self, loss_sum: torch.Tensor, n_tok: torch.Tensor) -> torch.Tensor:
         """Clip, step the optimizer unless the loss or gradient is non-finite, step the schedule. Returns grad norm."""
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        grad_norm = distributed.clip_grad_norm_(self.params, max_norm)  # torch's on one process
         finite = torch.isfinite(grad_norm) & torch.isfinite(loss_sum) & (n_tok > 0)
         if self.optimizer.defaults.get("fused"):
             self.optimizer.found_inf = (~finite).float()  # read by fused AdamW (GradScaler's protocol): no sync
@@ -223,18 +235,18 @@ class Trainer:
             )
 
     def save(self) -> None:
+        """Every rank calls (sharded LoRA and optimizer state are gathered); rank 0 writes."""
         self._sync_state()
-        if self.rank == 0:
-            save_checkpoint(
-                self.output_dir,
-                self.state,
-                self.model,
-                self.optimizer,
-                self.scheduler,
-                self.config_dict,
-                self.adapter_kwargs,
-                self.cfg.save_total_limit,
-            )
+        save_checkpoint(
+            self.output_dir,
+            self.state,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.config_dict,
+            self.adapter_kwargs,
+            self.cfg.save_total_limit,
+        )
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -9,6 +9,9 @@ median over the measured steps. MFU (bf16 runs only, as torchtitan does: an fp8 
 flatter) counts matmul FLOPs of forward + dX (the base is frozen: no weight gradient), attention forward at 3.5x
 for forward + backward, against the bf16 GEMM rate measured on an H100 (796 TFLOP/s).
 
+Under torchrun (`torchrun --nproc-per-node N tools/benchmark_sft.py ...`) the model is sharded with FSDP2 exactly
+as in training (surogate/distributed.py; --shard-base-weights) and num_gpus is the world size.
+
 Each run appends one JSON object to benchmarks/results.jsonl; `--readme` regenerates the README throughput table
 from that file. On CPU a tiny model runs as a smoke test (`--model tiny --device cpu --seq-len 128 ...`).
 """
@@ -77,14 +80,26 @@ def random_batches(vocab: int, s: Setting, device: torch.device, seed: int = 0) 
     return out
 
 
-def build_ours(model_name, recipe, passes, recompute, attn_backend, device, s: Setting, compile=True):
+def build_ours(model_name, recipe, passes, recompute, attn_backend, device, s: Setting, compile=True, shard="auto"):
+    from surogate import distributed
     from surogate.lora import LoRAConfig, apply_lora
     from surogate.models.checkpoint import load_model
+    from surogate.models.presets import PRESETS
     from surogate.parallelize import parallelize
 
-    model, args = load_model(model_name, device=device, dtype=torch.bfloat16, attn_backend=attn_backend)
+    shard_base = False
+    if distributed.is_distributed():  # torchrun: FSDP2 as in training (surogate/distributed.py)
+        nbytes = distributed.base_weight_bytes(PRESETS[model_name], torch.bfloat16)
+        shard_base, why = distributed.decide_shard_base(shard, nbytes, device)
+        if distributed.rank0():
+            print(why, file=sys.stderr)
+    load_device = torch.device("cpu") if shard_base else device
+    model, args = load_model(model_name, device=load_device, dtype=torch.bfloat16, attn_backend=attn_backend)
     apply_lora(model, LoRAConfig(rank=s.rank, alpha=s.alpha, dtype=torch.float32))
     parallelize(model, recipe=recipe, compile=compile, use_passes=passes, recompute=recompute)
+    if distributed.is_distributed():
+        distributed.apply_fsdp(model, shard_base)
+    model.shard_base = shard_base
 
     def loss_fn(batch, total_tokens):
         loss_sum, _ = model(batch["input_ids"], batch["position_ids"], batch["labels"])
@@ -135,16 +150,20 @@ def profile_step(model, loss_fn, batches, params, opt, path: Path) -> None:
 
 
 def time_training(model, loss_fn, batches, s: Setting, device, profile_to: Path | None = None) -> dict:
+    from surogate import distributed
+
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=device.type == "cuda")
     total_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
     times = []
     for step in range(s.warmup + s.steps):
         sync(device)
+        distributed.barrier()  # ranks start each step together (distributed; else nothing)
         t0 = time.perf_counter()
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            distributed.set_gradient_sync(model, i == len(batches) - 1)  # reduce in the last backward only
             loss_fn(batch, total_tokens).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        distributed.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync(device)
@@ -176,19 +195,29 @@ def git_commit() -> str:
 
 
 def run_one(name: str, model_name: str, recipe: str, cli, device, s: Setting) -> dict:
+    import torch.distributed as dist
+
+    rank, num_gpus = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     torch.manual_seed(0)
     t_build = time.perf_counter()
     if name == "hf-peft":
         model, args, loss_fn = build_hf_peft(model_name, device, s)
     else:
         model, args, loss_fn = build_ours(
-            model_name, recipe, not cli.no_passes, cli.recompute, cli.attn_backend, device, s, not cli.eager
+            model_name,
+            recipe,
+            not cli.no_passes,
+            cli.recompute,
+            cli.attn_backend,
+            device,
+            s,
+            not cli.eager,
+            cli.shard_base_weights,
         )
     build_s = time.perf_counter() - t_build
-    batches = random_batches(args.vocab_size, s, device)
+    batches = random_batches(args.vocab_size, s, device, seed=rank)
     profile_to = Path(cli.profile_dir) / f"profile-{model_name}-{recipe}-{name}.txt" if cli.profile_dir else None
     timing = time_training(model, loss_fn, batches, s, device, profile_to)
-    num_gpus = 1
     tokens_per_sec = s.micro_batch * s.grad_accum * s.seq_len * num_gpus / timing["step_s"]
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     row = {
@@ -198,6 +227,7 @@ def run_one(name: str, model_name: str, recipe: str, cli, device, s: Setting) ->
         "passes": name == "ours" and not cli.no_passes and not cli.eager,
         "gpu": gpu,
         "num_gpus": num_gpus,
+        "shard_base": bool(getattr(model, "shard_base", False)),
         "recompute": bool(cli.recompute) and name == "ours",
         "compiled": name == "ours" and not cli.eager,
         "micro_batch": s.micro_batch,
@@ -213,7 +243,7 @@ def run_one(name: str, model_name: str, recipe: str, cli, device, s: Setting) ->
     }
     peak = next((v for k, v in BF16_PEAK_FLOPS.items() if k in gpu), None)
     if recipe == "bf16" and peak:
-        row["mfu"] = round(tokens_per_sec * flops_per_token(args, s.seq_len) / peak, 4)
+        row["mfu"] = round(tokens_per_sec * flops_per_token(args, s.seq_len) / (peak * num_gpus), 4)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -226,7 +256,8 @@ def render_table(rows: list[dict]) -> str:
     for r in rows:
         if r.get("gpu", "cpu") == "cpu" or r.get("seq_len", 2048) != 2048:
             continue
-        key = (r["gpu"], r["model"], r["recipe"], r.get("framework", "surogate"), r.get("passes"), r["recompute"])
+        key = (r["gpu"], r.get("num_gpus", 1), r["model"], r["recipe"], r.get("framework", "surogate"))
+        key += (r.get("passes"), r["recompute"], r.get("shard_base", False))
         latest[key] = r
     lines = [
         "| GPU | model | framework | recipe | passes | recompute | tokens/s | peak GiB | MFU | first step s | date |",
@@ -234,8 +265,9 @@ def render_table(rows: list[dict]) -> str:
     ]
     for r in sorted(latest.values(), key=lambda r: (r["gpu"], r["model"], r.get("framework", ""), r["recipe"])):
         mfu = f"{100 * r['mfu']:.0f}%" if "mfu" in r else "—"
+        gpus = r["gpu"] if r.get("num_gpus", 1) == 1 else f"{r['gpu']} x{r['num_gpus']}"
         lines.append(
-            f"| {r['gpu']} | {r['model']} | {r.get('framework', 'surogate')} | {r['recipe']} | "
+            f"| {gpus} | {r['model']} | {r.get('framework', 'surogate')} | {r['recipe']} | "
             f"{'on' if r.get('passes') else 'off'} | {'on' if r['recompute'] else 'off'} | "
             f"{r['tokens_per_sec'] / 1000:.1f}k | {r['peak_mem_gib']:.1f} | {mfu} | {r['compile_s']:.0f} | "
             f"{r['date']} |"
@@ -267,6 +299,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--profile-dir", default=None, help="write a torch.profiler kernel table per run here (CUDA)")
     p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results.jsonl")
+    p.add_argument(
+        "--shard-base-weights",
+        choices=["auto", "true", "false"],
+        default="auto",
+        help="under torchrun: shard the frozen base (FSDP2) or replicate it (see surogate/distributed.py)",
+    )
     p.add_argument("--readme", action="store_true", help="regenerate the README table from results.jsonl and exit")
     cli = p.parse_args(argv)
     if cli.readme:
@@ -277,16 +315,23 @@ def main(argv: list[str] | None = None) -> None:
             import unsloth  # noqa: F401
         except ImportError:
             p.error("--baseline unsloth needs the unsloth package importable")
-    device = torch.device(cli.device)
+    from surogate.distributed import init_distributed, rank0
+
+    device = init_distributed(torch.device(cli.device)).device  # torchrun: cuda:LOCAL_RANK; else cli.device
+    if cli.baseline and device != torch.device(cli.device):
+        p.error("--baseline runs on one GPU: drop it under torchrun")
     s = Setting(cli.micro_batch, cli.seq_len, cli.grad_accum, warmup=cli.warmup, steps=cli.steps)
     rows = []
     for model_name in cli.model:
         for recipe in cli.recipe:
             rows.append(run_one("ours", model_name, recipe, cli, device, s))
-            print(json.dumps(rows[-1]), flush=True)
+            if rank0():
+                print(json.dumps(rows[-1]), flush=True)
         if cli.baseline == "hf-peft":
             rows.append(run_one("hf-peft", model_name, "bf16", cli, device, s))
             print(json.dumps(rows[-1]), flush=True)
+    if not rank0():
+        return
     if not cli.no_record:
         RESULTS.parent.mkdir(exist_ok=True)
         with RESULTS.open("a") as f:
