@@ -8,9 +8,16 @@
         rng-rank{r}.pt           the same for rank r >= 1 of a distributed run
         trainer_state.json       step, data position (epoch, micro-batch within the epoch), bad-step counters, config
 
-A checkpoint is written to `.checkpoint-{step}.tmp` and renamed into place with `os.replace`, so a crash mid-write
-leaves the previous checkpoints intact and never a half-written `checkpoint-{step}`. Everything is loaded with
+A checkpoint is written to `.checkpoint-{step}.tmp` and renamed into place with `os.replace`, so a crash (or
+kill -9) mid-write leaves the previous checkpoints intact and never a half-written `checkpoint-{step}`;
+`trainer_state.json` is written last and marks a complete checkpoint. Directories leave the same way they come:
+renamed to `.checkpoint-{step}.trash` first, then deleted, so an interrupted deletion never leaves a
+`checkpoint-{step}` with parts missing. Dot-prefixed leftovers are ignored by `list_checkpoints` and removed by
+`remove_stale` (at the start of a run and before every save). Everything is loaded with
 `torch.load(weights_only=True)`: a checkpoint directory cannot run code.
+
+Tests can make a save stop between writing and renaming (`SUROGATE_TEST_PAUSE_SAVE_AT_STEP=N`: print a marker,
+then sleep) to kill the process exactly there.
 
 Distributed (FSDP2): every rank calls save and load. The sharded LoRA and optimizer tensors are gathered whole (they
 are small), so the files are those of a single-process run and rank 0 writes them; loading hands each rank its shard.
@@ -28,6 +35,8 @@ import os
 import random
 import re
 import shutil
+import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,9 +48,18 @@ from torch import nn
 from surogate import distributed
 from surogate.export import load_adapter, save_adapter
 
-__all__ = ["TrainState", "save_checkpoint", "load_checkpoint", "list_checkpoints", "resolve_resume"]
+__all__ = [
+    "TrainState",
+    "save_checkpoint",
+    "load_checkpoint",
+    "list_checkpoints",
+    "remove_stale",
+    "resolve_resume",
+]
 
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+_STALE_RE = re.compile(r"^\.checkpoint-\d+\.(tmp|trash)$")
+_TEST_PAUSE_ENV = "SUROGATE_TEST_PAUSE_SAVE_AT_STEP"  # tests only: see the module docstring
 
 
 @dataclass
@@ -70,8 +88,9 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
         ckpts = list_checkpoints(output_dir)
         if not ckpts:
             raise ValueError(
-                f"resume_from_checkpoint=true but {output_dir} has no checkpoint-N directory: "
-                "set resume_from_checkpoint=<checkpoint dir> or false"
+                f"resume_from_checkpoint=true but {output_dir} has no checkpoint-N directory (the run stopped before "
+                "its first save, or save_steps=0): set resume_from_checkpoint=<checkpoint dir>, or start over with "
+                "resume_from_checkpoint=false overwrite_output_dir=true"
             )
         return ckpts[-1]
     path = Path(resume)
@@ -121,7 +140,7 @@ def save_checkpoint(
         save_adapter(model, tmp / "adapter", **adapter_kwargs)  # this rank's part of the gather; rank 0 writes
         distributed.barrier()
         return final
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_stale(output_dir)
     tmp.mkdir(parents=True)
     save_adapter(model, tmp / "adapter", **adapter_kwargs)
     torch.save(optim_state, tmp / "optimizer.pt")
@@ -129,14 +148,37 @@ def save_checkpoint(
     for r, rng in enumerate(rng_states):
         torch.save(rng, tmp / ("rng.pt" if r == 0 else f"rng-rank{r}.pt"))
     (tmp / "trainer_state.json").write_text(json.dumps({**asdict(state), "config": config}, indent=2) + "\n")
+    if os.environ.get(_TEST_PAUSE_ENV) == str(state.step):
+        print(f"test: {tmp.name} written, pausing before the rename", file=sys.stderr, flush=True)
+        time.sleep(600)
     if final.exists():  # re-saving a step (a resumed run reached it again): replace
-        shutil.rmtree(final)
+        _remove(final)
     os.replace(tmp, final)
     if save_total_limit > 0:
         for old in list_checkpoints(output_dir)[:-save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     distributed.barrier()
     return final
+
+
+def _remove(path: Path) -> None:
+    """Rename out of the checkpoint namespace first (atomic), then delete: a kill mid-delete leaves only a stale
+    dot-directory, never a `checkpoint-N` with files missing."""
+    trash = path.with_name(f".{path.name}.trash")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_stale(output_dir: str | Path) -> list[str]:
+    """Delete leftovers of interrupted saves/deletions (`.checkpoint-N.tmp`, `.checkpoint-N.trash`); returns names."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    stale = [p for p in output_dir.iterdir() if _STALE_RE.match(p.name) and p.is_dir()]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return sorted(p.name for p in stale)
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -101,6 +102,7 @@ class TrainConfig:
     max_steps: int = opt(-1, "optimizer steps to run; -1 = num_epochs over the data")
     seed: int = opt(42, "seed for LoRA init, dropout and data order")
     max_bad_steps: int = opt(10, "stop after this many optimizer steps in a row with a non-finite loss or gradient")
+    oom_retry: bool = opt(False, "on CUDA out of memory, retry the step with half the micro batch, 2x accumulation")
     # --- LoRA
     lora_rank: int = opt(16, "rank r of the low-rank update")
     lora_alpha: float = opt(32.0, "the update is scaled by lora_alpha / lora_rank")
@@ -262,6 +264,24 @@ def _check_keys(layer: DictConfig, source: str) -> None:
                     raise ConfigError(f"unknown option '{key}.{sub}' in {source}{hint}")
 
 
+def _check_no_interpolation(value: Any, source: str, name: str = "") -> None:
+    """Config files are data: `${...}` interpolations are refused, so no resolver (oc.env, oc.decode, or one some
+    library registered) ever runs while a config is read. Walks the raw, unresolved values."""
+    if isinstance(value, DictConfig | ListConfig):
+        value = OmegaConf.to_container(value, resolve=False)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_no_interpolation(v, source, f"{name}.{k}" if name else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_no_interpolation(v, source, f"{name}[{i}]")
+    elif isinstance(value, str) and "${" in value:
+        raise ConfigError(
+            f"{name}={value!r} in {source} is an interpolation: config values are plain data (no resolvers, no "
+            "environment lookups); write the value itself"
+        )
+
+
 def _normalize(layer: DictConfig) -> DictConfig:
     """A single string where a list is expected becomes a one-element list (datasets=a.jsonl)."""
     for key in ("datasets", "lora_target_modules"):
@@ -294,7 +314,7 @@ def _parse_cli(argv: list[str]) -> DictConfig:
         items.append(arg)
     try:
         return OmegaConf.from_dotlist(items)
-    except OmegaConfBaseException as e:
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
         raise ConfigError(f"cannot parse command line: {str(e).splitlines()[0]}") from None
 
 
@@ -318,6 +338,7 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
     argv = list(sys.argv[1:] if argv is None else argv)
     cli = _parse_cli(argv)
     _check_keys(cli, "the command line")
+    _check_no_interpolation(cli, "the command line")
     user = OmegaConf.create({})
     if "config" in cli:
         path = Path(str(cli.pop("config")))
@@ -325,12 +346,14 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
         if "config" in user:
             raise ConfigError("config= cannot be set inside a config file; pass it on the command line")
         _check_keys(user, f"config file {path}")
+        _check_no_interpolation(user, f"config file {path}")
     recipe_name = str(cli.get("recipe", user.get("recipe", TrainConfig.__dataclass_fields__["recipe"].default)))
     recipe_path = RECIPES_DIR / f"{recipe_name}.yaml"
     if not recipe_path.is_file():
         raise ConfigError(f"unknown recipe {recipe_name!r}: available recipes are {', '.join(available_recipes())}")
     recipe = _load_yaml(recipe_path, "recipe")
     _check_keys(recipe, f"recipe {recipe_path}")
+    _check_no_interpolation(recipe, f"recipe {recipe_path}")
     if "recipe" in recipe and recipe.recipe != recipe_name:
         raise ConfigError(f"recipe file {recipe_path} sets recipe={recipe.recipe}; a recipe cannot name another")
     try:

@@ -122,12 +122,19 @@ def _truncate_after(path: Path, step: int) -> None:
         return
     rows = read_metrics(path)
     kept = [r for r in rows if r["step"] <= step]
-    if len(kept) != len(rows):
+    if len(kept) != len(rows) or len(rows) != sum(1 for line in path.read_text().splitlines() if line.strip()):
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """Rows of metrics.jsonl; a line cut short by a crash mid-write (kill -9) is skipped."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def plot_losses(metrics_path: Path, out_png: Path, title: str = "") -> None:

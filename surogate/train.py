@@ -10,7 +10,9 @@ torchrun (`surogate.distributed`), and the trainer run.
 from __future__ import annotations
 
 import logging
+import os
 import random
+import shlex
 import shutil
 import sys
 import time
@@ -41,6 +43,8 @@ class Plan:
     use_passes: bool
     data_cfg: Any
     tokenizer: Any
+    model_args: Any = None  # ModelArgs read from config.json / the preset (no weights)
+    dataset: Any = None  # the packed dataset, built and checked by preflight
 
 
 def _data_config(cfg: TrainConfig):
@@ -72,6 +76,7 @@ def preflight(cfg: TrainConfig) -> Plan:
     from surogate.data import DataError, load_tokenizer, validate_data
     from surogate.models.checkpoint import inspect_checkpoint
     from surogate.models.presets import PRESETS
+    from surogate.preflight import build_checked_dataset, check_device_support, check_sequence_len
 
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is available: set device=cpu (or auto)")
@@ -82,6 +87,7 @@ def preflight(cfg: TrainConfig) -> Plan:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(cfg.dtype)
     if dtype is None:  # auto: CPU bf16 GEMMs run ~10x slower than fp32 (measured on AVX2), so CPU uses fp32
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    check_device_support(cfg, device, dtype)
     try:
         backend = resolve_backend(cfg.attn_backend, device)
     except ValueError as e:
@@ -92,6 +98,7 @@ def preflight(cfg: TrainConfig) -> Plan:
         tokenizer = load_tokenizer(cfg.model)
     except (ValueError, OSError) as e:
         raise ConfigError(f"model: {e}") from None
+    check_sequence_len(cfg, args)
     if len(tokenizer) > args.vocab_size:
         raise ConfigError(f"model: its tokenizer has {len(tokenizer)} tokens but vocab_size is {args.vocab_size}")
     try:
@@ -121,7 +128,8 @@ def preflight(cfg: TrainConfig) -> Plan:
         except ImportError as e:
             log.warning("compile_passes backend not available (%s): compiling with plain Inductor", e)
             use_passes = False
-    return Plan(device, dtype, backend, resume, is_preset, compile, use_passes, data_cfg, tokenizer)
+    dataset = build_checked_dataset(cfg, data_cfg, tokenizer)  # last: the one check that reads every row
+    return Plan(device, dtype, backend, resume, is_preset, compile, use_passes, data_cfg, tokenizer, args, dataset)
 
 
 # Options that may change between a checkpoint and its resumption without changing the loss curve.
@@ -160,7 +168,7 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
     from omegaconf import OmegaConf
 
     from surogate import distributed
-    from surogate.checkpointing import TrainState, load_checkpoint, saved_config
+    from surogate.checkpointing import TrainState, load_checkpoint, remove_stale, saved_config
     from surogate.data import batches, build_dataset, steps_per_epoch
     from surogate.data.config import BUNDLED_TOKENIZER
     from surogate.export import copy_tokenizer_files, save_adapter
@@ -168,6 +176,7 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
     from surogate.metrics import MetricsLogger, plot_losses
     from surogate.models.checkpoint import inspect_checkpoint, load_model, save_hf_checkpoint
     from surogate.models.presets import PRESETS
+    from surogate.oom import rescale_data_position, train_with_oom_retry
     from surogate.parallelize import parallelize
     from surogate.trainer import Trainer, build_optimizer, build_scheduler, dist_info
 
@@ -181,11 +190,12 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
                 path = out / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale(out)  # leftovers of a save or deletion that a crash interrupted
         (out / "config.yaml").write_text(OmegaConf.to_yaml(config_dict))
     distributed.barrier()
     _seed_everything(cfg.seed)
 
-    dataset = build_dataset(plan.data_cfg, plan.tokenizer)  # logs its packing summary
+    dataset = plan.dataset if plan.dataset is not None else build_dataset(plan.data_cfg, plan.tokenizer)
     # Replicate or shard the frozen base (decided before loading: a sharded base is loaded on the CPU and each
     # fully_shard moves only its shards to the GPU).
     model_args = PRESETS[cfg.model] if plan.is_preset else inspect_checkpoint(cfg.model, cfg.allow_pickle)
@@ -205,8 +215,12 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
     if plan.is_preset and n_params <= SAVE_RANDOM_BASE_MAX_PARAMS and rank == 0:
         # A preset's base is random: keep it beside the adapter so the adapter stays loadable (PEFT, merge).
         if not (out / "base" / "config.json").is_file():
-            save_hf_checkpoint(model, args, out / "base")
-            copy_tokenizer_files(BUNDLED_TOKENIZER, out / "base")
+            tmp = out / ".base.tmp"  # written aside and renamed: a kill mid-write leaves no half base
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_hf_checkpoint(model, args, tmp)
+            copy_tokenizer_files(BUNDLED_TOKENIZER, tmp)
+            shutil.rmtree(out / "base", ignore_errors=True)
+            os.replace(tmp, out / "base")
         base_name = str((out / "base").resolve())
     lora_cfg = LoRAConfig(
         rank=cfg.lora_rank,
@@ -246,6 +260,7 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
     if plan.resume is not None:
         _warn_config_changes(saved_config(plan.resume), config_dict)
         state = load_checkpoint(plan.resume, model, optimizer, scheduler)
+        rescale_data_position(state, saved_config(plan.resume), cfg.per_device_train_batch_size)
         if rank == 0:
             print(
                 f"resumed from {plan.resume} at step {state.step} (epoch {state.epoch}, batch {state.micro_step})",
@@ -283,7 +298,7 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
         config_dict,
     )
     try:
-        trainer.train()
+        train_with_oom_retry(trainer, cfg)  # trainer.train(), with oom_retry's smaller micro batch on CUDA OOM
     finally:
         logger.close()
     save_adapter(model, out / "adapter", **adapter_kwargs)  # every rank gathers its LoRA shards; rank 0 writes
@@ -303,6 +318,13 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
     return summary
 
 
+def _resume_command(argv: list[str]) -> str:
+    """The command line that continues this run from its latest checkpoint."""
+    keep = [a for a in argv if not a.lstrip("-").startswith(("resume_from_checkpoint=", "overwrite_output_dir="))]
+    launcher = "torchrun --nproc-per-node " + os.environ["WORLD_SIZE"] if "WORLD_SIZE" in os.environ else "python"
+    return shlex.join([*launcher.split(), "-m", "surogate.train", *keep, "resume_from_checkpoint=true"])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help", "help") for a in argv):
@@ -315,8 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(2) from None
+    from surogate.checkpointing import list_checkpoints
     from surogate.data import DataError
     from surogate.distributed import init_distributed, shutdown
+    from surogate.oom import oom_message
+    from surogate.signals import TrainingInterrupted, graceful_stop
     from surogate.trainer import TrainingDiverged
 
     dist_env = init_distributed(plan.device)  # torchrun: join the group, take cuda:LOCAL_RANK; else nothing
@@ -324,12 +349,22 @@ def main(argv: list[str] | None = None) -> int:
     if dist_env.rank > 0:
         logging.getLogger().setLevel(logging.WARNING)  # rank 0 speaks for the run
     try:
-        run(cfg, plan)
+        with graceful_stop():  # SIGINT/SIGTERM: finish the step, save a checkpoint, exit 0 (surogate/signals.py)
+            run(cfg, plan)
     except (ConfigError, DataError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(2) from None
+    except TrainingInterrupted as e:
+        print(f"{e}; checkpoint saved to {e.checkpoint}. Resume with:\n  {_resume_command(argv)}", file=sys.stderr)
+        return 0
     except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
+        ckpts = list_checkpoints(cfg.output_dir)
+        kept = f"; the last good checkpoint is {ckpts[-1]}" if ckpts else "; no checkpoint was saved (save_steps)"
+        print(f"error: {e}{kept}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except torch.OutOfMemoryError:
+        retried = cfg.oom_retry and cfg.per_device_train_batch_size == 1
+        print(f"error: {oom_message(cfg, plan.model_args, plan.device, plan.dtype.itemsize, retried)}", file=sys.stderr)
         raise SystemExit(1) from None
     finally:
         shutdown()

@@ -31,6 +31,7 @@ from torch import nn
 from surogate import distributed
 from surogate.checkpointing import TrainState, save_checkpoint
 from surogate.metrics import MetricsLogger, peak_memory_gib
+from surogate.signals import TrainingInterrupted, stop_requested
 
 __all__ = ["Trainer", "TrainingDiverged", "build_optimizer", "build_scheduler", "lr_factor", "dist_info"]
 
@@ -101,6 +102,7 @@ class Trainer:
         self._bad_run = torch.tensor(state.bad_run, device=device)
         self._bad_run_max = self._bad_run.clone()
         self._bad_total = torch.tensor(state.bad_steps, device=device)
+        self.window_start = (state.epoch, state.micro_step)  # data position of the step in flight (oom retry)
 
     # ---------------------------------------------------------------------------------------------------- data
     def _micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -179,6 +181,7 @@ class Trainer:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         while st.step < self.total_steps:
+            self.window_start = (st.epoch, st.micro_step)
             window = [next(micro) for _ in range(cfg.gradient_accumulation_steps)]
             loss_sum, n_tok, real = self.accumulate(window)
             grad_norm = self.apply(loss_sum, n_tok)
@@ -188,7 +191,8 @@ class Trainer:
             acc_real += real
             acc_steps += 1
             last = st.step == self.total_steps
-            if st.step % cfg.logging_steps == 0 or last:
+            stopping = stop_requested() is not None and not last  # SIGINT/SIGTERM: see surogate/signals.py
+            if st.step % cfg.logging_steps == 0 or last or stopping:
                 # The one host sync of the interval.
                 loss = (acc_loss / acc_tok.clamp(min=1)).item() if acc_tok.item() > 0 else float("nan")
                 step_s = (time.perf_counter() - t0) / acc_steps
@@ -211,9 +215,14 @@ class Trainer:
                 acc_tok.zero_()
                 acc_real, acc_steps, t0 = 0, 0, time.perf_counter()
                 self._check_bad()
-            if cfg.save_steps > 0 and st.step % cfg.save_steps == 0:
+            saved = cfg.save_steps > 0 and st.step % cfg.save_steps == 0
+            if saved:
                 self.save()
                 t0 = time.perf_counter()  # saving is not training time
+            if stopping:  # after the step (and its log line): save, then leave
+                if not saved:
+                    self.save()
+                raise TrainingInterrupted(st.step, str(self.output_dir / f"checkpoint-{st.step}"), stop_requested())
         self._check_bad()
         self._sync_state()
         return st

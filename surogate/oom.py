@@ -1,0 +1,168 @@
+"""CUDA out of memory: say what was measured, what the job roughly needs and what to change; optionally retry.
+
+`oom_message` is printed instead of a traceback: the measured peak, a rough estimate of the need (weights + LoRA
+state + saved activations + the loss chunk; the estimate is for orientation, not a guarantee) and concrete
+options: a smaller micro batch with more accumulation (same global batch), `recompute=true`, a q* recipe (base
+weights stored in FP8).
+
+With `oom_retry=true`, `train_with_oom_retry` catches the error at the trainer, drops the partial gradients and
+retries the same optimizer step with the micro batch halved and the accumulation doubled. The data position is
+exact: `surogate.data.batches` hands out rows in permutation order, so micro-batch k of size B is micro-batches
+2k, 2k+1 of size B/2, and the token-weighted loss of a step does not depend on how its window is split.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import sys
+from typing import Any
+
+import torch
+
+__all__ = [
+    "estimate_memory_gib",
+    "oom_message",
+    "rescale_data_position",
+    "shrink_micro_batch",
+    "train_with_oom_retry",
+]
+
+log = logging.getLogger("surogate")
+LOSS_CHUNK_ROWS = 1024  # surogate/loss.py's chunk: one chunk of fp32 logits (+ its gradient) is live at a time
+
+
+def _params(args: Any) -> tuple[int, int]:
+    """(all parameters, parameters of the LoRA-targetable linears) of a ModelArgs."""
+    h, inter, q, kv = args.hidden_size, args.intermediate_size, args.num_heads * args.head_dim, args.num_kv_heads
+    kv *= args.head_dim
+    linears = args.num_layers * (h * q + 2 * h * kv + q * h + 3 * h * inter)
+    embed = args.vocab_size * h * (1 if args.tie_word_embeddings else 2)
+    return linears + embed + args.num_layers * 2 * h + h, linears
+
+
+def estimate_memory_gib(args: Any, cfg: Any, dtype_bytes: int) -> dict[str, float]:
+    """A rough per-device memory need, in GiB, by part (weights, lora, activations, loss) plus `total`."""
+    total_params, linear_params = _params(args)
+    weight_bytes = total_params * dtype_bytes
+    if getattr(getattr(cfg, "precision", None), "weights", "bf16") == "fp8":
+        weight_bytes -= linear_params * (dtype_bytes - 1)  # q* recipes store the targeted linears as 1-byte codes
+    # LoRA A and B of every targeted linear, fp32 master + grad + two AdamW moments.
+    h, inter = args.hidden_size, args.intermediate_size
+    q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    per_layer_lora = cfg.lora_rank * (7 * h + 2 * q + 2 * kv + 3 * inter)  # r * (in + out) over the 7 linears
+    lora_bytes = args.num_layers * per_layer_lora * 4 * 4
+    # Saved activations per token and layer, in elements: norms and residuals, q/k/v/attention out, the MLP's
+    # gate/up/activation (what a block's backward needs; LoRA intermediates are rank-sized and ignored).
+    tokens = cfg.per_device_train_batch_size * cfg.sequence_len
+    per_token_layer = 6 * h + 2 * q + 2 * kv + 3 * inter
+    if getattr(cfg, "recompute", False):  # only block inputs are kept, plus one block's worth during its backward
+        act_elems = tokens * (args.num_layers * h + per_token_layer)
+    else:
+        act_elems = tokens * args.num_layers * per_token_layer
+    act_bytes = act_elems * dtype_bytes
+    loss_bytes = min(tokens, LOSS_CHUNK_ROWS) * args.vocab_size * 4 * 3  # fp32 logits, softmax, grad of one chunk
+    parts = {"weights": weight_bytes, "lora": lora_bytes, "activations": act_bytes, "loss": loss_bytes}
+    gib = {k: v / 2**30 for k, v in parts.items()}
+    gib["total"] = sum(gib.values())
+    return gib
+
+
+def _q_recipes() -> list[str]:
+    from surogate.config import available_recipes
+
+    return [r for r in available_recipes() if r.startswith("q")]
+
+
+def oom_message(cfg: Any, args: Any, device: torch.device, dtype_bytes: int, retried: bool = False) -> str:
+    """One paragraph: measured peak, estimated need, and the options that lower memory for this configuration."""
+    peak = total = None
+    if device.type == "cuda" and torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    measured = f"peak allocated {peak:.1f} GiB of {total:.1f} GiB" if peak is not None else "peak not measured"
+    need = ""
+    if args is not None:
+        est = estimate_memory_gib(args, cfg, dtype_bytes)
+        need = (
+            f"; estimated need ~{est['total']:.1f} GiB (weights {est['weights']:.1f}, activations "
+            f"{est['activations']:.1f}, LoRA+optimizer {est['lora']:.2f}, loss chunk {est['loss']:.1f})"
+        )
+    bs, ga = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    options = []
+    if bs > 1:
+        options.append(
+            f"per_device_train_batch_size={bs // 2} gradient_accumulation_steps={ga * 2} (same global batch)"
+            + ("" if getattr(cfg, "oom_retry", False) else ", or oom_retry=true to do this automatically")
+        )
+    else:
+        options.append(f"a shorter sequence_len (now {cfg.sequence_len})")
+    if not cfg.recompute:
+        options.append("recompute=true (activation checkpointing: much less activation memory, ~30% slower)")
+    q = _q_recipes()
+    if q and cfg.recipe not in q:
+        options.append(f"recipe={q[0]} (base weights stored in FP8, about half the bytes; needs an FP8 GPU)")
+    head = "CUDA out of memory" + (" (after halving the micro batch down to 1)" if retried else "")
+    return f"{head}: {measured}{need}. Options: " + "; ".join(options)
+
+
+def shrink_micro_batch(cfg: Any) -> int | None:
+    """Halve (at least) cfg's micro batch, multiplying the accumulation by the same factor; returns the factor, or
+    None when the micro batch is already 1."""
+    bs = cfg.per_device_train_batch_size
+    if bs <= 1:
+        return None
+    new = max(d for d in range(1, bs // 2 + 1) if bs % d == 0)  # largest divisor <= bs/2: the global batch stays
+    factor = bs // new
+    cfg.per_device_train_batch_size = new
+    cfg.gradient_accumulation_steps *= factor
+    return factor
+
+
+def train_with_oom_retry(trainer: Any, cfg: Any) -> None:
+    """`trainer.train()`, retrying a step that ran out of CUDA memory with a smaller micro batch when
+    `cfg.oom_retry` is set (the same global batch and data position; see the module docstring)."""
+    while True:
+        try:
+            trainer.train()
+            return
+        except torch.OutOfMemoryError:
+            if not getattr(cfg, "oom_retry", False) or cfg.per_device_train_batch_size <= 1:
+                raise
+        # Outside the except block: the traceback (and the tensors its frames hold) is gone, so memory can be freed.
+        epoch, micro_step = trainer.window_start
+        factor = shrink_micro_batch(cfg)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.state.epoch, trainer.state.micro_step = epoch, micro_step * factor
+        for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+            trainer.config_dict[key] = getattr(cfg, key)  # checkpoints record what actually ran
+        gc.collect()
+        if trainer.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(trainer.device)
+        print(
+            f"CUDA out of memory at step {trainer.state.step + 1}: retrying with per_device_train_batch_size="
+            f"{cfg.per_device_train_batch_size} gradient_accumulation_steps={cfg.gradient_accumulation_steps} "
+            "(same global batch)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def rescale_data_position(state: Any, saved_config: dict, batch_size: int) -> None:
+    """A checkpoint counts its data position in micro-batches of the batch size it ran with (smaller after an
+    oom_retry); express it in `batch_size` rows when resuming with another micro batch, when that is exact."""
+    saved = saved_config.get("per_device_train_batch_size", batch_size)
+    if saved == batch_size:
+        return
+    rows = state.micro_step * saved
+    if rows % batch_size:
+        log.warning(
+            "the checkpoint ran with per_device_train_batch_size=%d; resuming with %d cannot start at its exact data "
+            "position (row %d of the epoch): pass per_device_train_batch_size=%d to continue the same curve",
+            saved,
+            batch_size,
+            rows,
+            saved,
+        )
+    state.micro_step = rows // batch_size

@@ -1,0 +1,65 @@
+"""Checks that need the device, the model's shape or the whole dataset, run by `surogate.train.preflight` before
+any weights are read or anything is written. Each raises `ConfigError` with one line that says what to set.
+
+    check_device_support   the recipe and dtype against the GPU (FP8 needs compute capability >= 8.9, bf16 >= 8.0)
+    check_sequence_len     sequence_len against the model's max_position_embeddings
+    build_checked_dataset  the full data pipeline (every row, not only the first few that `validate_data` reads),
+                           and at least one batch per epoch; the trainer reuses the result
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from surogate.config import ConfigError, TrainConfig
+
+__all__ = ["FP8_MIN_CAPABILITY", "BF16_MIN_CAPABILITY", "check_device_support", "check_sequence_len"]
+
+FP8_MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (L4, L40, RTX 40xx), Hopper (H100, H200), Blackwell
+BF16_MIN_CAPABILITY = (8, 0)  # Ampere and newer
+
+
+def check_device_support(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse a recipe or dtype this GPU cannot run. On CPU everything runs (FP8 GEMMs are emulated, for tests)."""
+    if device.type != "cuda":
+        return
+    cap = tuple(torch.cuda.get_device_capability(device))
+    gpu = f"{torch.cuda.get_device_name(device)} (compute capability {cap[0]}.{cap[1]})"
+    if cfg.precision.quantized and cap < FP8_MIN_CAPABILITY:
+        raise ConfigError(
+            f"recipe={cfg.recipe} needs FP8 tensor cores (compute capability >= 8.9: L4, L40, H100, H200, B200); "
+            f"this GPU is {gpu}: use recipe=bf16 (and recompute=true or a smaller micro batch if memory is tight)"
+        )
+    if dtype == torch.bfloat16 and cap < BF16_MIN_CAPABILITY:
+        raise ConfigError(f"bf16 needs compute capability >= 8.0 (Ampere or newer); this GPU is {gpu}: set dtype=fp32")
+
+
+def check_sequence_len(cfg: TrainConfig, args: Any) -> None:
+    limit = getattr(args, "max_position_embeddings", None)
+    if limit and cfg.sequence_len > limit:
+        raise ConfigError(
+            f"sequence_len={cfg.sequence_len} is longer than the model's max_position_embeddings ({limit}): "
+            f"set sequence_len <= {limit}"
+        )
+
+
+def build_checked_dataset(cfg: TrainConfig, data_cfg: Any, tokenizer: Any) -> Any:
+    """Format, tokenize and pack the whole dataset (a bad row anywhere, not just at the top, is a clean exit 2), and
+    check that it fills at least one batch per epoch on every rank."""
+    from surogate.data import DataError, build_dataset, steps_per_epoch
+
+    try:
+        dataset = build_dataset(data_cfg, tokenizer)
+    except (DataError, OSError) as e:
+        raise ConfigError(f"datasets: {e}") from None
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun sets it; the process group is not up yet
+    if steps_per_epoch(dataset, cfg.per_device_train_batch_size, world_size) == 0:
+        ranks = f" x {world_size} ranks" if world_size > 1 else ""
+        raise ConfigError(
+            f"the data packs into {len(dataset)} rows of {cfg.sequence_len} tokens, fewer than one batch of "
+            f"{cfg.per_device_train_batch_size}{ranks}: lower per_device_train_batch_size or add data"
+        )
+    return dataset
