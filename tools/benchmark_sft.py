@@ -80,7 +80,9 @@ def random_batches(vocab: int, s: Setting, device: torch.device, seed: int = 0) 
     return out
 
 
-def build_ours(model_name, recipe, passes, recompute, attn_backend, device, s: Setting, compile=True, shard="auto"):
+def build_ours(
+    model_name, recipe, passes, recompute, attn_backend, device, s: Setting, compile=True, shard="auto", check_eager=0
+):
     from surogate import distributed
     from surogate.lora import LoRAConfig, apply_lora
     from surogate.models.checkpoint import load_model
@@ -96,7 +98,17 @@ def build_ours(model_name, recipe, passes, recompute, attn_backend, device, s: S
     load_device = torch.device("cpu") if shard_base else device
     model, args = load_model(model_name, device=load_device, dtype=torch.bfloat16, attn_backend=attn_backend)
     apply_lora(model, LoRAConfig(rank=s.rank, alpha=s.alpha, dtype=torch.float32))
+    check = check_eager and not distributed.is_distributed()
+    if check:  # nonzero B, so the LoRA branch matters in the comparison
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                torch.nn.init.normal_(p, std=0.02)
+        check_batch = random_batches(args.vocab_size, Setting(s.micro_batch, s.seq_len, 1), device, seed=123)[0]
+        eager_loss = _mean_loss(model, check_batch)
     parallelize(model, recipe=recipe, compile=compile, use_passes=passes, recompute=recompute)
+    if check:
+        compiled_loss = _mean_loss(model, check_batch)
+        model.loss_check = {"eager_loss": round(eager_loss, 5), "compiled_loss": round(compiled_loss, 5)}
     if distributed.is_distributed():
         distributed.apply_fsdp(model, shard_base)
     model.shard_base = shard_base
@@ -106,6 +118,12 @@ def build_ours(model_name, recipe, passes, recompute, attn_backend, device, s: S
         return loss_sum / total_tokens
 
     return model, args, loss_fn
+
+
+def _mean_loss(model, batch) -> float:
+    with torch.no_grad():
+        loss_sum, n = model(batch["input_ids"], batch["position_ids"], batch["labels"])
+    return (loss_sum / n).item()
 
 
 def build_hf_peft(model_name: str, device, s: Setting):
@@ -213,6 +231,7 @@ def run_one(name: str, model_name: str, recipe: str, cli, device, s: Setting) ->
             s,
             not cli.eager,
             cli.shard_base_weights,
+            cli.check_eager,
         )
     build_s = time.perf_counter() - t_build
     batches = random_batches(args.vocab_size, s, device, seed=rank)
@@ -244,6 +263,7 @@ def run_one(name: str, model_name: str, recipe: str, cli, device, s: Setting) ->
     peak = next((v for k, v in BF16_PEAK_FLOPS.items() if k in gpu), None)
     if recipe == "bf16" and peak:
         row["mfu"] = round(tokens_per_sec * flops_per_token(args, s.seq_len) / (peak * num_gpus), 4)
+    row.update(getattr(model, "loss_check", {}))
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -290,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--baseline", choices=["hf-peft", "unsloth"], default=None)
     p.add_argument("--recompute", action="store_true", help="activation checkpointing on every block")
     p.add_argument("--attn-backend", default="auto")
+    p.add_argument("--check-eager", action="store_true", help="also report eager vs compiled loss on one batch")
     p.add_argument("--eager", action="store_true", help="no torch.compile at all (CPU smoke tests, or to compare)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--micro-batch", type=int, default=2)
