@@ -216,6 +216,9 @@ def run_one(name: str, model_name: str, recipe: str, cli, device, s: Setting) ->
     import torch.distributed as dist
 
     rank, num_gpus = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    # Every run compiles the same Qwen3Block.forward code object: without a reset, several recipes in one process
+    # exhaust Dynamo's per-code recompile limit (8) and the next compile raises.
+    torch._dynamo.reset()
     torch.manual_seed(0)
     t_build = time.perf_counter()
     if name == "hf-peft":
