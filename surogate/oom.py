@@ -1,8 +1,9 @@
 """CUDA out of memory: say what was measured, what the job roughly needs and what to change; optionally retry.
 
 `oom_message` is printed instead of a traceback: the measured peak, a rough estimate of the need (weights + LoRA
-state + saved activations + the loss chunk; the estimate is for orientation, not a guarantee) and concrete
-options: a smaller micro batch with more accumulation (same global batch), `recompute=true`, a q* recipe (base
+state + saved activations + the loss chunk; for orientation, not a guarantee: on one H100, micro batch 2 x 2048,
+benchmarks/NOTES.md measured 36.5-38.6 GiB for qwen3-8b and 7.7-9.7 GiB for qwen3-0.6b, estimated 37.3 and 7.6) and
+concrete options: a smaller micro batch with more accumulation (same global batch), `recompute=true`, a q* recipe (base
 weights stored in FP8).
 
 With `oom_retry=true`, `train_with_oom_retry` catches the error at the trainer, drops the partial gradients and
