@@ -346,21 +346,27 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--baseline runs on one GPU: drop it under torchrun")
     s = Setting(cli.micro_batch, cli.seq_len, cli.grad_accum, warmup=cli.warmup, steps=cli.steps)
     rows = []
+
+    def record(row: dict) -> None:
+        # Append as soon as measured: a later run that fails must not lose the numbers already taken.
+        rows.append(row)
+        if not rank0():
+            return
+        print(json.dumps(row), flush=True)
+        if not cli.no_record:
+            RESULTS.parent.mkdir(exist_ok=True)
+            with RESULTS.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
     for model_name in cli.model:
         for recipe in cli.recipe:
-            rows.append(run_one("ours", model_name, recipe, cli, device, s))
-            if rank0():
-                print(json.dumps(rows[-1]), flush=True)
+            record(run_one("ours", model_name, recipe, cli, device, s))
         if cli.baseline == "hf-peft":
-            rows.append(run_one("hf-peft", model_name, "bf16", cli, device, s))
-            print(json.dumps(rows[-1]), flush=True)
+            record(run_one("hf-peft", model_name, "bf16", cli, device, s))
     if not rank0():
         return
-    if not cli.no_record:
-        RESULTS.parent.mkdir(exist_ok=True)
-        with RESULTS.open("a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    print(render_table(rows) if device.type == "cuda" else "\n".join(json.dumps(r) for r in rows))
+    if device.type == "cuda":
+        print(render_table(rows))
     ours = {r["model"]: r["tokens_per_sec"] for r in rows if r["framework"] == "surogate"}
     for r in rows:
         if r["framework"] != "surogate" and r["model"] in ours:
