@@ -230,7 +230,14 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
         dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.lora_dtype],
     )
     wrapped = apply_lora(model, lora_cfg)
-    parallelize(model, recipe=cfg.recipe, compile=plan.compile, use_passes=plan.use_passes, recompute=cfg.recompute)
+    parallelize(
+        model,
+        recipe=cfg.recipe,
+        precision=cfg.precision,  # the merged section: precision.* overrides on the command line count
+        compile=plan.compile,
+        use_passes=plan.use_passes,
+        recompute=cfg.recompute,
+    )
     if world_size > 1:
         distributed.apply_fsdp(model, shard_base)  # after checkpointing and compile: torchtitan's order
         if rank > 0:  # identical LoRA init on every rank (above); from here on each rank draws its own dropout
