@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from surogate.lora import LoRALinear
+from surogate.models.moe import EXPERT_PROJS, ExpertLoRA, GroupedExperts
 
 __all__ = ["lora_modules", "peft_state_dict", "save_adapter", "load_adapter", "merge_lora_", "copy_tokenizer_files"]
 
@@ -49,10 +50,20 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {_clean(name): m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def _refuse_expert_lora(model: nn.Module) -> None:
+    experts = [_clean(n) for n, m in model.named_modules() if isinstance(m, ExpertLoRA)]
+    if experts:
+        raise ValueError(
+            f"PEFT adapters of MoE expert LoRA ({experts[0]}, ...) are not implemented yet: merge the adapter into "
+            "the base weights (merge_lora_ + save_hf_checkpoint) or leave the experts out of lora_target_modules"
+        )
+
+
 def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Whole A/B tensors on the CPU; FSDP-sharded ones are gathered (then every rank must call)."""
     from surogate.distributed import full_tensor
 
+    _refuse_expert_lora(model)
     out = {}
     for name, m in lora_modules(model).items():
         out[f"base_model.model.{name}.lora_A.weight"] = full_tensor(m.lora_A.detach()).cpu().contiguous()
@@ -131,6 +142,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
     each rank keeps its shard, so an adapter loads with any world size."""
     from surogate.distributed import shard_like
 
+    _refuse_expert_lora(model)
     tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
     modules = lora_modules(model)
     expected = {f"base_model.model.{n}.lora_{ab}.weight" for n in modules for ab in "AB"}
@@ -148,8 +160,20 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
 @torch.no_grad()
 def merge_lora_(model: nn.Module) -> int:
     """Fold every LoRA update into its base weight (W + scaling * B @ A, computed in fp32) and put plain
-    `nn.Linear`s back, in place. Returns the number of merged modules."""
+    `nn.Linear`s back, in place; MoE experts get W[e] + scaling * B[e] @ A[e] and lose their `ExpertLoRA`s.
+    Returns the number of merged modules (an expert projection counts once for all its experts)."""
     merged = 0
+    for experts in model.modules():
+        if not isinstance(experts, GroupedExperts):
+            continue
+        for proj in EXPERT_PROJS:
+            lora = getattr(experts, f"{proj}_lora")
+            if lora is None:
+                continue
+            w = getattr(experts, proj)
+            w.copy_(w.float() + lora.scaling * torch.bmm(lora.lora_B.float(), lora.lora_A.float()))
+            setattr(experts, f"{proj}_lora", None)
+            merged += 1
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if not isinstance(child, LoRALinear):

@@ -11,7 +11,9 @@ something the pass would have to learn to see through.
 
 LoRA is a conversion applied after the model is built and before it is compiled or sharded (`apply_lora`): it
 replaces each targeted `nn.Linear` by a `LoRALinear` that takes over the same frozen weight tensor, so module
-paths (and so checkpoint and PEFT key names) stay those of the Hugging Face model.
+paths (and so checkpoint and PEFT key names) stay those of the Hugging Face model. MoE experts hold stacked
+weights rather than `nn.Linear`s; for them `apply_lora` attaches grouped per-expert LoRA (`ExpertLoRA`, A [E, r, in],
+B [E, out, r], surogate/models/moe.py) to each targeted projection. The MoE router (`mlp.gate`) stays frozen.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from surogate.models.moe import GroupedExperts
 
 __all__ = ["LoRAConfig", "LoRALinear", "apply_lora", "lora_parameters", "lora_state_dict", "DEFAULT_TARGETS"]
 
@@ -86,7 +90,8 @@ class LoRALinear(nn.Module):
 
 
 def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """Replace every `nn.Linear` whose attribute name is in `config.target_modules` by a `LoRALinear`.
+    """Replace every `nn.Linear` whose attribute name is in `config.target_modules` by a `LoRALinear`, and give MoE
+    experts an `ExpertLoRA` on each targeted stacked projection (`...mlp.experts.gate_proj`).
 
     Freezes every other parameter. Returns the qualified names of the wrapped modules; raises `ValueError` when
     no module matches (a typo in `lora_target_modules` must not silently train nothing).
@@ -100,6 +105,10 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
             if child_name in targets and type(child) is nn.Linear:
                 setattr(parent, child_name, LoRALinear(child, config.rank, config.alpha, config.dropout, config.dtype))
                 wrapped.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, GroupedExperts):
+            added = module.add_lora(targets, config.rank, config.alpha, config.dropout, config.dtype)
+            wrapped += [f"{name}.{proj}" for proj in added]
     if not wrapped:
         raise ValueError(f"lora_target_modules {sorted(targets)} match no linear layer of the model")
     return wrapped

@@ -115,8 +115,8 @@ def test_model_dir_is_not_a_checkpoint(tmp_path, capsys):
 
 
 def test_unsupported_architecture(tmp_path, capsys):
-    m = _model_dir(tmp_path / "m", model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"])
-    _refused(capsys, tmp_path / "run", [f"model={m}"], "unsupported architecture: model_type 'qwen3_moe'")
+    m = _model_dir(tmp_path / "m", model_type="mistral", architectures=["MistralForCausalLM"])
+    _refused(capsys, tmp_path / "run", [f"model={m}"], "unsupported architecture: model_type 'mistral'")
 
 
 def test_pickle_only_checkpoint_is_refused(tmp_path, capsys):

@@ -3,7 +3,12 @@
 `load_model` builds the module tree on the meta device (no memory, no init kernels), then streams the checkpoint
 shard by shard with `safetensors.safe_open` straight to the target device, casting each tensor to the target dtype
 as it arrives, and assigns the tensors into the module (`load_state_dict(assign=True)`). At most one tensor exists
-in the checkpoint's dtype at a time. Our module paths equal Hugging Face's, so there is no key renaming.
+in the checkpoint's dtype at a time. Our module paths equal Hugging Face's, so there is no key renaming, except
+for MoE experts: checkpoints store one tensor per expert (`mlp.experts.{j}.gate_proj.weight` [inter, hidden]), we
+hold them stacked (`mlp.experts.gate_proj` [E, inter, hidden]). Each per-expert tensor is copied into its slot of
+the stacked parameter as it streams in (`_ExpertStacker`); transformers 5's in-memory fused layout
+(`mlp.experts.gate_up_proj` [E, 2 * inter, hidden], `mlp.experts.down_proj`) is split / taken as is. Saving writes
+the per-expert layout, which is what `save_pretrained` writes and what every Qwen3-MoE checkpoint on the Hub uses.
 
 Pickle checkpoints (`pytorch_model.bin`) can run code when loaded; they are refused unless `allow_pickle=True`,
 and then read with `torch.load(weights_only=True)`.
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -21,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from surogate.attention import resolve_backend
+from surogate.models.moe import EXPERT_PROJS, GroupedExperts
 from surogate.models.presets import PRESETS
 from surogate.models.qwen3 import ModelArgs, Qwen3ForCausalLM, RMSNorm
 
@@ -28,6 +35,63 @@ __all__ = ["inspect_checkpoint", "load_model", "save_hf_checkpoint", "init_weigh
 
 # Keys some checkpoints carry that are not parameters of ours (recomputed at runtime).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_EXPERT_KEY = re.compile(r"^(.+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+class _ExpertStacker:
+    """Per-expert checkpoint tensors -> stacked [E, ...] parameters, filled slot by slot as shards stream in.
+
+    A stacked tensor is allocated (in the target dtype, on the target device) on its first expert and handed over
+    once all E slots are filled, so it is the only copy; experts of one layer may span shards.
+    """
+
+    def __init__(self, expected: dict[str, torch.Size], device: torch.device, dtype: torch.dtype):
+        self.expected, self.device, self.dtype = expected, device, dtype
+        self.pending: dict[str, tuple[torch.Tensor, set[int]]] = {}
+
+    def add(self, key: str, expert: int, tensor: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
+        """-> (the stacked tensor once complete, else None; an error string for a key or shape mismatch)."""
+        shape = self.expected[key]
+        if expert >= shape[0]:
+            return None, f"expert {expert} >= num_experts {shape[0]} ({key})"
+        if tensor.shape != shape[1:]:
+            return None, f"{key}[{expert}] {tuple(tensor.shape)} != {tuple(shape[1:])}"
+        if key not in self.pending:
+            self.pending[key] = (torch.empty(shape, device=self.device, dtype=self.dtype), set())
+        stacked, filled = self.pending[key]
+        stacked[expert].copy_(tensor)
+        filled.add(expert)
+        if len(filled) < shape[0]:
+            return None, None
+        del self.pending[key]
+        return stacked, None
+
+    def incomplete(self) -> list[str]:
+        return [f"{k} ({len(f)}/{t.shape[0]} experts)" for k, (t, f) in self.pending.items()]
+
+
+def _hf_to_ours(name: str, tensor: torch.Tensor) -> list[tuple[str, int | None, torch.Tensor]]:
+    """One checkpoint tensor -> [(our key, expert index or None for a whole tensor, tensor)]."""
+    m = _EXPERT_KEY.match(name)
+    if m:
+        return [(f"{m.group(1)}.{m.group(3)}", int(m.group(2)), tensor)]
+    if name.endswith(".mlp.experts.gate_up_proj"):  # transformers 5 in-memory layout: gate rows, then up rows
+        prefix = name.removesuffix("gate_up_proj")
+        gate, up = tensor.chunk(2, dim=1)
+        return [(prefix + "gate_proj", None, gate), (prefix + "up_proj", None, up)]
+    return [(name, None, tensor)]
+
+
+def _ours_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stacked expert tensors -> per-expert keys (views; clone before saving)."""
+    out = {}
+    for name, t in state.items():
+        prefix, _, proj = name.rpartition(".")
+        if prefix.endswith(".mlp.experts") and proj in EXPERT_PROJS:
+            out.update({f"{prefix}.{j}.{proj}.weight": t[j] for j in range(t.shape[0])})
+        else:
+            out[name] = t
+    return out
 
 
 def _weight_files(path: Path, allow_pickle: bool) -> list[Path]:
@@ -93,6 +157,9 @@ def init_weights(model: Qwen3ForCausalLM, std: float = 0.02) -> None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
+        elif isinstance(module, GroupedExperts):
+            for name in EXPERT_PROJS:
+                nn.init.normal_(getattr(module, name), std=std)
 
 
 def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
@@ -131,22 +198,29 @@ def load_model(
     expected = {name: t.shape for name, t in model.state_dict().items()}
     unexpected: list[str] = []
     wrong_shape: list[str] = []
+    stacker = _ExpertStacker(expected, device, dtype)
     for file in _weight_files(path, allow_pickle):
         shard = {}
-        for name, tensor in _read_tensors(file, device):
-            if name.endswith(_IGNORED_SUFFIXES) or (args.tie_word_embeddings and name == "lm_head.weight"):
+        for hf_name, hf_tensor in _read_tensors(file, device):
+            if hf_name.endswith(_IGNORED_SUFFIXES) or (args.tie_word_embeddings and hf_name == "lm_head.weight"):
                 continue  # tied: lm_head shares embed_tokens (some tied checkpoints still store a copy)
-            if name not in expected:
-                unexpected.append(name)
-                continue
-            if tensor.shape != expected[name]:
-                wrong_shape.append(f"{name} {tuple(tensor.shape)} != {tuple(expected[name])}")
-                continue
-            shard[name] = tensor.to(dtype)
+            for name, expert, tensor in _hf_to_ours(hf_name, hf_tensor):
+                if name not in expected:
+                    unexpected.append(hf_name)
+                elif expert is not None:
+                    stacked, error = stacker.add(name, expert, tensor)
+                    if error:
+                        wrong_shape.append(error)
+                    elif stacked is not None:
+                        shard[name] = stacked
+                elif tensor.shape != expected[name]:
+                    wrong_shape.append(f"{name} {tuple(tensor.shape)} != {tuple(expected[name])}")
+                else:
+                    shard[name] = tensor.to(dtype)
         model.load_state_dict(shard, strict=False, assign=True)  # one shard resident beside the model at a time
         del shard
     model.tie_weights()  # assign replaced embed_tokens.weight; point lm_head at the loaded tensor again
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    missing = stacker.incomplete() + [n for n, p in model.named_parameters() if p.is_meta and n not in stacker.pending]
     if unexpected or missing or wrong_shape:
         raise ValueError(
             f"checkpoint {str(path)!r} does not match its config.json: {len(missing)} missing {missing[:3]}, "
@@ -164,6 +238,7 @@ def save_hf_checkpoint(
         raise ValueError("model still has LoRA modules: merge them into the base weights before saving a checkpoint")
     if args.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+    state = _ours_to_hf(state)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = next(iter(state.values())).dtype
@@ -185,7 +260,10 @@ def save_hf_checkpoint(
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for shard, name in zip(shards, names):
         # One shard at a time on the CPU; safetensors needs contiguous, unshared tensors.
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in shard.items()}, out / name, {"format": "pt"})
+        # Per-expert slices are views of one stacked tensor: clone them so no two saved tensors share memory.
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in shard.items()}
+        tensors = {k: v.clone() if _EXPERT_KEY.match(k) else v for k, v in tensors.items()}
+        save_file(tensors, out / name, {"format": "pt"})
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in state.values())
         weight_map = {k: name for shard, name in zip(shards, names) for k in shard}

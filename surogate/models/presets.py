@@ -1,4 +1,4 @@
-"""Model shapes by name: the Qwen3 dense family (random init, for benchmarks) and `tiny` for tests and the demo.
+"""Model shapes by name: Qwen3 dense and Qwen3-30B-A3B (random init, for benchmarks), `tiny` for tests and the demo.
 
 A preset is only a `ModelArgs`; `load_model("qwen3-8b", device)` builds it with random weights directly on the
 device. `tiny.vocab_size` matches the bundled demo tokenizer; override it with `dataclasses.replace` otherwise.
@@ -36,6 +36,22 @@ PRESETS: dict[str, ModelArgs] = {
     "qwen3-8b": _qwen3(4096, 12288, 36, 32, 8, tied=False),
     "qwen3-14b": _qwen3(5120, 17408, 40, 40, 8, tied=False),
     "qwen3-32b": _qwen3(5120, 25600, 64, 64, 8, tied=False),
+    "qwen3-30b-a3b": ModelArgs(
+        vocab_size=QWEN3_VOCAB_SIZE,
+        hidden_size=2048,
+        intermediate_size=6144,  # config.json's value; unused, every layer is sparse
+        num_layers=48,
+        num_heads=32,
+        num_kv_heads=4,
+        head_dim=128,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        num_experts=128,
+        num_experts_per_tok=8,
+        moe_intermediate_size=768,
+        norm_topk_prob=True,
+    ),
     "tiny": ModelArgs(
         vocab_size=TINY_VOCAB_SIZE,
         hidden_size=256,

@@ -1,8 +1,9 @@
-"""Qwen3 dense decoder (and Llama, the same block without QK-norm) in plain PyTorch.
+"""Qwen3 decoder (dense, and MoE via `num_experts`; Llama is the same block without QK-norm) in plain PyTorch.
 
 Reads top to bottom like the paper: RMSNorm -> rotary embedding -> grouped-query attention (with per-head RMSNorm
 on q and k for Qwen3) -> SwiGLU MLP -> pre-norm residual block -> the causal LM. Module paths equal Hugging Face's,
-so `state_dict()` keys are checkpoint keys and `apply_lora` sees plain `nn.Linear` projections.
+so `state_dict()` keys are checkpoint keys and `apply_lora` sees plain `nn.Linear` projections. Qwen3-MoE is the
+same block with `mlp` a `SparseMoeBlock` (surogate/models/moe.py) on the layers `ModelArgs.is_moe_layer` selects.
 
 Written for graph capture: everything that depends on the batch contents (the document mask, RoPE cos/sin) is
 computed once per forward in `Qwen3Model.forward`, outside the blocks; a block is `block(x, cos, sin, mask) -> x`
@@ -20,6 +21,7 @@ from torch import nn
 
 from surogate.attention import attention, build_doc_mask, resolve_backend
 from surogate.loss import chunked_lm_loss
+from surogate.models.moe import SparseMoeBlock
 
 __all__ = ["ModelArgs", "Qwen3ForCausalLM", "Qwen3Block", "RMSNorm"]
 
@@ -40,8 +42,17 @@ class ModelArgs:
     max_position_embeddings: int = 40960
     attention_bias: bool = False
     rope_scaling: dict | None = None  # None (default RoPE) or Llama 3's {"rope_type": "llama3", "factor", ...}
+    # Qwen3-MoE (num_experts 0: dense). Layer i is sparse unless i in mlp_only_layers or (i + 1) % decoder_sparse_step;
+    # dense layers of an MoE model use intermediate_size.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        self.mlp_only_layers = tuple(self.mlp_only_layers)
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model {name} must be >= 1, got {getattr(self, name)}")
@@ -51,15 +62,36 @@ class ModelArgs:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.rope_scaling is not None and self.rope_scaling.get("rope_type") != "llama3":
             raise ValueError(f"rope_scaling must be None or rope_type 'llama3', got {self.rope_scaling}")
+        if self.num_experts < 0:
+            raise ValueError(f"num_experts must be >= 0 (0: dense model), got {self.num_experts}")
+        if self.num_experts:
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(
+                    f"num_experts_per_tok must be in [1, num_experts={self.num_experts}], "
+                    f"got {self.num_experts_per_tok}"
+                )
+            if self.moe_intermediate_size < 1 or self.decoder_sparse_step < 1:
+                raise ValueError(
+                    f"an MoE model needs moe_intermediate_size >= 1 and decoder_sparse_step >= 1, got "
+                    f"{self.moe_intermediate_size} and {self.decoder_sparse_step}"
+                )
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Hugging Face's rule for which Qwen3-MoE layers have a sparse MLP."""
+        return (
+            self.num_experts > 0
+            and layer_idx not in self.mlp_only_layers
+            and (layer_idx + 1) % self.decoder_sparse_step == 0
+        )
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> ModelArgs:
         """Read a Hugging Face config.json (transformers 4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`)."""
         model_type = cfg.get("model_type")
-        if model_type not in ("qwen3", "llama"):
+        if model_type not in ("qwen3", "qwen3_moe", "llama"):
             raise ValueError(
                 f"unsupported architecture: model_type {model_type!r} ({cfg.get('architectures')}); "
-                "surogate loads dense 'qwen3' and 'llama' checkpoints"
+                "surogate loads 'qwen3', 'qwen3_moe' and 'llama' checkpoints"
             )
         if cfg.get("hidden_act", "silu") != "silu" or cfg.get("mlp_bias") or cfg.get("use_sliding_window"):
             raise ValueError(f"unsupported {model_type} variant: needs hidden_act silu, no mlp_bias, no sliding window")
@@ -67,6 +99,16 @@ class ModelArgs:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
             raise ValueError(f"unsupported rope_type {rope_type!r}: surogate implements 'default' and 'llama3'")
+        moe = {}
+        if model_type == "qwen3_moe":
+            moe = dict(
+                num_experts=cfg.get("num_experts", cfg.get("num_local_experts", 0)),
+                num_experts_per_tok=cfg.get("num_experts_per_tok", 0),
+                moe_intermediate_size=cfg.get("moe_intermediate_size", 0),
+                norm_topk_prob=cfg.get("norm_topk_prob", False),  # transformers' Qwen3MoeConfig default
+                decoder_sparse_step=cfg.get("decoder_sparse_step", 1),
+                mlp_only_layers=tuple(cfg.get("mlp_only_layers") or ()),
+            )
         try:
             heads = cfg["num_attention_heads"]
             return cls(
@@ -80,10 +122,11 @@ class ModelArgs:
                 rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
                 rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
                 tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-                qk_norm=model_type == "qwen3",
+                qk_norm=model_type in ("qwen3", "qwen3_moe"),
                 max_position_embeddings=cfg.get("max_position_embeddings", 40960),
                 attention_bias=cfg.get("attention_bias", False),
                 rope_scaling=None if rope_type == "default" else {**rope, "rope_type": "llama3"},
+                **moe,
             )
         except KeyError as e:
             raise ValueError(f"config.json lacks required field {e.args[0]!r}") from None
@@ -94,6 +137,18 @@ class ModelArgs:
         scaling = (
             None if self.rope_scaling is None else {k: v for k, v in self.rope_scaling.items() if k != "rope_theta"}
         )
+        moe = {}
+        if self.num_experts:
+            moe = {
+                "architectures": ["Qwen3MoeForCausalLM"],
+                "model_type": "qwen3_moe",
+                "num_experts": self.num_experts,
+                "num_experts_per_tok": self.num_experts_per_tok,
+                "moe_intermediate_size": self.moe_intermediate_size,
+                "norm_topk_prob": self.norm_topk_prob,
+                "decoder_sparse_step": self.decoder_sparse_step,
+                "mlp_only_layers": list(self.mlp_only_layers),
+            }
         return {
             "architectures": ["Qwen3ForCausalLM" if qwen else "LlamaForCausalLM"],
             "model_type": "qwen3" if qwen else "llama",
@@ -111,6 +166,7 @@ class ModelArgs:
             "tie_word_embeddings": self.tie_word_embeddings,
             "max_position_embeddings": self.max_position_embeddings,
             "attention_bias": self.attention_bias,
+            **moe,
         }
 
     def to_dict(self) -> dict:
@@ -200,14 +256,14 @@ class MLP(nn.Module):
 
 
 class Qwen3Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); the MLP is sparse on MoE layers."""
 
-    def __init__(self, args: ModelArgs, backend: str):
+    def __init__(self, args: ModelArgs, backend: str, layer_idx: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.self_attn = Attention(args, backend)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = MLP(args)
+        self.mlp = SparseMoeBlock(args) if args.is_moe_layer(layer_idx) else MLP(args)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
@@ -220,7 +276,7 @@ class Qwen3Model(nn.Module):
         self.args = args
         self.backend = backend
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(Qwen3Block(args, backend) for _ in range(args.num_layers))
+        self.layers = nn.ModuleList(Qwen3Block(args, backend, i) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
