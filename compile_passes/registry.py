@@ -39,12 +39,18 @@ def register_recipe(name: str, recipe: RecipeOps) -> None:
 
 
 def _register_builtin_variants() -> None:
-    """Op families living in their own modules register on first use (fp8, qfp8: compile_passes/fp8_weights.py)."""
+    """Op families living in their own modules register on first use (fp8, qfp8: compile_passes/fp8_weights.py;
+    qnf4, alias qbnb: compile_passes/nf4_weights.py)."""
     if "fp8" not in _RECIPES:
         from compile_passes.fp8_weights import fp8_recipe_ops
 
         register_recipe("fp8", fp8_recipe_ops())
         register_recipe("qfp8", fp8_recipe_ops())
+    if "qnf4" not in _RECIPES:
+        from compile_passes.nf4_weights import nf4_recipe_ops
+
+        register_recipe("qnf4", nf4_recipe_ops())
+        register_recipe("qbnb", nf4_recipe_ops())
 
 
 def recipe_ops(name: str) -> RecipeOps:

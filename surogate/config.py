@@ -32,6 +32,8 @@ __all__ = [
     "PrecisionConfig",
     "load_config",
     "recipe_precision",
+    "canonical_recipe",
+    "RECIPE_ALIASES",
     "help_text",
     "RECIPES_DIR",
     "DEMO_DATASET",
@@ -44,8 +46,10 @@ DATASET_FORMATS = ("auto", "text", "instruction", "conversation")
 OVERLONG = ("truncate", "drop")
 GRAD_FORMATS = ("e5m2", "e4m3")
 # Recipe formats the code implements today; a recipe naming anything else is refused, not silently run as bf16.
-WEIGHT_FORMATS = ("bf16", "fp8")
+WEIGHT_FORMATS = ("bf16", "fp8", "nf4")
 COMPUTE_FORMATS = ("bf16", "fp8")
+# Other names a recipe is known by (recipe=qbnb reads recipes/qnf4.yaml: QLoRA NF4 as bitsandbytes stores it).
+RECIPE_ALIASES = {"qbnb": "qnf4"}
 
 
 class ConfigError(Exception):
@@ -70,11 +74,16 @@ class PrecisionConfig:
     skip_quant_first_layers: int = opt(0, "keep the first N decoder blocks in bf16 (fp8/qfp8 recipes)")
     skip_quant_last_layers: int = opt(0, "keep the last N decoder blocks in bf16 (fp8/qfp8 recipes)")
     fp8_lm_head: bool = opt(False, "quantize the LM head too (not supported yet: the LM head stays bf16)")
-    quantize_embedding: bool = opt(False, "fp8 weights: store an untied input embedding in FP8 too")
+    quantize_embedding: bool = opt(False, "fp8 weights: store an untied input embedding in FP8 too (not with nf4)")
 
     @property
     def quantized(self) -> bool:
         return self.weights != "bf16" or self.compute != "bf16"
+
+    @property
+    def uses_fp8(self) -> bool:
+        """Whether the recipe stores or computes anything in FP8 (needs FP8 tensor cores on a GPU)."""
+        return self.weights == "fp8" or self.compute == "fp8"
 
 
 @dataclass
@@ -214,11 +223,24 @@ def validate_precision(p: PrecisionConfig) -> None:
         not (p.weights == "fp8" and p.compute not in ("fp8", "bf16")),
         f"precision.compute={p.compute!r} with fp8 weights: set compute to fp8 or bf16",
     )
+    _require(
+        not (p.weights == "nf4" and p.compute != "bf16"),
+        f"precision.compute={p.compute!r} with nf4 weights: set compute to bf16 (NF4 is dequantized for bf16 GEMMs)",
+    )
+    _require(
+        not (p.weights == "nf4" and p.quantize_embedding),
+        "precision.quantize_embedding=true with nf4 weights is not supported (only FP8 embeddings): set it false",
+    )
+
+
+def canonical_recipe(name: str) -> str:
+    """The recipe file name behind `name` (an alias such as qbnb, or the name itself)."""
+    return RECIPE_ALIASES.get(name, name)
 
 
 def recipe_precision(name: str) -> PrecisionConfig:
     """The precision section of recipes/NAME.yaml, validated (for callers given only a recipe name)."""
-    path = RECIPES_DIR / f"{name}.yaml"
+    path = RECIPES_DIR / f"{canonical_recipe(name)}.yaml"
     if not path.is_file():
         raise ConfigError(f"unknown recipe {name!r}: available recipes are {', '.join(available_recipes())}")
     section = _load_yaml(path, "recipe").get("precision", {})
@@ -348,6 +370,7 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
         _check_keys(user, f"config file {path}")
         _check_no_interpolation(user, f"config file {path}")
     recipe_name = str(cli.get("recipe", user.get("recipe", TrainConfig.__dataclass_fields__["recipe"].default)))
+    recipe_name = canonical_recipe(recipe_name)
     recipe_path = RECIPES_DIR / f"{recipe_name}.yaml"
     if not recipe_path.is_file():
         raise ConfigError(f"unknown recipe {recipe_name!r}: available recipes are {', '.join(available_recipes())}")
@@ -376,7 +399,8 @@ def help_text() -> str:
         "",
         "Fine-tune LoRA adapters on a Qwen3 model. Options merge as: defaults < recipes/NAME.yaml < config file "
         "< key=value.",
-        f"Recipes: {', '.join(available_recipes()) or '(none found in ' + str(RECIPES_DIR) + ')'}",
+        f"Recipes: {', '.join(available_recipes()) or '(none found in ' + str(RECIPES_DIR) + ')'}"
+        + "".join(f" ({alias} = {name})" for alias, name in RECIPE_ALIASES.items()),
         "",
         "options:",
         "  config = (none)  a YAML file of option: value pairs",

@@ -16,10 +16,11 @@ What is sharded. The LoRA parameters always are (they are what's trained; tiny).
 `shard_base_weights`:
     false   the base is replicated: passed to FSDP as `ignored_params`, so no all-gather ever touches it and the
             packed q/k/v (gate/up) storage of `colocate_shared_input_weights` stays a zero-copy view. Fastest.
-    true    the base is sharded too (bf16, or fp8 codes with qfp8: FSDP shards parameters, the small fp32 scale
-            buffers stay replicated). Fits models that do not fit one GPU; the model is loaded on the CPU and each
-            `fully_shard` moves its block's shards to the GPU. FSDP all-gathers each group's weights into separate
-            allocations that are freed and re-made every step, so the fused q/k/v op cannot find them adjacent;
+    true    the base is sharded too (bf16, fp8 codes with qfp8 or NF4 codes with qnf4: FSDP shards parameters,
+            the small scale buffers stay replicated). Fits models that do not fit one GPU; the model is loaded on
+            the CPU and each `fully_shard` moves its block's shards to the GPU. FSDP all-gathers each group's
+            weights into separate allocations that are freed and re-made every step, so the fused q/k/v op cannot
+            find them adjacent;
             the frozen-concat cache is switched off (`ops.lora_linear.set_frozen_concat_cache(False)`) and the
             group is concatenated per call instead (a transient copy of one group, ~2% of a step for 8B), never a
             cache that would miss and grow every step. The fp8 recipe (bf16 storage quantized once, cached by
@@ -130,15 +131,20 @@ def shutdown() -> None:
 # ---------------------------------------------------------------------------------------------------- the plan
 
 
-def base_weight_bytes(args, dtype: torch.dtype, fp8_blocks: bool = False) -> int:
-    """Bytes of the frozen base as stored: every weight in `dtype`, block linears at 1 byte with fp8 storage."""
+NF4_BYTES_PER_WEIGHT = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # codes + int8 absmax per 64 + fp32 factor per 256 blocks
+
+
+def base_weight_bytes(args, dtype: torch.dtype, fp8_blocks: bool = False, nf4_blocks: bool = False) -> int:
+    """Bytes of the frozen base as stored: every weight in `dtype`, block linears at 1 byte with fp8 storage and
+    ~0.52 bytes with nf4 storage."""
     h, inter = args.hidden_size, args.intermediate_size
     q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
     linears = h * q + 2 * h * kv + q * h + 3 * h * inter
     norms = 2 * h + (2 * args.head_dim if args.qk_norm else 0)
     embed = args.vocab_size * h * (1 if args.tie_word_embeddings else 2)
     item = torch.finfo(dtype).bits // 8
-    return args.num_layers * (linears * (1 if fp8_blocks else item) + norms * item) + (embed + h) * item
+    linear_item = 1 if fp8_blocks else NF4_BYTES_PER_WEIGHT if nf4_blocks else item
+    return int(args.num_layers * (linears * linear_item + norms * item) + (embed + h) * item)
 
 
 def _min_free_gpu_bytes(device: torch.device) -> int:

@@ -45,9 +45,14 @@ def _clean(name: str) -> str:
     return ".".join(p for p in name.split(".") if p not in _WRAPPER_SEGMENTS)
 
 
-def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    """LoRA modules keyed by their Hugging Face module path (wrappers removed)."""
-    return {_clean(name): m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """LoRA modules keyed by their Hugging Face module path (wrappers removed): `LoRALinear`s and the modules the
+    q* recipes put in their place (base stored in FP8 or NF4; same lora_A/lora_B/scaling)."""
+    from ops.fp8 import FP8LoRALinear
+    from ops.nf4 import NF4LoRALinear
+
+    kinds = (LoRALinear, FP8LoRALinear, NF4LoRALinear)
+    return {_clean(name): m for name, m in model.named_modules() if isinstance(m, kinds)}
 
 
 def _refuse_expert_lora(model: nn.Module) -> None:

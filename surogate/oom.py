@@ -46,8 +46,11 @@ def estimate_memory_gib(args: Any, cfg: Any, dtype_bytes: int) -> dict[str, floa
     """A rough per-device memory need, in GiB, by part (weights, lora, activations, loss) plus `total`."""
     total_params, linear_params = _params(args)
     weight_bytes = total_params * dtype_bytes
-    if getattr(getattr(cfg, "precision", None), "weights", "bf16") == "fp8":
-        weight_bytes -= linear_params * (dtype_bytes - 1)  # q* recipes store the targeted linears as 1-byte codes
+    stored = getattr(getattr(cfg, "precision", None), "weights", "bf16")
+    if stored == "fp8":
+        weight_bytes -= linear_params * (dtype_bytes - 1)  # qfp8 stores the targeted linears as 1-byte codes
+    elif stored == "nf4":
+        weight_bytes -= linear_params * (dtype_bytes - 0.516)  # qnf4: 4-bit codes + double-quantized absmax
     # LoRA A and B of every targeted linear, fp32 master + grad + two AdamW moments.
     h, inter = args.hidden_size, args.intermediate_size
     q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim

@@ -56,13 +56,13 @@ def _precision(recipe: str, precision):
     """The recipe's precision section (recipes/NAME.yaml) unless given; None for a registry-only recipe name."""
     if precision is not None:
         return precision
-    from surogate.config import RECIPES_DIR, recipe_precision
+    from surogate.config import RECIPES_DIR, canonical_recipe, recipe_precision
 
-    return recipe_precision(recipe) if (RECIPES_DIR / f"{recipe}.yaml").is_file() else None
+    return recipe_precision(recipe) if (RECIPES_DIR / f"{canonical_recipe(recipe)}.yaml").is_file() else None
 
 
 def quantized_blocks(precision, num_layers: int) -> list[bool]:
-    """Which decoder blocks run the FP8 recipe; skip_quant_first/last_layers keep theirs in bf16."""
+    """Which decoder blocks run the quantized recipe; skip_quant_first/last_layers keep theirs in bf16."""
     if precision is None or not precision.quantized:
         return [False] * num_layers
     first, last = precision.skip_quant_first_layers, precision.skip_quant_last_layers
@@ -75,20 +75,29 @@ def block_recipe(recipe: str, precision, quantized: bool):
         return recipe
     if not quantized:
         return "bf16"
+    if precision.weights == "nf4":
+        from compile_passes.nf4_weights import nf4_recipe_ops
+
+        return nf4_recipe_ops()
     from compile_passes.fp8_weights import fp8_recipe_ops
 
     return fp8_recipe_ops(precision.fp8_grad_format, precision.compute)
 
 
-def quantize_base_weights(model: nn.Module, blocks: list[bool], embedding: bool = False) -> int:
-    """qfp8: replace the LoRA modules of the quantized blocks by `FP8LoRALinear` (e4m3 codes + per-row scales).
+def quantize_base_weights(model: nn.Module, blocks: list[bool], embedding: bool = False, weights: str = "fp8") -> int:
+    """Store the LoRA bases of the quantized blocks in `weights` format, releasing the bf16 copies.
 
-    Shared-input groups (q/k/v, gate/up) are quantized together into one packed storage, so the fused op reads
-    zero-copy views; each bf16 weight is released as its group is done. With `embedding`, an untied input
-    embedding is stored in FP8 too (`FP8Embedding`). Returns the number of modules converted.
+    fp8 (qfp8): `FP8LoRALinear` (e4m3 codes + per-row scales). Shared-input groups (q/k/v, gate/up) are quantized
+    together into one packed storage, so the fused op reads zero-copy views; each bf16 weight is released as its
+    group is done. With `embedding`, an untied input embedding is stored in FP8 too (`FP8Embedding`).
+    nf4 (qnf4): `NF4LoRALinear` per module (NF4 blocks run over the flattened weight, so a group's members are
+    stored separately and the op dequantizes each into its row block). Returns the number of modules converted.
     """
-    from ops.fp8 import FP8Embedding, quantize_lora_base_
     from surogate.lora import LoRALinear
+
+    if weights == "nf4":
+        return _quantize_base_weights_nf4(model, blocks)
+    from ops.fp8 import FP8Embedding, quantize_lora_base_
 
     groups = (*SHARED_INPUT_GROUPS, ("self_attn", ("o_proj",)), ("mlp", ("down_proj",)))
     converted = 0
@@ -110,6 +119,22 @@ def quantize_base_weights(model: nn.Module, blocks: list[bool], embedding: bool 
     return converted
 
 
+def _quantize_base_weights_nf4(model: nn.Module, blocks: list[bool]) -> int:
+    from ops.nf4 import can_quantize_nf4, quantize_lora_base_nf4_
+    from surogate.lora import LoRALinear
+
+    converted = 0
+    for block, quantized in zip(model.model.layers, blocks):
+        if not quantized:
+            continue
+        for parent in (block.self_attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if type(child) is LoRALinear and can_quantize_nf4(child):
+                    setattr(parent, name, quantize_lora_base_nf4_(child))
+                    converted += 1
+    return converted
+
+
 def parallelize(
     model: nn.Module,
     *,
@@ -121,19 +146,21 @@ def parallelize(
 ) -> nn.Module:
     """Apply activation checkpointing, then per-block compilation, to `model.model.layers` in place.
 
-    `precision` (a `surogate.config.PrecisionConfig`) defaults to the recipe file's. FP8 recipes: blocks outside
-    skip_quant_first/last_layers get the FP8 op variant, the others the bf16 one (each group its own backend);
-    with FP8 weight storage (qfp8) those blocks' LoRA bases are quantized here, before compiling, whether or not
-    the model is compiled (the eager module dequantizes: it is the numerical reference).
+    `precision` (a `surogate.config.PrecisionConfig`) defaults to the recipe file's. Quantized recipes: blocks
+    outside skip_quant_first/last_layers get the recipe's op variant (FP8 or NF4), the others the bf16 one (each
+    group its own backend); with FP8 or NF4 weight storage (qfp8, qnf4) those blocks' LoRA bases are quantized
+    here, before compiling, whether or not the model is compiled (the eager module dequantizes: it is the
+    numerical reference).
     """
     layers = model.model.layers
     precision = _precision(recipe, precision)
     quantized = quantized_blocks(precision, len(layers))
-    if (compile and use_passes) or (precision is not None and precision.weights == "fp8"):
+    stored = precision.weights if precision is not None and precision.weights != "bf16" else None
+    if (compile and use_passes) or stored == "fp8":
         colocate_shared_input_weights(model)
-    if precision is not None and precision.weights == "fp8":
-        n = quantize_base_weights(model, quantized, embedding=precision.quantize_embedding)
-        log.info("fp8 weight storage: %d LoRA base weights in %d of %d blocks", n, sum(quantized), len(layers))
+    if stored is not None:
+        n = quantize_base_weights(model, quantized, embedding=precision.quantize_embedding, weights=stored)
+        log.info("%s weight storage: %d LoRA base weights in %d of %d blocks", stored, n, sum(quantized), len(layers))
     if recompute:
         for i, block in enumerate(layers):
             layers[i] = checkpoint_wrapper(block)

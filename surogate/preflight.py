@@ -28,7 +28,7 @@ def check_device_support(cfg: TrainConfig, device: torch.device, dtype: torch.dt
         return
     cap = tuple(torch.cuda.get_device_capability(device))
     gpu = f"{torch.cuda.get_device_name(device)} (compute capability {cap[0]}.{cap[1]})"
-    if cfg.precision.quantized and cap < FP8_MIN_CAPABILITY:
+    if cfg.precision.uses_fp8 and cap < FP8_MIN_CAPABILITY:
         raise ConfigError(
             f"recipe={cfg.recipe} needs FP8 tensor cores (compute capability >= 8.9: L4, L40, H100, H200, B200); "
             f"this GPU is {gpu}: use recipe=bf16 (and recompute=true or a smaller micro batch if memory is tight)"

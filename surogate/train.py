@@ -199,7 +199,12 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
     # Replicate or shard the frozen base (decided before loading: a sharded base is loaded on the CPU and each
     # fully_shard moves only its shards to the GPU).
     model_args = PRESETS[cfg.model] if plan.is_preset else inspect_checkpoint(cfg.model, cfg.allow_pickle)
-    base_bytes = distributed.base_weight_bytes(model_args, plan.dtype, fp8_blocks=cfg.precision.weights == "fp8")
+    base_bytes = distributed.base_weight_bytes(
+        model_args,
+        plan.dtype,
+        fp8_blocks=cfg.precision.weights == "fp8",
+        nf4_blocks=cfg.precision.weights == "nf4",
+    )
     try:
         shard_base, shard_why = distributed.decide_shard_base(
             cfg.shard_base_weights, base_bytes, plan.device, cfg.precision

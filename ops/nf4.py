@@ -1,0 +1,405 @@
+"""NF4 LoRA linear: frozen base weights stored as 4-bit NormalFloat (QLoRA), LoRA in the activation dtype
+(`surogate::lora_linear_nf4`, recipe qnf4; alias qbnb).
+
+Format (QLoRA paper, Dettmers et al. 2023, as bitsandbytes and torchao store it):
+    codes       each weight is the index (4 bits) of the nearest of 16 NormalFloat values (`NF4`, in [-1, 1]) after
+                dividing by its block's absmax; blocks are 64 consecutive elements of the row-major flattened weight.
+                Two codes per byte, the first element in the high nibble: a [out, in] weight is a [out, in/2] uint8
+                tensor (a frozen parameter: FSDP shards it along out, the state-dict key stays `...weight`).
+    absmax      double quantization of the per-block absmax: the mean is subtracted, then each group of 256 blocks
+                is quantized linearly to int8 with its own fp32 factor (`absmax_q / factor + mean` gives it back).
+    bytes       4 bits + 8 bits / 64 + 32 bits / (64 * 256) per weight = 4.127 bits: 0.258x of bf16.
+This is torchao's NF4Tensor layout (quantized_data, quantized_scalers, quantization_factor, scaler_mean), kept as
+plain tensors: a tensor subclass inside a compiled graph is fragile, plain tensors are graph inputs like any other.
+torchao is not needed at run time; the tests check our quantization and dequantization against it.
+
+Compute is bf16 (the recipe's `precision.compute: bf16`; there is no 4-bit tensor-core GEMM to run): the op
+dequantizes the stored codes to the activation dtype inside the forward and again in the backward (dX), runs the
+bf16 LoRA linear arithmetic of `ops.lora_linear` on that, and frees the dense weight. Nothing dense is saved between
+forward and backward, and no weight gradient is ever formed. A shared-input group (q/k/v, gate/up) dequantizes each
+member into its row block of one buffer, so the fused op runs one base GEMM per group.
+
+Dequantization: on CUDA one fused Triton kernel (unpack, look up, undo the double quantization, scale, cast: one
+read of the codes, one write of the dense weight); elsewhere `dequantize_nf4_reference`, the same arithmetic in plain
+torch, in the same order (the kernel matches it bit for bit; tested under TRITON_INTERPRET=1). It is an op of its own
+(`surogate::nf4_dequantize`), so the eager module (`NF4LoRALinear`, the numerical reference) records one graph node
+per weight, which the qnf4 pass (`compile_passes/nf4_weights.py`) replaces by the stored tensors.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ops.lora_linear import _lora_backward, _lora_forward, _split_grads
+
+__all__ = [
+    "BLOCK",
+    "NF4",
+    "SCALE_GROUP",
+    "NF4LoRALinear",
+    "dequantize_nf4",
+    "dequantize_nf4_reference",
+    "dequantize_nf4_triton",
+    "lora_linear_nf4",
+    "lora_linear_nf4_reference",
+    "nf4_dequantize",
+    "nf4_nbytes",
+    "quantize_lora_base_nf4_",
+    "quantize_nf4",
+    "stats",
+]
+
+BLOCK = 64  # weights per absmax block
+SCALE_GROUP = 256  # absmax blocks per double-quantization group
+# The 16 NormalFloat values: quantiles of N(0, 1) normalized to [-1, 1], with an exact zero (QLoRA appendix E;
+# bitsandbytes' table). torchao rounds them to 4 decimals.
+NF4_VALUES = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+NF4 = torch.tensor(NF4_VALUES, dtype=torch.float32)
+EPS = 1e-12  # absmax floor: an all-zero block divides by this, not by zero
+stats: Counter = Counter()  # "nf4_dequantized": stored NF4 weights dequantized by the op (forward and dX)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Quantization (at load) and dequantization (the reference, and what the op runs).
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def quantize_nf4(w: Tensor, codebook: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """[out, in] -> (codes [out, in/2] uint8, absmax_q [n_blocks] int8, factor [n_groups] fp32, mean [1] fp32).
+
+    Computed in fp32 whatever the input dtype. numel must be a multiple of 64; a last double-quantization group of
+    fewer than 256 blocks is allowed (torchao requires full groups). `codebook` (default NF4): tests pass torchao's."""
+    if w.dim() != 2 or w.numel() % BLOCK or w.shape[1] % 2:
+        raise ValueError(f"NF4 needs a 2-D weight with numel divisible by {BLOCK} and an even row; got {list(w.shape)}")
+    blocks = w.detach().float().reshape(-1, BLOCK)  # [n_blocks, 64]
+    absmax = blocks.abs().amax(dim=1)
+    mean = absmax.mean().reshape(1)
+    centered = absmax - mean
+    n_blocks = absmax.numel()
+    groups = F.pad(centered, (0, -n_blocks % SCALE_GROUP)).view(-1, SCALE_GROUP)
+    factor = 256 / (2 * groups.abs().amax(dim=1).clamp_min(EPS))  # int8 levels per unit, per group
+    absmax_q = (groups * factor[:, None]).round().clamp(-128, 127).flatten()[:n_blocks].to(torch.int8)
+    # Codes: the nearest NF4 value to each weight over its block's exact absmax (as bitsandbytes and torchao do;
+    # the double quantization of the absmax is a separate, later rounding).
+    normed = blocks / absmax.clamp_min(EPS)[:, None]
+    table = (NF4 if codebook is None else codebook).to(w.device, torch.float32)
+    mid = (table[1:] + table[:-1]) / 2  # decision boundaries: bucketize = nearest value, without a [numel, 16] temp
+    idx = torch.bucketize(normed.flatten(), mid, out_int32=True).to(torch.uint8)
+    codes = (idx[0::2] << 4) | idx[1::2]
+    return codes.view(w.shape[0], w.shape[1] // 2), absmax_q, factor, mean
+
+
+def _absmax(absmax_q: Tensor, factor: Tensor, mean: Tensor) -> Tensor:
+    """The per-block absmax back from its double quantization, fp32 [n_blocks]."""
+    n = absmax_q.numel()
+    q = F.pad(absmax_q.float(), (0, -n % SCALE_GROUP)).view(-1, SCALE_GROUP)
+    return (q / factor[:, None].float()).flatten()[:n] + mean.float()
+
+
+def dequantize_nf4_reference(
+    codes: Tensor,  # [out, in/2] uint8
+    absmax_q: Tensor,  # [n_blocks] int8
+    factor: Tensor,  # [n_groups] fp32
+    mean: Tensor,  # [1] fp32
+    dtype: torch.dtype = torch.bfloat16,
+    codebook: Tensor | None = None,  # [16]; default NF4 (tests pass torchao's rounded table)
+) -> Tensor:  # [out, in] `dtype`, computed in fp32 and rounded once
+    table = (NF4 if codebook is None else codebook).to(codes.device, torch.float32)
+    idx = torch.stack([codes >> 4, codes & 0xF], dim=-1).long()  # [out, in/2, 2]: high nibble first
+    values = table[idx].view(-1, BLOCK) * _absmax(absmax_q, factor, mean)[:, None]
+    return values.view(codes.shape[0], codes.shape[1] * 2).to(dtype)
+
+
+def _triton_dequantize_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def nf4_dequantize_kernel(
+        codes_ptr, absmax_ptr, factor_ptr, mean_ptr, table_ptr, out_ptr, numel,
+        BLOCK: tl.constexpr, GROUP: tl.constexpr, ELEMS: tl.constexpr,
+    ):  # fmt: skip
+        e = tl.program_id(0).to(tl.int64) * ELEMS + tl.arange(0, ELEMS)  # element indices (row-major)
+        mask = e < numel
+        byte = tl.load(codes_ptr + e // 2, mask=mask, other=0).to(tl.int32)
+        code = (byte >> ((1 - e % 2) * 4).to(tl.int32)) & 0xF  # even element: high nibble
+        value = tl.load(table_ptr + code, mask=mask, other=0.0)
+        block = e // BLOCK
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.float32)
+        f = tl.load(factor_ptr + block // GROUP, mask=mask, other=1.0)
+        absmax = tl.math.div_rn(q, f) + tl.load(mean_ptr)  # as the reference: q / factor + mean, in fp32
+        tl.store(out_ptr + e, (value * absmax).to(out_ptr.dtype.element_ty), mask=mask)
+
+    return nf4_dequantize_kernel
+
+
+_KERNEL = None
+
+
+def dequantize_nf4_triton(
+    codes: Tensor, absmax_q: Tensor, factor: Tensor, mean: Tensor, dtype: torch.dtype = torch.bfloat16,
+    codebook: Tensor | None = None, elems: int = 2048,
+) -> Tensor:  # fmt: skip
+    """The fused kernel, one program per `elems` weights (CUDA, or CPU tensors under TRITON_INTERPRET=1 in tests)."""
+    global _KERNEL
+    if _KERNEL is None:
+        _KERNEL = _triton_dequantize_kernel()
+    table = (NF4 if codebook is None else codebook).to(codes.device, torch.float32)
+    out = torch.empty(codes.shape[0], codes.shape[1] * 2, dtype=dtype, device=codes.device)
+    numel = out.numel()
+    if numel:
+        _KERNEL[(-(-numel // elems),)](
+            codes.contiguous(), absmax_q.contiguous(), factor.float().contiguous(), mean.float(), table, out, numel,
+            BLOCK=BLOCK, GROUP=SCALE_GROUP, ELEMS=elems,
+        )  # fmt: skip
+    return out
+
+
+def dequantize_nf4(
+    codes: Tensor,  # [out, in/2] uint8
+    absmax_q: Tensor,  # [n_blocks] int8
+    factor: Tensor,  # [n_groups] fp32
+    mean: Tensor,  # [1] fp32
+    dtype: torch.dtype = torch.bfloat16,
+    codebook: Tensor | None = None,  # [16]; default NF4 (tests pass torchao's rounded table)
+) -> Tensor:  # [out, in] `dtype`
+    """NF4 -> `dtype`: the Triton kernel on CUDA, the reference elsewhere (bit-identical results)."""
+    if codes.device.type == "cuda":
+        return dequantize_nf4_triton(codes, absmax_q, factor, mean, dtype, codebook)
+    return dequantize_nf4_reference(codes, absmax_q, factor, mean, dtype, codebook)
+
+
+def nf4_nbytes(codes: Tensor, absmax_q: Tensor, factor: Tensor, mean: Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in (codes, absmax_q, factor, mean))
+
+
+@torch.library.custom_op("surogate::nf4_dequantize", mutates_args=())
+def nf4_dequantize(codes: Tensor, absmax_q: Tensor, factor: Tensor, mean: Tensor, dtype: torch.dtype) -> Tensor:
+    """One NF4 weight back to `dtype` (one op, so the pass sees the stored tensors behind it)."""
+    return dequantize_nf4(codes, absmax_q, factor, mean, dtype)
+
+
+@nf4_dequantize.register_fake
+def _(codes: Tensor, absmax_q: Tensor, factor: Tensor, mean: Tensor, dtype: torch.dtype) -> Tensor:
+    return codes.new_empty(codes.shape[0], codes.shape[1] * 2, dtype=dtype)
+
+
+def _dense(weights: Sequence[Tensor], nf4: Sequence[Sequence[Tensor]] | None, dtype: torch.dtype) -> Tensor:
+    """The (group's) base weight as one dense [sum out, in] tensor: stored NF4 dequantized row block by row block,
+    or the dense weights as given (a projection the recipe left unquantized)."""
+    if nf4 is None:
+        if weights[0].dtype == torch.uint8:
+            raise RuntimeError("surogate::lora_linear_nf4 got NF4 codes without their absmax tensors")
+        return weights[0] if len(weights) == 1 else torch.cat(list(weights))
+    absmax_q, factors, means = nf4
+    stats["nf4_dequantized"] += len(weights)
+    if len(weights) == 1:
+        return dequantize_nf4(weights[0], absmax_q[0], factors[0], means[0], dtype)
+    rows = [c.shape[0] for c in weights]
+    out = torch.empty(sum(rows), weights[0].shape[1] * 2, dtype=dtype, device=weights[0].device)
+    for dst, c, a, f, m in zip(out.split(rows), weights, absmax_q, factors, means):
+        dst.copy_(dequantize_nf4(c, a, f, m, dtype))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference (plain torch, differentiable).
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def lora_linear_nf4_reference(
+    x: Tensor,  # [..., in]
+    codes: Tensor,  # [out, in/2] uint8
+    absmax_q: Tensor,
+    factor: Tensor,
+    mean: Tensor,
+    lora_A: Tensor,  # [r, in]
+    lora_B: Tensor,  # [out, r]
+    scaling: float,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """linear(x, dequantize(W)) + scaling * B A x: what `NF4LoRALinear` computes eagerly."""
+    w = dequantize_nf4(codes, absmax_q, factor, mean, x.dtype)
+    return F.linear(x, w, bias) + scaling * F.linear(F.linear(x, lora_A), lora_B)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The op: forward, backward, fakes, autograd.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _nf4_args(absmax_q, factors, means):
+    return None if absmax_q is None else (absmax_q, factors, means)
+
+
+@torch.library.custom_op(
+    "surogate::lora_linear_nf4",
+    mutates_args=(),
+    schema="(Tensor x, Tensor[] weights, Tensor? bias, Tensor[] lora_As, Tensor[] lora_Bs, float[] scalings, "
+    "Tensor[] lora_inputs, Tensor[]? absmax_q=None, Tensor[]? factors=None, Tensor[]? means=None) -> (Tensor, Tensor)",
+)
+def lora_linear_nf4(x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs, absmax_q=None, factors=None, means=None):
+    """Returns (y [..., sum out], xa [N, sum r]); `weights` are NF4 codes when `absmax_q` etc. are given."""
+    w = _dense(weights, _nf4_args(absmax_q, factors, means), x.dtype)
+    return _lora_forward(x, [w], bias, lora_As, lora_Bs, scalings, lora_inputs)
+
+
+def _out_features(weights, absmax_q) -> int:
+    return sum(w.shape[0] for w in weights)
+
+
+def _in_features(weights, absmax_q) -> int:
+    return weights[0].shape[1] * (2 if absmax_q is not None else 1)
+
+
+@lora_linear_nf4.register_fake
+def _(x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs, absmax_q=None, factors=None, means=None):
+    n = x.numel() // x.shape[-1]
+    out = _out_features(weights, absmax_q)
+    return x.new_empty(*x.shape[:-1], out), x.new_empty(n, sum(a.shape[0] for a in lora_As))
+
+
+@torch.library.custom_op(
+    "surogate::lora_linear_nf4_grad",
+    mutates_args=(),
+    schema="(Tensor grad_y, Tensor[] lora_inputs, Tensor xa, Tensor[] weights, Tensor[]? absmax_q, Tensor[]? factors, "
+    "Tensor[]? means, Tensor[] lora_As, Tensor[] lora_Bs, float[] scalings, bool shared_input, bool needs_grad_x) "
+    "-> (Tensor, Tensor, Tensor, Tensor[])",
+)
+def lora_linear_nf4_grad(
+    grad_y, lora_inputs, xa, weights, absmax_q, factors, means, lora_As, lora_Bs, scalings, shared_input, needs_grad_x
+):
+    """(grad_x or empty, grad_A_cat, grad_B_full, grad_lora_inputs), as `surogate::lora_linear_grad`; the base
+    weight is dequantized again here (only when dX is needed)."""
+    nf4 = _nf4_args(absmax_q, factors, means)
+    if needs_grad_x:
+        w = _dense(weights, nf4, grad_y.dtype)
+    else:  # _lora_backward reads only the input width then
+        w = grad_y.new_empty(0, _in_features(weights, absmax_q))
+    return _lora_backward(grad_y, lora_inputs, xa, [w], lora_As, lora_Bs, scalings, shared_input, needs_grad_x)
+
+
+@lora_linear_nf4_grad.register_fake
+def _(grad_y, lora_inputs, xa, weights, absmax_q, factors, means, lora_As, lora_Bs, scalings, shared, needs_x):
+    d_in = _in_features(weights, absmax_q)
+    rank = sum(a.shape[0] for a in lora_As)
+    grad_a, grad_b = grad_y.new_empty(rank, d_in), grad_y.new_empty(grad_y.shape[-1], rank)
+    if not needs_x:
+        return grad_y.new_empty(0), grad_a, grad_b, []
+    grad_x = grad_y.new_empty(*grad_y.shape[:-1], d_in)
+    return grad_x, grad_a, grad_b, [] if shared else [xl.new_empty(xl.shape) for xl in lora_inputs]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs = inputs[:7]
+    nf4 = list(inputs[7:10]) + [None] * (10 - len(inputs))
+    if any(w.requires_grad for w in weights) or (bias is not None and bias.requires_grad):
+        raise RuntimeError("surogate::lora_linear_nf4 never computes a base weight/bias gradient: freeze the base")
+    ctx.shared_input = len(lora_inputs) == 0
+    ctx.n = len(weights)
+    ctx.has_nf4 = nf4[0] is not None
+    ctx.scalings = list(scalings)
+    ctx.ranks = [a.shape[0] for a in lora_As]
+    ctx.outs = [b.shape[0] for b in lora_Bs]
+    saved_inputs = [x] if ctx.shared_input else list(lora_inputs)
+    ctx.k = len(saved_inputs)
+    stored = [t for group in nf4 if group is not None for t in group]
+    ctx.save_for_backward(output[1], *saved_inputs, *weights, *stored, *lora_As, *lora_Bs)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_y, _grad_xa):
+    xa, *saved = ctx.saved_tensors
+    k, n = ctx.k, ctx.n
+    lora_inputs, saved = saved[:k], saved[k:]
+    weights, saved = saved[:n], saved[n:]
+    if ctx.has_nf4:
+        absmax_q, factors, means, saved = saved[:n], saved[n : 2 * n], saved[2 * n : 3 * n], saved[3 * n :]
+    else:
+        absmax_q = factors = means = None
+    lora_As, lora_Bs = saved[:n], saved[n:]
+    needs_grad_x = ctx.needs_input_grad[0] or any(ctx.needs_input_grad[6])
+    grad_x, grad_a, grad_b, grad_lora_inputs = lora_linear_nf4_grad(
+        grad_y, lora_inputs, xa, weights, absmax_q, factors, means, lora_As, lora_Bs, ctx.scalings, ctx.shared_input,
+        needs_grad_x,
+    )  # fmt: skip
+    grad_As, grad_Bs = _split_grads(grad_a, grad_b, ctx.ranks, ctx.outs)
+    if not needs_grad_x:
+        grad_x, grad_lora_inputs = None, [None] * (0 if ctx.shared_input else k)
+    # needs_input_grad has one entry per argument as called (options left at their defaults are not passed)
+    options = [[None] * n if ctx.has_nf4 else None] * 3
+    return grad_x, [None] * n, None, grad_As, grad_Bs, None, grad_lora_inputs, *options[: len(ctx.needs_input_grad) - 7]
+
+
+lora_linear_nf4.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# qnf4 storage: the eager module (numerical reference) and the conversion that makes it.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class NF4LoRALinear(nn.Module):
+    """LoRALinear whose frozen base is stored in NF4: `weight` (codes [out, in/2] uint8, a frozen parameter, so FSDP
+    shards it and the state-dict key stays `...weight`) and the buffers `weight_absmax` (int8 per 64-weight block),
+    `weight_absmax_factor` (fp32 per 256 blocks) and `weight_absmax_mean` (fp32 [1]).
+
+    Eager forward (the reference the pass rewrites): `linear(x, nf4_dequantize(W)) + scaling * lora(x)`.
+    """
+
+    def __init__(self, lora: nn.Module, codes: Tensor, absmax_q: Tensor, factor: Tensor, mean: Tensor):
+        super().__init__()
+        self.in_features, self.out_features = lora.in_features, lora.out_features
+        self.rank, self.scaling = lora.rank, lora.scaling
+        self.weight = nn.Parameter(codes, requires_grad=False)
+        self.register_buffer("weight_absmax", absmax_q)
+        self.register_buffer("weight_absmax_factor", factor)
+        self.register_buffer("weight_absmax_mean", mean)
+        self.bias = lora.bias
+        self.lora_A, self.lora_B, self.dropout = lora.lora_A, lora.lora_B, lora.dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.lora_A.to(x.dtype)
+        b = self.lora_B.to(x.dtype)
+        # the OpOverload itself, so every Dynamo version records one node (the pass looks for exactly this op)
+        w = torch.ops.surogate.nf4_dequantize.default(
+            self.weight, self.weight_absmax, self.weight_absmax_factor, self.weight_absmax_mean, x.dtype
+        )
+        return F.linear(x, w, self.bias) + self.scaling * F.linear(F.linear(self.dropout(x), a), b)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}, nf4 base"
+
+
+def can_quantize_nf4(module: nn.Module) -> bool:
+    return module.in_features % 2 == 0 and (module.in_features * module.out_features) % BLOCK == 0
+
+
+def quantize_lora_base_nf4_(module: nn.Module) -> NF4LoRALinear:
+    """The NF4 replacement of one LoRA module (to be set in its place by the caller); releases the module's
+    reference to its dense weight (the memory is freed once nothing else, e.g. a packed group, holds it)."""
+    new = NF4LoRALinear(module, *quantize_nf4(module.weight.detach()))
+    module.weight = None
+    return new

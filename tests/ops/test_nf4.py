@@ -1,0 +1,219 @@
+"""ops/nf4.py: the NF4 codebook, quantization and dequantization against the QLoRA table and torchao's NF4Tensor,
+round-trip error, storage bytes, and surogate::lora_linear_nf4 against its eager reference and the exact LoRA
+linear (y, dX, dA, dB)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ops import nf4
+from ops.lora_linear import lora_linear_reference
+from ops.nf4 import dequantize_nf4, lora_linear_nf4_reference, quantize_nf4
+
+OP = torch.ops.surogate.lora_linear_nf4.default
+# The QLoRA paper's NF4 values (appendix E; bitsandbytes' table), written out independently of ops/nf4.py.
+PAPER_NF4 = [
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+]  # fmt: skip
+# torchao's table (the same values rounded to 4 decimals), for exact comparisons with NF4Tensor.
+TORCHAO_NF4 = torch.tensor(
+    [-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0, 0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626,
+     0.7230, 1.0]
+)  # fmt: skip
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert torch.isfinite(a).all()
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _torchao():
+    quantization = pytest.importorskip("torchao.quantization")
+    return quantization.to_nf4
+
+
+# ------------------------------------------------------------------------------------------------ format
+
+
+def test_codebook_is_the_paper_table():
+    assert nf4.NF4.dtype == torch.float32 and nf4.NF4.tolist() == torch.tensor(PAPER_NF4).tolist()
+
+
+def test_dequantize_each_code_exactly():
+    # one block holding every code twice; absmax quantized exactly (a single block: mean = absmax, factor from 0)
+    idx = torch.arange(16, dtype=torch.uint8).repeat(4)  # 64 codes = one block
+    codes = ((idx[0::2] << 4) | idx[1::2]).view(1, 32)
+    absmax_q, factor, mean = torch.zeros(1, dtype=torch.int8), torch.ones(1), torch.tensor([0.5])
+    got = dequantize_nf4(codes, absmax_q, factor, mean, torch.float32)
+    assert torch.equal(got.view(-1), 0.5 * torch.tensor(PAPER_NF4).repeat(4))
+
+
+def test_quantize_roundtrip_error_on_normal_weights():
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(0)) * 0.02
+    codes, absmax_q, factor, mean = quantize_nf4(w)
+    assert codes.shape == (256, 256) and codes.dtype == torch.uint8
+    assert absmax_q.shape == (256 * 512 // 64,) and absmax_q.dtype == torch.int8
+    assert factor.shape == (256 * 512 // 64 // 256,) and factor.dtype == torch.float32 and mean.shape == (1,)
+    error = rel(dequantize_nf4(codes, absmax_q, factor, mean, torch.float32), w)
+    assert 0.05 < error < 0.11  # 4 bits: ~9% relative (Frobenius) on Gaussian weights; fp8 e4m3 is ~2.5%
+
+
+def test_partial_last_scale_group_and_bf16():
+    w = torch.randn(3, 192, generator=torch.Generator().manual_seed(1)).bfloat16()  # 9 blocks: one partial group
+    stored = quantize_nf4(w)
+    got = dequantize_nf4(*stored, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and rel(got, w) < 0.11
+    with pytest.raises(ValueError, match="divisible by 64"):
+        quantize_nf4(torch.randn(3, 10))
+
+
+def test_matches_torchao_nf4tensor():
+    to_nf4 = _torchao()
+    w = torch.randn(128, 256, generator=torch.Generator().manual_seed(2))
+    t = to_nf4(w, 64, 256)
+    components = (t.quantized_data.view(128, 128), t.quantized_scalers, t.quantization_factor, t.scaler_mean.view(1))
+    # our dequantization of torchao's components is torchao's dequantization, bit for bit
+    assert torch.equal(dequantize_nf4(*components, torch.float32, codebook=TORCHAO_NF4), t.get_original_weight())
+    # our quantization (with torchao's rounded table) gives torchao's components, bit for bit
+    for ours, theirs in zip(quantize_nf4(w, codebook=TORCHAO_NF4), components):
+        assert torch.equal(ours, theirs)
+    # with the exact table: the same scales, codes differ only where the 4-decimal rounding moves a boundary
+    codes, *scales = quantize_nf4(w)
+    assert all(torch.equal(a, b) for a, b in zip(scales, components[1:]))
+    assert (codes != components[0]).float().mean().item() < 1e-3
+
+
+def test_storage_bytes_vs_bf16():
+    w = torch.randn(1024, 1024).bfloat16()
+    stored = quantize_nf4(w)
+    ratio = nf4.nf4_nbytes(*stored) / (w.numel() * w.element_size())
+    assert ratio == pytest.approx((4 + 8 / 64 + 32 / 64 / 256) / 16, abs=1e-5)  # 4.127 bits: 0.258x
+
+
+_INTERPRETED = """
+import torch
+from ops.nf4 import dequantize_nf4_reference, dequantize_nf4_triton, quantize_nf4
+g = torch.Generator().manual_seed(5)
+for rows, cols, elems in [(5, 192, 256), (64, 512, 2048), (3, 64, 64)]:  # partial programs and scale groups
+    stored = quantize_nf4(torch.randn(rows, cols, generator=g) * 0.05)
+    f32 = dequantize_nf4_triton(*stored, torch.float32, elems=elems)
+    assert torch.equal(f32, dequantize_nf4_reference(*stored, torch.float32))
+    # The interpreter's fp32->bf16 cast truncates; the GPU's rounds to nearest even (test_triton_dequantize_on_gpu).
+    bf16 = dequantize_nf4_triton(*stored, torch.bfloat16, elems=elems)
+    assert torch.equal(bf16, (f32.view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16))
+print("ok")
+"""
+
+
+def test_triton_dequantize_kernel_matches_reference_interpreted():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_dequantize_on_gpu():
+    stored = quantize_nf4(torch.randn(1000, 2048, device="cuda").bfloat16())
+    for dtype in (torch.float32, torch.bfloat16):
+        got = nf4.dequantize_nf4_triton(*stored, dtype)
+        assert torch.equal(got, nf4.dequantize_nf4_reference(*stored, dtype))
+
+
+# ------------------------------------------------------------------------------------------------ the op
+
+# (leading dims, in, outs per projection, ranks): a single projection and a q/k/v-like group
+SHAPES = [((3, 16), 64, [48], [4]), ((2, 24), 128, [128, 64, 64], [8, 8, 8])]
+
+
+def _inputs(lead, d_in, outs, ranks, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, d_in, generator=g).to(dtype).requires_grad_()
+    ws = [(torch.randn(o, d_in, generator=g) / d_in**0.5).to(dtype) for o in outs]
+    As = [(torch.randn(r, d_in, generator=g) / d_in**0.5).to(dtype).requires_grad_() for r in ranks]
+    Bs = [(torch.randn(o, r, generator=g) * 0.5).to(dtype).requires_grad_() for o, r in zip(outs, ranks)]
+    return x, ws, As, Bs
+
+
+def _grads(y, x, As, Bs, seed=1):
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.dtype)
+    return torch.autograd.grad(y, [x, *As, *Bs], dy, retain_graph=True)
+
+
+def _call(x, stored, As, Bs, scalings, lora_inputs=()):
+    codes, absmax_q, factors, means = (list(t) for t in zip(*stored))
+    return OP(x, codes, None, As, Bs, scalings, list(lora_inputs), absmax_q, factors, means)[0]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_op_vs_dequantized_reference_and_exact(shape, dtype):
+    x, ws, As, Bs = _inputs(*shape, dtype=dtype)
+    stored = [quantize_nf4(w) for w in ws]
+    scalings = [2.0] * len(ws)
+    y = _call(x, stored, As, Bs, scalings)
+    # the eager reference: the same dequantized weight in a plain LoRA linear (tight: same arithmetic, other order)
+    deq = [dequantize_nf4(*s, dtype) for s in stored]
+    ref = lora_linear_reference(x, deq, None, As, Bs, scalings)
+    tight = 1e-5 if dtype == torch.float32 else 1e-2
+    assert y.dtype == dtype and rel(y, ref) < tight
+    for got, want in zip(_grads(y, x, As, Bs), _grads(ref, x, As, Bs)):
+        assert rel(got, want) < tight
+    # against the unquantized LoRA linear: the 4-bit error (~9% on the base) shows in y and dX; dA and dB
+    # depend on the base only through nothing (dB = s dy^T xA, dA = s (dy B)^T x): exact up to rounding
+    exact = lora_linear_reference(x, ws, None, As, Bs, scalings)
+    assert rel(y, exact) < 0.12
+    got, want = _grads(y, x, As, Bs), _grads(exact, x, As, Bs)
+    assert rel(got[0], want[0]) < 0.12
+    for g_lora, w_lora in zip(got[1:], want[1:]):
+        assert rel(g_lora, w_lora) < tight
+
+
+def test_op_matches_module_reference_with_bias_and_dropout():
+    x, (w,), (a,), (b,) = _inputs((4, 8), 64, [32], [4])
+    stored = quantize_nf4(w)
+    bias = torch.randn(32)
+    drop = F.dropout(x, 0.3)
+    codes, absmax_q, factor, mean = stored
+    y = OP(x, [codes], bias, [a], [b], [2.0], [drop], [absmax_q], [factor], [mean])[0]
+    want = lora_linear_reference(x, [dequantize_nf4(*stored, x.dtype)], bias, [a], [b], [2.0], [drop])
+    assert rel(y, want) < 1e-6
+    for got, ref in zip(_grads(y, x, [a], [b]), _grads(want, x, [a], [b])):
+        assert rel(got, ref) < 1e-6
+    plain = lora_linear_nf4_reference(x, *stored, a, b, 2.0, bias)
+    y_plain = OP(x, [codes], bias, [a], [b], [2.0], [], [absmax_q], [factor], [mean])[0]
+    assert rel(y_plain, plain) < 1e-6
+
+
+def test_module_stores_only_nf4():
+    from surogate.lora import LoRALinear
+
+    base = torch.nn.Linear(128, 64, bias=False)
+    lora = LoRALinear(base, rank=4, alpha=8.0)
+    torch.nn.init.normal_(lora.lora_B, std=0.02)
+    x = torch.randn(2, 5, 128)
+    dense = lora(x)
+    module = nf4.quantize_lora_base_nf4_(lora)
+    assert lora.weight is None and module.weight.dtype == torch.uint8 and not module.weight.requires_grad
+    assert [p.dtype for p in module.parameters() if not p.requires_grad] == [torch.uint8]
+    assert rel(module(x), dense) < 0.12
+
+
+def test_opcheck():
+    x, ws, As, Bs = _inputs((2, 4), 64, [16], [2])
+    codes, absmax_q, factor, mean = quantize_nf4(ws[0])
+    args = (x, [codes], None, As, Bs, [2.0], [], [absmax_q], [factor], [mean])
+    torch.library.opcheck(OP, args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.surogate.nf4_dequantize.default, (codes, absmax_q, factor, mean, torch.bfloat16),
+        test_utils=("test_schema", "test_faketensor"),
+    )  # fmt: skip
