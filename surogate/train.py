@@ -213,7 +213,12 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
         raise ConfigError(str(e)) from None
     load_device = torch.device("cpu") if shard_base else plan.device
     model, args = load_model(
-        cfg.model, load_device, plan.dtype, attn_backend=plan.attn_backend, allow_pickle=cfg.allow_pickle
+        cfg.model,
+        load_device,
+        plan.dtype,
+        attn_backend=plan.attn_backend,
+        allow_pickle=cfg.allow_pickle,
+        compute_device=plan.device,
     )
     base_name = str(Path(cfg.model).resolve()) if not plan.is_preset else cfg.model
     n_params = sum(p.numel() for p in model.parameters())

@@ -96,7 +96,9 @@ def build_ours(
         if distributed.rank0():
             print(why, file=sys.stderr)
     load_device = torch.device("cpu") if shard_base else device
-    model, args = load_model(model_name, device=load_device, dtype=torch.bfloat16, attn_backend=attn_backend)
+    model, args = load_model(
+        model_name, device=load_device, dtype=torch.bfloat16, attn_backend=attn_backend, compute_device=device
+    )
     apply_lora(model, LoRAConfig(rank=s.rank, alpha=s.alpha, dtype=torch.float32))
     check = check_eager and not distributed.is_distributed()
     if check:  # nonzero B, so the LoRA branch matters in the comparison

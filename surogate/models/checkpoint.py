@@ -176,12 +176,17 @@ def load_model(
     dtype: torch.dtype = torch.bfloat16,
     attn_backend: str = "auto",
     allow_pickle: bool = False,
+    compute_device: torch.device | str | None = None,
 ) -> tuple[Qwen3ForCausalLM, ModelArgs]:
-    """Build a model from a checkpoint directory (weights streamed to `device`) or a preset / ModelArgs (random)."""
+    """Build a model from a checkpoint directory (weights streamed to `device`) or a preset / ModelArgs (random).
+
+    `compute_device` is where the model will run when that differs from where it is loaded (FSDP with a sharded
+    base loads on the CPU and moves each rank's shards to its GPU): the attention backend is chosen for it.
+    """
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    backend = resolve_backend(attn_backend, device)
+    backend = resolve_backend(attn_backend, device if compute_device is None else compute_device)
     if isinstance(path_or_preset, ModelArgs) or str(path_or_preset) in PRESETS:
         args = path_or_preset if isinstance(path_or_preset, ModelArgs) else dataclasses.replace(PRESETS[path_or_preset])
         with torch.device("meta"):

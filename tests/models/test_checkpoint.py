@@ -110,3 +110,11 @@ def test_pickle_checkpoints_need_allow_pickle(tmp_path, ckpt):
     ids, pos = _ids(args.vocab_size)
     with torch.no_grad():
         assert torch.equal(loaded(ids, pos), model(ids, pos))
+
+
+def test_attention_backend_is_chosen_for_the_compute_device():
+    """FSDP with a sharded base loads on the CPU but computes on the GPU: attention must be picked for the GPU."""
+    model, _ = load_model("tiny", device="cpu", dtype=torch.float32, attn_backend="auto", compute_device="cuda")
+    assert model.model.backend == "flex"
+    model, _ = load_model("tiny", device="cpu", dtype=torch.float32, attn_backend="auto")
+    assert model.model.backend == "sdpa"
