@@ -99,6 +99,11 @@ def preflight(cfg: TrainConfig) -> Plan:
     except (ValueError, OSError) as e:
         raise ConfigError(f"model: {e}") from None
     check_sequence_len(cfg, args)
+    if args.num_experts:  # the block and its LoRA exist (surogate/models/moe.py); the adapter export does not yet
+        raise ConfigError(
+            "model: Qwen3-MoE fine-tuning is not supported yet (its expert LoRA cannot be exported as a PEFT adapter); "
+            "use a dense Qwen3 or Llama checkpoint"
+        )
     if len(tokenizer) > args.vocab_size:
         raise ConfigError(f"model: its tokenizer has {len(tokenizer)} tokens but vocab_size is {args.vocab_size}")
     try:

@@ -201,3 +201,9 @@ def test_output_dir_holding_another_run(tmp_path, capsys):
     assert "resume_from_checkpoint=true" in err
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-5", "metrics.jsonl"]
     assert (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+
+
+
+def test_moe_model_is_refused_before_training(tmp_path, capsys):
+    """The MoE block exists but its adapter cannot be exported yet: refuse up front, not after hours of training."""
+    _refused(capsys, tmp_path / "run", ["model=qwen3-30b-a3b"], "Qwen3-MoE fine-tuning is not supported yet")
