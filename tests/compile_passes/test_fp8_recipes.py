@@ -7,33 +7,18 @@ import dataclasses
 
 import pytest
 import torch
+from tiny_lora import random_batch, tiny_lora_model
 
 from ops import fp8
 from surogate.config import recipe_precision
-from surogate.lora import LoRAConfig, LoRALinear, apply_lora
-from surogate.models.checkpoint import load_model
+from surogate.lora import LoRALinear
 from surogate.parallelize import parallelize, quantized_blocks
 
 FP8_OP = torch.ops.surogate.lora_linear_fp8.default
 
 
 def _model(layers: int = 4):
-    from surogate.models.presets import PRESETS
-
-    args = dataclasses.replace(PRESETS["tiny"], num_layers=layers)
-    torch.manual_seed(0)
-    model, args = load_model(args, "cpu", torch.float32)
-    apply_lora(model, LoRAConfig(rank=4))
-    for p in model.parameters():
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.02)  # B != 0: every path matters
-    return model, args
-
-
-def _batch(args):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, args.vocab_size, (2, 32), generator=g)
-    return ids, torch.arange(32).repeat(2, 1), ids.roll(-1, 1)
+    return tiny_lora_model(layers)
 
 
 def test_quantized_blocks_respects_skips():
@@ -46,7 +31,7 @@ def test_quantized_blocks_respects_skips():
 def test_fp8_op_in_exactly_the_configured_blocks(recipe):
     torch._dynamo.reset()  # other tests' cache entries for Qwen3Block.forward count towards the recompile limit
     model, args = _model(layers=4)
-    ids, pos, labels = _batch(args)
+    ids, pos, labels = random_batch(args)
     eager = model(ids, pos, labels)[0].item()
     p = dataclasses.replace(recipe_precision(recipe), skip_quant_first_layers=1, skip_quant_last_layers=1)
     parallelize(model, recipe=recipe, precision=p, compile=True)

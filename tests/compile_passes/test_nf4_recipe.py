@@ -7,33 +7,19 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from tiny_lora import random_batch, tiny_lora_model
 
 from compile_passes.registry import recipe_ops
 from ops import nf4
 from surogate.config import load_config, recipe_precision
-from surogate.lora import LoRAConfig, LoRALinear, apply_lora
-from surogate.models.checkpoint import load_model
+from surogate.lora import LoRALinear
 from surogate.parallelize import parallelize
 
 NF4_OP = torch.ops.surogate.lora_linear_nf4.default
 
 
 def _model(layers: int = 3):
-    from surogate.models.presets import PRESETS
-
-    args = dataclasses.replace(PRESETS["tiny"], num_layers=layers)
-    torch.manual_seed(0)
-    model, args = load_model(args, "cpu", torch.float32)
-    apply_lora(model, LoRAConfig(rank=4))
-    for p in model.parameters():
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.02)  # B != 0: every path matters
-    return model, args
-
-
-def _batch(args):
-    ids = torch.randint(0, args.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
-    return ids, torch.arange(32).repeat(2, 1), ids.roll(-1, 1)
+    return tiny_lora_model(layers)
 
 
 def _lora_base_bytes(model) -> int:
@@ -57,7 +43,7 @@ def test_recipe_and_alias():
 def test_nf4_storage_pass_and_parity():
     torch._dynamo.reset()  # other tests' cache entries for Qwen3Block.forward count towards the recompile limit
     model, args = _model(layers=2)
-    ids, pos, labels = _batch(args)
+    ids, pos, labels = random_batch(args)
     bf16_bytes = _lora_base_bytes(model)
     p = dataclasses.replace(recipe_precision("qnf4"), skip_quant_first_layers=1)
     eager_model, _ = _model(layers=2)
@@ -93,7 +79,7 @@ def test_pass_hands_the_op_the_stored_tensors():
     backend = make_backend(nf4_recipe_ops(), keep_graphs=True, inductor=False)
     block = model.model.layers[0]
     model.model.layers[0] = torch.compile(block, backend=backend, fullgraph=True)
-    ids, pos, labels = _batch(args)
+    ids, pos, labels = random_batch(args)
     model(ids, pos, labels)[0].backward()
     (gm,) = backend.stats.graphs
     calls = [n for n in gm.graph.nodes if n.target is NF4_OP]
