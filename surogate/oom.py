@@ -137,6 +137,8 @@ def train_with_oom_retry(trainer: Any, cfg: Any) -> None:
         epoch, micro_step = trainer.window_start
         factor = shrink_micro_batch(cfg)
         trainer.optimizer.zero_grad(set_to_none=True)
+        if getattr(trainer, "micro_step", None) is not None:  # a CUDA graph holds the old shapes: capture anew
+            trainer.micro_step = type(trainer.micro_step)(trainer.model)
         trainer.state.epoch, trainer.state.micro_step = epoch, micro_step * factor
         for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
             trainer.config_dict[key] = getattr(cfg, key)  # checkpoints record what actually ran

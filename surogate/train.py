@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from surogate.config import ConfigError, TrainConfig, help_text, load_config
+from surogate.cuda_graphs import GraphedMicroStep, cuda_graphs_enabled
 
 __all__ = ["main", "preflight", "run"]
 
@@ -45,6 +46,7 @@ class Plan:
     tokenizer: Any
     model_args: Any = None  # ModelArgs read from config.json / the preset (no weights)
     dataset: Any = None  # the packed dataset, built and checked by preflight
+    cuda_graphs: bool = False  # replay micro-steps from a CUDA graph (surogate/cuda_graphs.py)
 
 
 def _data_config(cfg: TrainConfig):
@@ -133,8 +135,14 @@ def preflight(cfg: TrainConfig) -> Plan:
         except ImportError as e:
             log.warning("compile_passes backend not available (%s): compiling with plain Inductor", e)
             use_passes = False
+    try:
+        graphs = cuda_graphs_enabled(cfg.cuda_graphs, device, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     dataset = build_checked_dataset(cfg, data_cfg, tokenizer)  # last: the one check that reads every row
-    return Plan(device, dtype, backend, resume, is_preset, compile, use_passes, data_cfg, tokenizer, args, dataset)
+    return Plan(
+        device, dtype, backend, resume, is_preset, compile, use_passes, data_cfg, tokenizer, args, dataset, graphs
+    )
 
 
 # Options that may change between a checkpoint and its resumption without changing the loss curve.
@@ -150,6 +158,7 @@ _RESUME_FREE = {
     "compile",
     "use_passes",
     "recompute",
+    "cuda_graphs",
     "attn_backend",
     "shard_base_weights",
 }
@@ -318,6 +327,7 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
         scheduler,
         adapter_kwargs,
         config_dict,
+        micro_step=GraphedMicroStep(model) if plan.cuda_graphs else None,
     )
     try:
         train_with_oom_retry(trainer, cfg)  # trainer.train(), with oom_retry's smaller micro batch on CUDA OOM

@@ -91,6 +91,7 @@ class Trainer:
         scheduler,
         adapter_kwargs: dict,
         config_dict: dict,
+        micro_step=None,
     ) -> None:
         self.cfg, self.model, self.dataset, self.batches_fn = cfg, model, dataset, batches_fn
         self.device, self.output_dir, self.total_steps = device, output_dir, total_steps
@@ -98,6 +99,9 @@ class Trainer:
         self.adapter_kwargs, self.config_dict = adapter_kwargs, config_dict
         self.rank, self.world_size = dist_info()
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # A `surogate.cuda_graphs.GraphedMicroStep` (forward + backward replayed from one CUDA graph), or None.
+        # Its captured backward adds into the existing .grad tensors, so they are zeroed in place, never dropped.
+        self.micro_step = micro_step
         # Bad-step counters live on the device (updated without a sync); see `apply` and `_check_bad`.
         self._bad_run = torch.tensor(state.bad_run, device=device)
         self._bad_run_max = self._bad_run.clone()
@@ -137,6 +141,11 @@ class Trainer:
             real += _real_tokens(batch)
             distributed.set_gradient_sync(self.model, last)  # reduce only in the window's final backward
             ids, pos, labels = (_to_device(batch[k], dev) for k in ("input_ids", "position_ids", "labels"))
+            if self.micro_step is not None:  # one process: forward + backward in one call, no communication
+                ls, nt = self.micro_step(ids, pos, labels)
+                loss_sum += ls
+                n_tok += nt
+                continue
             ls, nt = self.model(ids, pos, labels)
             loss_sum += ls.detach()
             n_tok += nt
@@ -164,7 +173,7 @@ class Trainer:
         elif bool(finite):  # CPU: reading the flag costs nothing there
             self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=self.micro_step is None)
         self._bad_run = torch.where(finite, 0, self._bad_run + 1)
         self._bad_run_max = torch.maximum(self._bad_run_max, self._bad_run)
         self._bad_total += (~finite).long()

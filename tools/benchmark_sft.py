@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -81,9 +82,21 @@ def random_batches(vocab: int, s: Setting, device: torch.device, seed: int = 0) 
 
 
 def build_ours(
-    model_name, recipe, passes, recompute, attn_backend, device, s: Setting, compile=True, shard="auto", check_eager=0
+    model_name,
+    recipe,
+    passes,
+    recompute,
+    attn_backend,
+    device,
+    s: Setting,
+    compile=True,
+    shard="auto",
+    check_eager=0,
+    cuda_graphs="auto",
 ):
+    """Our model as training runs it; returns (model, args, micro_step(batch, total_tokens): forward + backward)."""
     from surogate import distributed
+    from surogate.cuda_graphs import cuda_graphs_enabled
     from surogate.lora import LoRAConfig, apply_lora
     from surogate.models.checkpoint import load_model
     from surogate.models.presets import PRESETS
@@ -115,11 +128,22 @@ def build_ours(
         distributed.apply_fsdp(model, shard_base)
     model.shard_base = shard_base
 
-    def loss_fn(batch, total_tokens):
-        loss_sum, _ = model(batch["input_ids"], batch["position_ids"], batch["labels"])
-        return loss_sum / total_tokens
+    if cuda_graphs_enabled(cuda_graphs, device, 2 if distributed.is_distributed() else 1):
+        from surogate.cuda_graphs import GraphedMicroStep
 
-    return model, args, loss_fn
+        graphed = GraphedMicroStep(model)
+
+        def micro_step(batch, total_tokens):  # backward of loss_sum; the grads are divided once per step
+            graphed(batch["input_ids"], batch["position_ids"], batch["labels"])
+
+        micro_step.graphed = graphed
+        return model, args, micro_step
+
+    def micro_step(batch, total_tokens):
+        loss_sum, _ = model(batch["input_ids"], batch["position_ids"], batch["labels"])
+        (loss_sum / total_tokens).backward()
+
+    return model, args, micro_step
 
 
 def _mean_loss(model, batch) -> float:
@@ -143,33 +167,42 @@ def build_hf_peft(model_name: str, device, s: Setting):
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(model, LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=0.0, target_modules=targets))
 
-    def loss_fn(batch, total_tokens):
+    def micro_step(batch, total_tokens):
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-        return (
-            torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), reduction="sum")
-            / total_tokens
-        )
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), reduction="sum")
+        (loss / total_tokens).backward()
 
-    return model, args, loss_fn
+    return model, args, micro_step
 
 
-def profile_step(model, loss_fn, batches, params, opt, path: Path) -> None:
+def optimizer_step(model, micro_step, batches, total_tokens: int, params, opt) -> None:
+    """One optimizer step as the trainer runs it: micro-steps, (graphed: divide the grads), clip, AdamW, zero."""
+    from surogate import distributed
+
+    graphed = getattr(micro_step, "graphed", None) is not None
+    for i, batch in enumerate(batches):
+        distributed.set_gradient_sync(model, i == len(batches) - 1)  # reduce in the last backward only
+        micro_step(batch, total_tokens)
+    if graphed:
+        torch._foreach_div_([p.grad for p in params], float(total_tokens))
+    distributed.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=not graphed)  # a CUDA graph adds into the same .grad tensors every step
+
+
+def profile_step(model, micro_step, batches, params, opt, path: Path) -> None:
     """One more optimizer step under torch.profiler: the kernel table by CUDA time goes to `path`."""
     from torch.profiler import ProfilerActivity, profile
 
     total_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for batch in batches:
-            loss_fn(batch, total_tokens).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(model, micro_step, batches, total_tokens, params, opt)
         torch.cuda.synchronize()
     path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=90))
     prof.export_chrome_trace(str(path.with_suffix(".json")))
 
 
-def time_training(model, loss_fn, batches, s: Setting, device, profile_to: Path | None = None) -> dict:
+def time_training(model, micro_step, batches, s: Setting, device, profile_to: Path | None = None) -> dict:
     from surogate import distributed
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -180,19 +213,14 @@ def time_training(model, loss_fn, batches, s: Setting, device, profile_to: Path 
         sync(device)
         distributed.barrier()  # ranks start each step together (distributed; else nothing)
         t0 = time.perf_counter()
-        for i, batch in enumerate(batches):
-            distributed.set_gradient_sync(model, i == len(batches) - 1)  # reduce in the last backward only
-            loss_fn(batch, total_tokens).backward()
-        distributed.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(model, micro_step, batches, total_tokens, params, opt)
         sync(device)
         times.append(time.perf_counter() - t0)
         if step == 0 and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
     step_s = statistics.median(times[s.warmup :])
     if profile_to is not None:
-        profile_step(model, loss_fn, batches, params, opt, profile_to)
+        profile_step(model, micro_step, batches, params, opt, profile_to)
     return {"step_s": step_s, "first_step_s": times[0], "peak_mem_gib": peak_mem_gib(device)}
 
 
@@ -224,9 +252,9 @@ def run_one(name: str, model_name: str, recipe: str, cli, device, s: Setting) ->
     torch.manual_seed(0)
     t_build = time.perf_counter()
     if name == "hf-peft":
-        model, args, loss_fn = build_hf_peft(model_name, device, s)
+        model, args, micro_step = build_hf_peft(model_name, device, s)
     else:
-        model, args, loss_fn = build_ours(
+        model, args, micro_step = build_ours(
             model_name,
             recipe,
             not cli.no_passes,
@@ -237,11 +265,12 @@ def run_one(name: str, model_name: str, recipe: str, cli, device, s: Setting) ->
             not cli.eager,
             cli.shard_base_weights,
             cli.check_eager,
+            cli.cuda_graphs,
         )
     build_s = time.perf_counter() - t_build
     batches = random_batches(args.vocab_size, s, device, seed=rank)
     profile_to = Path(cli.profile_dir) / f"profile-{model_name}-{recipe}-{name}.txt" if cli.profile_dir else None
-    timing = time_training(model, loss_fn, batches, s, device, profile_to)
+    timing = time_training(model, micro_step, batches, s, device, profile_to)
     tokens_per_sec = s.micro_batch * s.grad_accum * s.seq_len * num_gpus / timing["step_s"]
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     row = {
@@ -253,6 +282,7 @@ def run_one(name: str, model_name: str, recipe: str, cli, device, s: Setting) ->
         "num_gpus": num_gpus,
         "shard_base": bool(getattr(model, "shard_base", False)),
         "recompute": bool(cli.recompute) and name == "ours",
+        "cuda_graphs": getattr(micro_step, "graphed", None) is not None,
         "compiled": name == "ours" and not cli.eager,
         "micro_batch": s.micro_batch,
         "seq_len": s.seq_len,
@@ -317,6 +347,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--attn-backend", default="auto")
     p.add_argument("--check-eager", action="store_true", help="also report eager vs compiled loss on one batch")
     p.add_argument("--eager", action="store_true", help="no torch.compile at all (CPU smoke tests, or to compare)")
+    p.add_argument(
+        "--cuda-graphs",
+        choices=["auto", "true", "false"],
+        default="auto",
+        help="replay micro-steps from one CUDA graph, as training does (auto: one CUDA process)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=2048)

@@ -1,0 +1,102 @@
+"""One CUDA graph for a whole micro-step: forward, loss and backward replayed with one launch.
+
+Why: on small models the GPU finishes a kernel faster than Python can launch the next one. Qwen3-0.6B spends
+~60 ms of GPU time per micro-step but ~100 ms of host time (benchmarks/NOTES.md: each custom-op call costs
+~0.3-0.8 ms of Python dispatch, 4 per block, 28 blocks, forward and backward). Captured once, the micro-step
+replays its ~3,000 kernels from the GPU's own queue and the host only copies the next batch in.
+
+Per-block Inductor CUDA graphs (`mode="reduce-overhead"`) do not work here: regional compilation shares one
+compiled graph among all blocks, and each replay overwrites the outputs the previous block handed on. So the graph
+spans the whole step instead, captured with `torch.cuda.graph` as in PyTorch's whole-network capture recipe:
+
+1. `warmup` micro-steps run normally on a side stream (torch.compile compiles, cuBLAS and Triton initialize,
+   the FP8 weight cache fills, LoRA `.grad` tensors come into being).
+2. The next micro-step is captured from static input buffers, then replayed.
+3. Every later micro-step with the same shapes copies its batch into the buffers and replays. Gradient
+   accumulation works because the captured backward adds into the existing `.grad` tensors in place: the
+   optimizer must zero them in place (`zero_grad(set_to_none=False)`), never replace them.
+
+Requirements (all hold for surogate's model on one GPU): static shapes (packed rows are always [B, sequence_len];
+a batch of another shape runs eagerly), no host synchronization inside the step (so the loss computes every row
+instead of gathering labelled rows: `Qwen3ForCausalLM.select_loss_rows = False`), no collective communication
+(one process only). The graph keeps its activations in a private memory pool, so peak memory is that of an eager
+step.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["GraphedMicroStep", "cuda_graphs_enabled"]
+
+log = logging.getLogger(__name__)
+
+
+def cuda_graphs_enabled(setting: str, device: torch.device, world_size: int) -> bool:
+    """`cuda_graphs` auto|true|false -> whether to capture micro-steps (auto: one CUDA process)."""
+    possible = device.type == "cuda" and world_size == 1
+    if setting == "true" and not possible:
+        why = "a CUDA device" if device.type != "cuda" else "a single process (not torchrun with several ranks)"
+        raise ValueError(f"cuda_graphs=true needs {why}; set cuda_graphs=auto or false")
+    return possible and setting != "false"
+
+
+class GraphedMicroStep:
+    """`step(ids, pos, labels) -> (loss_sum, n_tokens)` running forward + backward, from a CUDA graph once warm.
+
+    The returned tensors are fresh copies (the graph's own outputs are overwritten by the next replay).
+    """
+
+    def __init__(self, model: nn.Module, warmup: int = 2) -> None:
+        self.model, self.warmup = model, warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: tuple[Tensor, ...] = ()
+        self.outputs: tuple[Tensor, Tensor] | None = None
+        self.eager_steps = 0
+        self.replays = 0
+        self.stream = torch.cuda.Stream()
+        model.select_loss_rows = False  # no host sync inside the graph (see the module docstring)
+
+    def __call__(self, ids: Tensor, pos: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        batch = (ids, pos, labels)
+        if self.graph is None and self.eager_steps >= self.warmup:
+            self._capture(batch)
+        if self.graph is not None and all(b.shape == s.shape for b, s in zip(batch, self.inputs)):
+            for static, b in zip(self.inputs, batch):
+                static.copy_(b, non_blocking=True)
+            self.graph.replay()
+            self.replays += 1
+            return self.outputs[0].clone(), self.outputs[1].clone()
+        return self._eager(batch)
+
+    def _forward_backward(self, ids: Tensor, pos: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        loss_sum, n_tokens = self.model(ids, pos, labels)
+        loss_sum.backward()
+        return loss_sum.detach(), n_tokens
+
+    def _eager(self, batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        """A normal micro-step, on the side stream the graph is captured on (warm-up must happen there)."""
+        main = torch.cuda.current_stream()
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):
+            out = self._forward_backward(*batch)
+        main.wait_stream(self.stream)
+        for t in out:
+            t.record_stream(main)
+        self.eager_steps += 1
+        return out
+
+    def _capture(self, batch: tuple[Tensor, ...]) -> None:
+        self.inputs = tuple(b.clone() for b in batch)
+        missing = [n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
+        if missing:  # the captured backward must add into existing gradients, not allocate new ones
+            raise RuntimeError(f"CUDA graph capture needs the LoRA gradients to exist; {missing[0]} has none")
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the eager warm-up's cached blocks: the graph's pool replaces them
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, stream=self.stream):
+            self.outputs = self._forward_backward(*self.inputs)
+        log.info("captured the micro-step as one CUDA graph (input shapes %s)", [tuple(t.shape) for t in batch])

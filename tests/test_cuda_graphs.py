@@ -1,0 +1,92 @@
+"""CUDA-graph micro-steps: when they are on, and (GPU) that replaying equals running the step normally."""
+
+import pytest
+import torch
+
+from surogate.cuda_graphs import GraphedMicroStep, cuda_graphs_enabled
+from surogate.lora import LoRAConfig, apply_lora
+from surogate.models.checkpoint import load_model
+from surogate.parallelize import parallelize
+from surogate.train import main
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_auto_is_on_for_one_cuda_process_only():
+    assert cuda_graphs_enabled("auto", torch.device("cuda"), 1)
+    assert not cuda_graphs_enabled("auto", torch.device("cuda"), 2)
+    assert not cuda_graphs_enabled("auto", torch.device("cpu"), 1)
+    assert not cuda_graphs_enabled("false", torch.device("cuda"), 1)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        cuda_graphs_enabled("true", torch.device("cpu"), 1)
+    with pytest.raises(ValueError, match="single process"):
+        cuda_graphs_enabled("true", torch.device("cuda"), 4)
+
+
+def test_forcing_graphs_on_cpu_is_a_config_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([f"output_dir={tmp_path / 'run'}", "device=cpu", "cuda_graphs=true", "max_steps=1"])
+    assert e.value.code == 2
+    assert "cuda_graphs=true needs a CUDA device" in capsys.readouterr().err
+
+
+def _tiny_lora_model(recipe: str):
+    torch.manual_seed(0)
+    model, args = load_model("tiny", device="cuda", dtype=torch.bfloat16, attn_backend="flex")
+    apply_lora(model, LoRAConfig(rank=8, alpha=16, dtype=torch.float32))
+    for name, p in model.named_parameters():
+        if name.endswith("lora_B"):  # nonzero, so the LoRA branch and both LoRA gradients matter
+            torch.nn.init.normal_(p, std=0.02)
+    parallelize(model, recipe=recipe, compile=True, use_passes=True)
+    model.select_loss_rows = False  # both runs compute the loss the same way
+    return model, args
+
+
+def _batches(vocab: int, n: int):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (2, 257), generator=g)
+        pos = torch.cat([torch.arange(100), torch.arange(156)]).expand(2, -1)  # two documents per row
+        labels = ids[:, 1:].clone()
+        labels[:, :40] = -100  # prompt tokens carry no loss
+        out.append([t.contiguous().cuda() for t in (ids[:, :-1], pos, labels)])
+    return out
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("recipe", ["bf16", "fp8"])
+def test_replayed_micro_steps_accumulate_the_same_gradients(recipe):
+    batches = _batches(4096, 5)
+    eager, _ = _tiny_lora_model(recipe)
+    losses = []
+    for b in batches:
+        loss_sum, _ = eager(*b)
+        loss_sum.backward()
+        losses.append(loss_sum.detach())
+    graphed_model, _ = _tiny_lora_model(recipe)
+    step = GraphedMicroStep(graphed_model, warmup=2)
+    graphed_losses = [step(*b)[0] for b in batches]
+    assert step.replays == 3  # micro-steps 3-5 came from the graph
+    torch.testing.assert_close(torch.stack(graphed_losses), torch.stack(losses), rtol=1e-3, atol=0)
+    grads = {n: p.grad for n, p in eager.named_parameters() if p.requires_grad}
+    for n, p in graphed_model.named_parameters():
+        if p.requires_grad:
+            assert torch.isfinite(p.grad).all(), n
+            torch.testing.assert_close(p.grad, grads[n], rtol=2e-2, atol=1e-5, msg=n)
+
+    # A second optimizer-step window: zero in place, replay again; the graph reads the updated LoRA weights.
+    with torch.no_grad():
+        for m in (eager, graphed_model):
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.add_(0.01)
+                    p.grad.zero_()
+    loss_sum, _ = eager(*batches[0])
+    loss_sum.backward()
+    replayed = step(*batches[0])[0]
+    torch.testing.assert_close(replayed, loss_sum.detach(), rtol=1e-3, atol=0)
+    for n, p in graphed_model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, dict(eager.named_parameters())[n].grad, rtol=2e-2, atol=1e-5, msg=n)

@@ -1,0 +1,107 @@
+"""Attention forward + backward timing at a model's shapes: flex (with kernel options), SDPA backends, varlen.
+
+    python tools/attention_bench.py --model qwen3-8b [--docs 1] [--options '{"BLOCK_M": 128, "BLOCK_N": 64}' ...]
+
+Rows are the standard benchmark's (micro batch 2 x 2048); `--docs N` splits each row into N equal documents
+(document-causal mask). SDPA rows ignore documents (plain causal): they are the dense ceiling to compare against,
+not an equivalent. TFLOP/s counts causal attention (half of 4*S*S*D per head forward, 2.5x that for backward),
+for one document per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def timed(fn, iters: int = 10) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters / 1e3
+
+
+def fwd_bwd(attn, q, k, v):
+    def run():
+        out = attn(q, k, v)
+        out.backward(torch.ones_like(out))
+
+    return run
+
+
+def main() -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from surogate.attention import build_doc_mask
+    from surogate.models.presets import PRESETS
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="qwen3-8b")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--docs", type=int, default=1)
+    p.add_argument("--options", nargs="*", default=[], help="flex kernel_options dicts (JSON) to try")
+    p.add_argument("--autotune", action="store_true", help="also flex compiled with max-autotune-no-cudagraphs")
+    cli = p.parse_args()
+
+    a = PRESETS[cli.model]
+    B, S, D = cli.batch, cli.seq_len, a.head_dim
+    dev = torch.device("cuda")
+    q = torch.randn(B, a.num_heads, S, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(B, a.num_kv_heads, S, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn_like(k, requires_grad=True)
+    doc_len = S // cli.docs
+    pos = (torch.arange(S, device=dev) % doc_len).expand(B, S).contiguous()
+    block_mask = build_doc_mask(pos, "flex")
+    flops = B * a.num_heads * 2 * S * S * D * 3.5 / cli.docs  # causal fwd (2*S*S*D) + bwd (2.5x)
+
+    rows = []
+
+    def add(name, attn):
+        try:
+            s = timed(fwd_bwd(attn, q, k, v))
+            rows.append((name, f"{s * 1e3:.2f}", f"{flops / s / 1e12:.0f}"))
+        except Exception as e:  # a backend that does not apply here is a row, not a crash
+            rows.append((name, "error", f"{type(e).__name__}: {str(e)[:80]}"))
+
+    for opts in [None, *[json.loads(o) for o in cli.options]]:
+        fn = torch.compile(lambda q, k, v, o=opts: flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True,
+                                                                  kernel_options=o))  # fmt: skip
+        add(f"flex {json.dumps(opts) if opts else 'default'}", fn)
+    if cli.autotune:
+        fn = torch.compile(
+            lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True),
+            mode="max-autotune-no-cudagraphs",
+        )
+        add("flex max-autotune", fn)
+    for name, backend in [("sdpa flash (causal only)", SDPBackend.FLASH_ATTENTION),
+                          ("sdpa cudnn (causal only)", SDPBackend.CUDNN_ATTENTION),
+                          ("sdpa efficient (causal only)", SDPBackend.EFFICIENT_ATTENTION)]:  # fmt: skip
+
+        def sdpa(q, k, v, backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+        add(name, sdpa)
+    print(f"\n{cli.model}: B={B} S={S} Hq={a.num_heads} Hkv={a.num_kv_heads} D={D} docs/row={cli.docs}")
+    print(f"{'variant':<70} {'ms':>8} {'TFLOP/s':>8}")
+    for name, ms, tf in rows:
+        print(f"{name:<70} {ms:>8} {tf:>8}")
+
+
+if __name__ == "__main__":
+    main()
