@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import os
 import statistics
@@ -216,12 +217,14 @@ def time_training(model, micro_step, batches, s: Setting, device, profile_to: Pa
         optimizer_step(model, micro_step, batches, total_tokens, params, opt)
         sync(device)
         times.append(time.perf_counter() - t0)
-        if step == 0 and device.type == "cuda":
+        if step == 0 and device.type == "cuda" and getattr(micro_step, "graphed", None) is None:
+            # Not with a CUDA graph: it was captured in step 0, and its replays allocate nothing the peak could see.
             torch.cuda.reset_peak_memory_stats()
     step_s = statistics.median(times[s.warmup :])
     if profile_to is not None:
         profile_step(model, micro_step, batches, params, opt, profile_to)
-    return {"step_s": step_s, "first_step_s": times[0], "peak_mem_gib": peak_mem_gib(device)}
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else 0.0
+    return {"step_s": step_s, "first_step_s": times[0], "peak_mem_gib": peak_mem_gib(device), "reserved": reserved}
 
 
 def sync(device) -> None:
@@ -250,6 +253,8 @@ def run_one(name: str, model_name: str, recipe: str, cli, device, s: Setting) ->
     # exhaust Dynamo's per-code recompile limit (8) and the next compile raises.
     torch._dynamo.reset()
     torch.manual_seed(0)
+    if device.type == "cuda":  # each run's own peak (a CUDA-graphed run never resets it after its warm-up)
+        torch.cuda.reset_peak_memory_stats()
     t_build = time.perf_counter()
     if name == "hf-peft":
         model, args, micro_step = build_hf_peft(model_name, device, s)
@@ -289,6 +294,7 @@ def run_one(name: str, model_name: str, recipe: str, cli, device, s: Setting) ->
         "grad_accum": s.grad_accum,
         "tokens_per_sec": round(tokens_per_sec, 1),
         "peak_mem_gib": round(timing["peak_mem_gib"], 2),
+        "peak_reserved_gib": round(timing["reserved"], 2),
         "step_s": round(timing["step_s"], 4),
         "compile_s": round(timing["first_step_s"] + build_s, 2),
         "torch": torch.__version__,
@@ -299,7 +305,8 @@ def run_one(name: str, model_name: str, recipe: str, cli, device, s: Setting) ->
     if recipe == "bf16" and peak:
         row["mfu"] = round(tokens_per_sec * flops_per_token(args, s.seq_len) / (peak * num_gpus), 4)
     row.update(getattr(model, "loss_check", {}))
-    del model
+    del model, micro_step  # the step's CUDA graph holds its memory pool until it is gone
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -315,15 +322,17 @@ def render_table(rows: list[dict]) -> str:
         key += (r.get("passes"), r["recompute"], r.get("shard_base", False))
         latest[key] = r
     lines = [
-        "| GPU | model | framework | recipe | passes | recompute | tokens/s | peak GiB | MFU | first step s | date |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| GPU | model | framework | recipe | passes | CUDA graph | recompute | tokens/s | peak GiB | MFU | first step s "
+        "| date |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(latest.values(), key=lambda r: (r["gpu"], r["model"], r.get("framework", ""), r["recipe"])):
         mfu = f"{100 * r['mfu']:.0f}%" if "mfu" in r else "—"
         gpus = r["gpu"] if r.get("num_gpus", 1) == 1 else f"{r['gpu']} x{r['num_gpus']}"
         lines.append(
             f"| {gpus} | {r['model']} | {r.get('framework', 'surogate')} | {r['recipe']} | "
-            f"{'on' if r.get('passes') else 'off'} | {'on' if r['recompute'] else 'off'} | "
+            f"{'on' if r.get('passes') else 'off'} | {'on' if r.get('cuda_graphs') else 'off'} | "
+            f"{'on' if r['recompute'] else 'off'} | "
             f"{r['tokens_per_sec'] / 1000:.1f}k | {r['peak_mem_gib']:.1f} | {mfu} | {r['compile_s']:.0f} | "
             f"{r['date']} |"
         )
