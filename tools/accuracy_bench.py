@@ -368,6 +368,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="override a training option (ablations)",
     )
     p.add_argument("--report-only", action="store_true", help="re-render the report from <work-dir>/results.json")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the base evaluation and the finished recipes of <work-dir>/results.json (same data and model); "
+        "run only the others (a long study split over several sessions or machine calls)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny random Llama, a few dozen samples, CPU (CI)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -378,6 +384,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.recipes = args.recipes or "bf16"
     args.work_dir = args.work_dir or (DEFAULT_WORK_DIR / ("smoke" if args.smoke else "full"))
     return args
+
+
+def finished_rows(results_path: Path, meta: dict) -> dict:
+    """{"base": ..., recipe: row} of a previous results.json for the same model and data (finished recipes only)."""
+    if not results_path.is_file():
+        return {}
+    old = json.loads(results_path.read_text())
+    same = ("model", "n_train", "n_test", "data_seed", "eval_dtype", "train_options")
+    if any(old["meta"].get(k) != meta[k] for k in same):
+        print("[accuracy-bench] --resume: the previous results.json used other data/options; starting over")
+        return {}
+    rows = {r["recipe"]: r for r in old["recipes"] if r.get("status") == "ok"}
+    return {"base": old["base"], **rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -443,15 +462,23 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python tools/accuracy_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     t0 = time.perf_counter()
-    print(f"[accuracy-bench] base model {model} on {meta['device']}: evaluating {len(test)} problems", flush=True)
-    base = asdict(run_eval(None))
-    print(f"[accuracy-bench] base: accuracy {base['accuracy']:.3f} ± {base['stderr']:.3f}, eval loss "
-          f"{base['eval_loss']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+    done = finished_rows(results_path, meta) if args.resume else {}
+    if "base" in done:
+        base = done["base"]
+        print("[accuracy-bench] base: kept from the previous run", flush=True)
+    else:
+        print(f"[accuracy-bench] base model {model} on {meta['device']}: evaluating {len(test)} problems", flush=True)
+        base = asdict(run_eval(None))
+        print(f"[accuracy-bench] base: accuracy {base['accuracy']:.3f} ± {base['stderr']:.3f}, eval loss "
+              f"{base['eval_loss']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
     results = {"meta": meta, "base": base, "recipes": []}
     for recipe in ordered_recipes(args.recipes):
         row: dict = {"recipe": recipe}
         reason = skip_reason(recipe, device)
-        if reason:
+        if recipe in done:
+            row = done[recipe]
+            print(f"[accuracy-bench] {recipe}: kept from the previous run", flush=True)
+        elif reason:
             row["status"] = reason
             print(f"[accuracy-bench] {recipe}: {reason}", flush=True)
         else:

@@ -25,7 +25,7 @@ def bench():
     return module
 
 
-def test_smoke_run_writes_table_and_charts(bench, tmp_path):
+def test_smoke_run_writes_table_and_charts(bench, tmp_path, capsys):
     report = tmp_path / "report"
     assert bench.main(["--smoke", "--work-dir", str(tmp_path / "work"), "--report-dir", str(report)]) == 0
     md = (report / "accuracy.md").read_text()
@@ -39,6 +39,13 @@ def test_smoke_run_writes_table_and_charts(bench, tmp_path):
     assert bf16["eval_loss"] != results["base"]["eval_loss"]  # the exported adapter was loaded and applied
     assert [r["recipe"] for r in results["recipes"]] == ["bf16"]  # --smoke runs bf16 only
     assert bench.main(["--report-only", "--work-dir", str(tmp_path / "work"), "--report-dir", str(report)]) == 0
+    capsys.readouterr()
+    # --resume keeps the finished base and recipes instead of running them again
+    assert bench.main(["--smoke", "--resume", "--work-dir", str(tmp_path / "work"), "--report-dir", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "base: kept from the previous run" in out and "bf16: kept from the previous run" in out
+    again = json.loads((tmp_path / "work" / "results.json").read_text())
+    assert again["recipes"] == results["recipes"] and again["base"] == results["base"]
 
 
 def test_quantized_recipes_are_skipped_on_cpu_with_a_reason(bench):
