@@ -22,6 +22,7 @@ from ops.fp8 import (
     quantize_rows,
     quantize_rows_reference,
     quantize_tensorwise,
+    transpose_codes,
 )
 from ops.lora_linear import lora_linear_reference
 
@@ -103,11 +104,40 @@ print("ok")
 """
 
 
-def test_triton_quantize_kernel_matches_reference_interpreted():
+def _run_interpreted(code: str) -> None:
+    """Run `code` in a fresh process with TRITON_INTERPRET=1 (Triton kernels on CPU tensors); it prints ok."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, cwd=root, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_triton_quantize_kernel_matches_reference_interpreted():
+    _run_interpreted(_INTERPRETED)
+
+
+_TRANSPOSE_INTERPRETED = """
+import torch
+from ops.fp8 import E4M3, transpose_codes
+g = torch.Generator().manual_seed(6)
+for rows, cols in [(70, 130), (64, 64), (5, 200)]:
+    codes = (torch.randn(rows, cols, generator=g) * 50).to(E4M3)
+    out = transpose_codes(codes, block=32)
+    assert out.shape == (cols, rows) and out.is_contiguous()
+    assert torch.equal(out.view(torch.uint8), codes.t().contiguous().view(torch.uint8))
+print("ok")
+"""
+
+
+def test_triton_transpose_kernel_matches_torch_interpreted():
+    _run_interpreted(_TRANSPOSE_INTERPRETED)
+
+
+@pytest.mark.gpu
+@cuda
+def test_triton_transpose_on_gpu():
+    codes = (torch.randn(4096 + 3, 1000, device="cuda") * 50).to(E4M3)
+    assert torch.equal(transpose_codes(codes).view(torch.uint8), codes.t().contiguous().view(torch.uint8))
 
 
 # ------------------------------------------------------------------------------------------------ the op
