@@ -113,7 +113,7 @@ class ExpertLoRA(nn.Module):
         device: torch.device | None = None,
     ):
         super().__init__()
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.num_experts, self.in_features, self.out_features, self.rank = num_experts, in_features, out_features, rank
         self.scaling = alpha / rank
         self.lora_A = nn.Parameter(torch.empty(num_experts, rank, in_features, device=device, dtype=lora_dtype))
         self.lora_B = nn.Parameter(torch.empty(num_experts, out_features, rank, device=device, dtype=lora_dtype))

@@ -260,7 +260,7 @@ def test_lora_on_moe_model_and_merge(tmp_path):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert model.model.layers[0].mlp.experts.gate_proj.grad is None
 
-    with pytest.raises(ValueError, match="MoE expert LoRA"):
+    with pytest.raises(ValueError, match="dense MLP layers"):  # PEFT would drop layer 1's MLP LoRA on load
         peft_state_dict(model)
     assert merge_lora_(model) == 7 * args.num_layers
     with torch.no_grad():
