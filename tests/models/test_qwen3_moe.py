@@ -9,6 +9,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
+from surogate.distributed import base_weight_bytes
 from surogate.export import merge_lora_, peft_state_dict
 from surogate.lora import LoRAConfig, apply_lora
 from surogate.models import PRESETS, load_model, save_hf_checkpoint
@@ -149,6 +150,7 @@ def test_from_hf_config_and_preset():
 
         n = sum(p.numel() for p in Qwen3ForCausalLM(big).parameters())
     assert 30.4e9 < n < 30.6e9  # Qwen3-30B-A3B: 30.5B parameters
+    assert base_weight_bytes(big, torch.bfloat16) == 2 * n  # what decides replicating vs sharding the base
 
 
 # --- the grouped expert path against a loop over experts ---------------------------------------------------------
