@@ -109,7 +109,7 @@ def quantize_base_weights(model: nn.Module, blocks: list[bool], embedding: bool 
             continue
         for parent_name, names in groups:
             parent = getattr(block, parent_name)
-            members = [n for n in names if type(getattr(parent, n)) is LoRALinear]
+            members = [n for n in names if type(getattr(parent, n, None)) is LoRALinear]  # MoE mlp: none
             for group in [members] if len(members) == len(names) else [[n] for n in members]:
                 if not group:
                     continue

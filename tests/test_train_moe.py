@@ -54,16 +54,21 @@ def moe_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "compile,targets",
-    [("false", None), ("true", "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,gate]")],
-    ids=["eager", "compiled+router"],
+    "compile,recipe,targets",
+    [
+        ("false", "bf16", None),
+        ("true", "bf16", "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,gate]"),
+        ("false", "qfp8", None),  # attention bases stored in FP8 (eager dequantizes); the stacked experts stay as is
+    ],
+    ids=["eager", "compiled+router", "qfp8"],
 )
-def test_moe_trains_and_its_adapter_loads_in_peft(moe_dir, tmp_path, compile, targets):
+def test_moe_trains_and_its_adapter_loads_in_peft(moe_dir, tmp_path, compile, recipe, targets):
     peft = pytest.importorskip("peft")
     torch._dynamo.reset()  # other tests' cache entries for Qwen3Block.forward count towards the recompile limit
     out = tmp_path / "run"
     extra = [f"lora_target_modules={targets}"] if targets else []
-    assert main([f"output_dir={out}", f"model={moe_dir}", f"compile={compile}", *FAST, *extra]) == 0
+    args = [f"output_dir={out}", f"model={moe_dir}", f"compile={compile}", f"recipe={recipe}", *FAST, *extra]
+    assert main(args) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-3:]) / 3
     assert last < first - 0.3, (first, last)
