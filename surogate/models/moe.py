@@ -18,10 +18,10 @@ residual stream are the dense model's). For T tokens, E experts and k experts pe
 
 `grouped_mm` uses `torch._grouped_mm` where it runs (CUDA sm90+ in bf16 with 16-byte aligned rows, and the CPU in
 torch >= 2.9, forward and backward; under torch.compile bf16 only), else `grouped_mm_reference`, a loop over experts'
-row segments that needs the group sizes on the host, or under torch.compile `grouped_mm_masked` (every expert on
-every row, masked: no host sync, E times the FLOPs; a fallback for CPU fp32 tests and unaligned LoRA ranks). The
-reference is the eager numerical baseline; tests hold the grouped path against it and against a plain loop over
-experts (`moe_reference`).
+row segments that needs the group sizes on the host. Under torch.compile or CUDA-graph capture (surogate/cuda_graphs.py)
+nothing may wait for the host, so the fallback there is `grouped_mm_masked`: every expert on every row, masked, E
+times the FLOPs (for CPU fp32 tests and LoRA ranks that break the 16-byte alignment). The reference is the eager
+numerical baseline; tests hold the grouped path against it and against a plain loop over experts (`moe_reference`).
 
 Module paths follow Hugging Face's Qwen3-MoE (`mlp.gate.weight`, `mlp.experts.*`); the experts' stacked tensors are
 `mlp.experts.{gate,up,down}_proj` (no `.weight`), which `checkpoint.py` stacks from the per-expert keys
@@ -107,10 +107,10 @@ def grouped_mm(
     offs: torch.Tensor,  # (groups,) int32, end row of each group
 ) -> torch.Tensor:  # (rows, out)
     """One GEMM per group of rows, each with its own weight: `torch._grouped_mm` where supported, else the loop
-    (the masked form when compiling)."""
+    (the masked form when compiling or capturing a CUDA graph: neither may wait for the host)."""
     if _grouped_mm_supported(x, w):
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
         return grouped_mm_masked(x, w, offs)
     return grouped_mm_reference(x, w, offs)
 
