@@ -24,7 +24,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from surogate.lora import DEFAULT_TARGETS
+from surogate.lora import DEFAULT_TARGETS, ROUTER_TARGET
 
 __all__ = [
     "ConfigError",
@@ -116,7 +116,9 @@ class TrainConfig:
     lora_rank: int = opt(16, "rank r of the low-rank update")
     lora_alpha: float = opt(32.0, "the update is scaled by lora_alpha / lora_rank")
     lora_dropout: float = opt(0.0, "dropout on the LoRA branch input, in [0, 1)")
-    lora_target_modules: list[str] = opt(list(DEFAULT_TARGETS), "linear layers that get an adapter")
+    lora_target_modules: list[str] = opt(
+        list(DEFAULT_TARGETS), f"linear layers that get an adapter ({ROUTER_TARGET}: the Qwen3-MoE router, opt-in)"
+    )
     lora_dtype: str = opt("fp32", "master dtype of the LoRA A/B weights and their optimizer state", ("fp32", "bf16"))
     # --- precision and execution
     recipe: str = opt("bf16", "precision recipe: recipes/NAME.yaml")
@@ -214,7 +216,11 @@ def validate(cfg: TrainConfig) -> None:
     targets = ", ".join(DEFAULT_TARGETS)
     _require(len(cfg.lora_target_modules) > 0, f"lora_target_modules is empty: set some of {targets}")
     for m in cfg.lora_target_modules:
-        _require(m in DEFAULT_TARGETS, f"lora_target_modules: {m!r} is not a linear layer of Qwen3: use {targets}")
+        _require(
+            m in (*DEFAULT_TARGETS, ROUTER_TARGET),
+            f"lora_target_modules: {m!r} is not a linear layer of Qwen3: use {targets} (or {ROUTER_TARGET}, the "
+            "Qwen3-MoE router)",
+        )
     _require(bool(cfg.output_dir), "output_dir is empty: set output_dir=<directory>")
     _require(cfg.recipe.replace("_", "").replace("-", "").isalnum(), f"recipe={cfg.recipe!r} must be a recipe name")
 

@@ -9,12 +9,36 @@ Our module paths are the Hugging Face ones (surogate/models keeps HF names and `
 the only work is dropping the wrappers that activation checkpointing and `torch.compile` insert into module paths.
 `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter_dir)` then reproduces our model.
 peft itself is not imported here (its import pulls in a lot); the format is small and tested against peft.
+
+Qwen3-MoE experts. Our `ExpertLoRA` holds A [E, r, in] and B [E, out, r] per stacked projection; the adapter stores
+them one expert at a time, the layout PEFT writes for transformers 4's per-expert `nn.Linear`s:
+
+    base_model.model.model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.lora_{A,B}.weight   # A[e], B[e]
+
+with `target_modules` naming gate_proj / up_proj / down_proj. Why not transformers 5's own layout: transformers 5
+fuses the experts into 3-D parameters (`mlp.experts.gate_up_proj` [E, 2 * inter, hidden], `mlp.experts.down_proj`),
+which PEFT adapts through `target_parameters` (`ParamWrapper`, lora_A [E * r, in] with expert-major rows, lora_B
+[out, r * E] with rank-major columns, under nested-wrapper key names). PEFT converts a per-expert adapter into that
+form itself when it loads one on transformers 5 (peft/utils/transformers_weight_conversion.py, checked with peft 0.21
+on transformers 5.24): it stacks the experts, concatenates gate's and up's A along the rank and puts their B's
+block-diagonally, so gate_up_proj gets one rank-2r LoRA with lora_alpha doubled (the same alpha / r), which computes
+exactly our two separate updates. So one file loads on transformers 4 and 5. What that conversion implies here:
+
+- gate_proj and up_proj of the experts are targeted together or not at all (they become one fused parameter);
+- a Qwen3-MoE model with dense MLP layers (`mlp_only_layers`, `decoder_sparse_step` > 1) cannot have LoRA on MLP
+  projections: the conversion turns every gate_proj / up_proj / down_proj target into the experts' parameters and
+  the dense layers' LoRA would be dropped (`moe_target_problem` says so, and preflight refuses it before training);
+- `ParamWrapper` refuses lora_dropout != 0, so an adapter with MoE LoRA declares lora_dropout 0 (dropout only acts
+  in training; the function the adapter computes is the same);
+- the router (`mlp.gate`, target "gate") is an `nn.Linear` to us and in transformers 4; PEFT maps it to the 2-D
+  `gate.weight` of transformers 5's router under the same key names.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -25,7 +49,16 @@ from torch import nn
 from surogate.lora import LoRALinear
 from surogate.models.moe import EXPERT_PROJS, ExpertLoRA, GroupedExperts
 
-__all__ = ["lora_modules", "peft_state_dict", "save_adapter", "load_adapter", "merge_lora_", "copy_tokenizer_files"]
+__all__ = [
+    "copy_tokenizer_files",
+    "expert_lora_modules",
+    "load_adapter",
+    "lora_modules",
+    "merge_lora_",
+    "moe_target_problem",
+    "peft_state_dict",
+    "save_adapter",
+]
 
 # Path segments inserted by wrappers: torch.compile's OptimizedModule and torch.distributed's CheckpointWrapper.
 _WRAPPER_SEGMENTS = ("_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
@@ -55,24 +88,70 @@ def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {_clean(name): m for name, m in model.named_modules() if isinstance(m, kinds)}
 
 
-def _refuse_expert_lora(model: nn.Module) -> None:
-    experts = [_clean(n) for n, m in model.named_modules() if isinstance(m, ExpertLoRA)]
-    if experts:
-        raise ValueError(
-            f"PEFT adapters of MoE expert LoRA ({experts[0]}, ...) are not implemented yet: merge the adapter into "
-            "the base weights (merge_lora_ + save_hf_checkpoint) or leave the experts out of lora_target_modules"
+def expert_lora_modules(model: nn.Module) -> dict[str, ExpertLoRA]:
+    """MoE expert LoRAs keyed by `<experts path>.<projection>` (`model.layers.0.mlp.experts.gate_proj`)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, GroupedExperts):
+            for proj in EXPERT_PROJS:
+                lora = getattr(m, f"{proj}_lora")
+                if lora is not None:
+                    out[f"{_clean(name)}.{proj}"] = lora
+    return out
+
+
+def _expert_key(path: str, expert: int, ab: str) -> str:
+    experts, proj = path.rsplit(".", 1)
+    return f"base_model.model.{experts}.{expert}.{proj}.lora_{ab}.weight"
+
+
+def moe_target_problem(expert_targets: set[str], dense_mlp_targets: bool) -> str | None:
+    """Why a PEFT adapter cannot hold LoRA on these Qwen3-MoE targets (see the module docstring), else None.
+    `expert_targets`: the expert projections with LoRA; `dense_mlp_targets`: dense MLP layers of the same model with
+    LoRA on their projections."""
+    pair = expert_targets & {"gate_proj", "up_proj"}
+    if len(pair) == 1:
+        (only,) = pair
+        return (
+            f"lora_target_modules has {only} but not {({'gate_proj', 'up_proj'} - pair).pop()}: PEFT fuses the "
+            "Qwen3-MoE experts' gate_proj and up_proj into one gate_up_proj parameter, so target both or neither"
         )
+    if expert_targets and dense_mlp_targets:
+        return (
+            "this Qwen3-MoE model has dense MLP layers (mlp_only_layers / decoder_sparse_step > 1) and PEFT on "
+            "transformers 5 maps every gate_proj / up_proj / down_proj target to the experts, so their LoRA would be "
+            "lost on load: leave gate_proj, up_proj and down_proj out of lora_target_modules"
+        )
+    return None
+
+
+def _check_moe_exportable(model: nn.Module) -> None:
+    expert_targets = {path.rsplit(".", 1)[1] for path in expert_lora_modules(model)}
+    dense_mlp = any(re.search(r"\.mlp\.(gate|up|down)_proj$", name) for name in lora_modules(model))
+    problem = moe_target_problem(expert_targets, dense_mlp)
+    if problem:
+        raise ValueError(problem)
+
+
+def _has_moe_lora(model: nn.Module) -> bool:
+    """LoRA on experts or the router: the parts PEFT adapts with `ParamWrapper` on transformers 5."""
+    return bool(expert_lora_modules(model)) or any(name.endswith(".mlp.gate") for name in lora_modules(model))
 
 
 def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Whole A/B tensors on the CPU; FSDP-sharded ones are gathered (then every rank must call)."""
     from surogate.distributed import full_tensor
 
-    _refuse_expert_lora(model)
+    _check_moe_exportable(model)
     out = {}
     for name, m in lora_modules(model).items():
         out[f"base_model.model.{name}.lora_A.weight"] = full_tensor(m.lora_A.detach()).cpu().contiguous()
         out[f"base_model.model.{name}.lora_B.weight"] = full_tensor(m.lora_B.detach()).cpu().contiguous()
+    for path, lora in expert_lora_modules(model).items():
+        for ab, stacked in (("A", lora.lora_A), ("B", lora.lora_B)):
+            stacked = full_tensor(stacked.detach()).cpu()
+            for e in range(stacked.shape[0]):  # clone: safetensors refuses tensors that share storage
+                out[_expert_key(path, e, ab)] = stacked[e].clone()
     return out
 
 
@@ -122,6 +201,8 @@ def save_adapter(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    if _has_moe_lora(model):
+        dropout = 0.0  # PEFT's ParamWrapper (MoE experts, router on transformers 5) refuses any other value
     cfg = adapter_config(rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules, base_model=base_model)
     (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     if out_dir.exists():
@@ -147,10 +228,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
     each rank keeps its shard, so an adapter loads with any world size."""
     from surogate.distributed import shard_like
 
-    _refuse_expert_lora(model)
     tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
     modules = lora_modules(model)
+    experts = expert_lora_modules(model)
     expected = {f"base_model.model.{n}.lora_{ab}.weight" for n in modules for ab in "AB"}
+    expected |= {_expert_key(p, e, ab) for p, lora in experts.items() for e in range(lora.num_experts) for ab in "AB"}
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
         raise ValueError(
@@ -160,6 +242,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
         for name, m in modules.items():
             m.lora_A.copy_(shard_like(tensors[f"base_model.model.{name}.lora_A.weight"], m.lora_A))
             m.lora_B.copy_(shard_like(tensors[f"base_model.model.{name}.lora_B.weight"], m.lora_B))
+        for path, lora in experts.items():
+            for ab in "AB":
+                target = getattr(lora, f"lora_{ab}")
+                stacked = torch.stack([tensors[_expert_key(path, e, ab)] for e in range(lora.num_experts)])
+                target.copy_(shard_like(stacked, target))
 
 
 @torch.no_grad()

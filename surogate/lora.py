@@ -13,7 +13,8 @@ LoRA is a conversion applied after the model is built and before it is compiled 
 replaces each targeted `nn.Linear` by a `LoRALinear` that takes over the same frozen weight tensor, so module
 paths (and so checkpoint and PEFT key names) stay those of the Hugging Face model. MoE experts hold stacked
 weights rather than `nn.Linear`s; for them `apply_lora` attaches grouped per-expert LoRA (`ExpertLoRA`, A [E, r, in],
-B [E, out, r], surogate/models/moe.py) to each targeted projection. The MoE router (`mlp.gate`) stays frozen.
+B [E, out, r], surogate/models/moe.py) to each targeted projection. The MoE router (`mlp.gate`, an `nn.Linear`) stays
+frozen unless `ROUTER_TARGET` ("gate") is among the targets; then it gets a `LoRALinear` like any projection.
 """
 
 from __future__ import annotations
@@ -28,9 +29,18 @@ from torch import nn
 
 from surogate.models.moe import GroupedExperts
 
-__all__ = ["LoRAConfig", "LoRALinear", "apply_lora", "lora_parameters", "lora_state_dict", "DEFAULT_TARGETS"]
+__all__ = [
+    "LoRAConfig",
+    "LoRALinear",
+    "apply_lora",
+    "lora_parameters",
+    "lora_state_dict",
+    "DEFAULT_TARGETS",
+    "ROUTER_TARGET",
+]
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ROUTER_TARGET = "gate"  # the Qwen3-MoE router (`mlp.gate`); opt-in, and only MoE models have it
 
 
 @dataclass

@@ -35,7 +35,10 @@ def colocate_shared_input_weights(model: nn.Module) -> int:
     moved = 0
     for block in model.model.layers:
         for parent_name, names in SHARED_INPUT_GROUPS:
-            weights = [getattr(getattr(block, parent_name), n).weight for n in names]
+            parent = getattr(block, parent_name)
+            if not all(hasattr(parent, n) for n in names):
+                continue  # a Qwen3-MoE mlp: its experts' weights are stacked tensors, not nn.Linears
+            weights = [getattr(parent, n).weight for n in names]
             if any(w.requires_grad or w.device.type == "meta" for w in weights):
                 continue  # only frozen, materialized weights
             if len({(w.dtype, w.device, w.shape[1:]) for w in weights}) != 1:
@@ -106,7 +109,7 @@ def quantize_base_weights(model: nn.Module, blocks: list[bool], embedding: bool 
             continue
         for parent_name, names in groups:
             parent = getattr(block, parent_name)
-            members = [n for n in names if type(getattr(parent, n)) is LoRALinear]
+            members = [n for n in names if type(getattr(parent, n, None)) is LoRALinear]  # MoE mlp: none
             for group in [members] if len(members) == len(names) else [[n] for n in members]:
                 if not group:
                     continue

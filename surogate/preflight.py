@@ -3,6 +3,8 @@ any weights are read or anything is written. Each raises `ConfigError` with one 
 
     check_device_support   the recipe and dtype against the GPU (FP8 needs compute capability >= 8.9, bf16 >= 8.0)
     check_sequence_len     sequence_len against the model's max_position_embeddings
+    check_lora_targets     lora_target_modules against the model: the router only on MoE models, and on MoE models
+                           only targets whose LoRA a PEFT adapter can hold (surogate.export.moe_target_problem)
     build_checked_dataset  the full data pipeline (every row, not only the first few that `validate_data` reads),
                            and at least one batch per epoch; the trainer reuses the result
 """
@@ -16,7 +18,13 @@ import torch
 
 from surogate.config import ConfigError, TrainConfig
 
-__all__ = ["FP8_MIN_CAPABILITY", "BF16_MIN_CAPABILITY", "check_device_support", "check_sequence_len"]
+__all__ = [
+    "FP8_MIN_CAPABILITY",
+    "BF16_MIN_CAPABILITY",
+    "check_device_support",
+    "check_lora_targets",
+    "check_sequence_len",
+]
 
 FP8_MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (L4, L40, RTX 40xx), Hopper (H100, H200), Blackwell
 BF16_MIN_CAPABILITY = (8, 0)  # Ampere and newer
@@ -44,6 +52,26 @@ def check_sequence_len(cfg: TrainConfig, args: Any) -> None:
             f"sequence_len={cfg.sequence_len} is longer than the model's max_position_embeddings ({limit}): "
             f"set sequence_len <= {limit}"
         )
+
+
+def check_lora_targets(cfg: TrainConfig, args: Any) -> None:
+    """Refuse, before training, a target set whose adapter could not be exported at the end."""
+    from surogate.export import moe_target_problem
+    from surogate.lora import ROUTER_TARGET
+    from surogate.models.moe import EXPERT_PROJS
+
+    targets = set(cfg.lora_target_modules)
+    if not args.num_experts:
+        if ROUTER_TARGET in targets:
+            raise ConfigError(
+                f"lora_target_modules: {ROUTER_TARGET!r} is the Qwen3-MoE router and this model is dense: remove it"
+            )
+        return
+    expert_targets = targets & set(EXPERT_PROJS)
+    has_dense_mlp = not all(args.is_moe_layer(i) for i in range(args.num_layers))
+    problem = moe_target_problem(expert_targets, has_dense_mlp and bool(expert_targets))
+    if problem:
+        raise ConfigError(problem)
 
 
 def build_checked_dataset(cfg: TrainConfig, data_cfg: Any, tokenizer: Any) -> Any:

@@ -78,7 +78,12 @@ def preflight(cfg: TrainConfig) -> Plan:
     from surogate.data import DataError, load_tokenizer, validate_data
     from surogate.models.checkpoint import inspect_checkpoint
     from surogate.models.presets import PRESETS
-    from surogate.preflight import build_checked_dataset, check_device_support, check_sequence_len
+    from surogate.preflight import (
+        build_checked_dataset,
+        check_device_support,
+        check_lora_targets,
+        check_sequence_len,
+    )
 
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is available: set device=cpu (or auto)")
@@ -101,11 +106,7 @@ def preflight(cfg: TrainConfig) -> Plan:
     except (ValueError, OSError) as e:
         raise ConfigError(f"model: {e}") from None
     check_sequence_len(cfg, args)
-    if args.num_experts:  # the block and its LoRA exist (surogate/models/moe.py); the adapter export does not yet
-        raise ConfigError(
-            "model: Qwen3-MoE fine-tuning is not supported yet (its expert LoRA cannot be exported as a PEFT adapter); "
-            "use a dense Qwen3 or Llama checkpoint"
-        )
+    check_lora_targets(cfg, args)
     if len(tokenizer) > args.vocab_size:
         raise ConfigError(f"model: its tokenizer has {len(tokenizer)} tokens but vocab_size is {args.vocab_size}")
     try:

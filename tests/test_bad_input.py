@@ -3,6 +3,7 @@
 Every case here fails in preflight, before any weights are read; none of them trains.
 """
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -203,7 +204,22 @@ def test_output_dir_holding_another_run(tmp_path, capsys):
     assert (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
 
 
+def _moe_model_dir(path, **moe):
+    """A tiny Qwen3-MoE checkpoint directory that passes inspection (no weights are read)."""
+    moe_config = dataclasses.replace(PRESETS["tiny"], num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
+    return _model_dir(path, **{**moe_config.to_hf_config(), **moe})
 
-def test_moe_model_is_refused_before_training(tmp_path, capsys):
-    """The MoE block exists but its adapter cannot be exported yet: refuse up front, not after hours of training."""
-    _refused(capsys, tmp_path / "run", ["model=qwen3-30b-a3b"], "Qwen3-MoE fine-tuning is not supported yet")
+
+@pytest.mark.parametrize(
+    "targets,moe,needle",
+    [
+        ("[q_proj,gate_proj,down_proj]", {}, "has gate_proj but not up_proj: PEFT fuses"),
+        ("[q_proj,gate_proj,up_proj]", {"mlp_only_layers": [1]}, "has dense MLP layers"),
+        ("[q_proj,gate]", None, "'gate' is the Qwen3-MoE router and this model is dense"),
+    ],
+    ids=["gate-without-up", "dense-layers-of-moe", "router-of-dense"],
+)
+def test_lora_targets_a_peft_adapter_cannot_hold_are_refused(tmp_path, capsys, targets, moe, needle):
+    """Refused up front, not when the adapter is written after hours of training."""
+    model = _model_dir(tmp_path / "dense") if moe is None else _moe_model_dir(tmp_path / "moe", **moe)
+    _refused(capsys, tmp_path / "run", [f"model={model}", f"lora_target_modules={targets}"], needle)

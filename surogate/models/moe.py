@@ -17,9 +17,11 @@ residual stream are the dense model's). For T tokens, E experts and k experts pe
    token.
 
 `grouped_mm` uses `torch._grouped_mm` where it runs (CUDA sm90+ in bf16 with 16-byte aligned rows, and the CPU in
-torch >= 2.9, forward and backward), else `grouped_mm_reference`, a loop over experts' row segments that needs the
-group sizes on the host. The reference is the eager numerical baseline; tests hold the grouped path against it and
-against a plain loop over experts (`moe_reference`).
+torch >= 2.9, forward and backward; under torch.compile bf16 only), else `grouped_mm_reference`, a loop over experts'
+row segments that needs the group sizes on the host. Under torch.compile or CUDA-graph capture (surogate/cuda_graphs.py)
+nothing may wait for the host, so the fallback there is `grouped_mm_masked`: every expert on every row, masked, E
+times the FLOPs (for CPU fp32 tests and LoRA ranks that break the 16-byte alignment). The reference is the eager
+numerical baseline; tests hold the grouped path against it and against a plain loop over experts (`moe_reference`).
 
 Module paths follow Hugging Face's Qwen3-MoE (`mlp.gate.weight`, `mlp.experts.*`); the experts' stacked tensors are
 `mlp.experts.{gate,up,down}_proj` (no `.weight`), which `checkpoint.py` stacks from the per-expert keys
@@ -45,6 +47,7 @@ __all__ = [
     "GroupedExperts",
     "SparseMoeBlock",
     "grouped_mm",
+    "grouped_mm_masked",
     "grouped_mm_reference",
     "moe_reference",
     "route",
@@ -56,6 +59,10 @@ EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
 def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
         return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return (
+            False  # its meta kernel (shape inference under torch.compile) accepts bf16 only, though CPU eager runs fp32
+        )
     if x.device.type == "cpu":
         return True
     if x.device.type != "cuda" or x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0):
@@ -78,14 +85,33 @@ def grouped_mm_reference(
     return torch.cat(parts)
 
 
+def grouped_mm_masked(
+    x: torch.Tensor,  # (rows, in), sorted by group
+    w: torch.Tensor,  # (groups, out, in)
+    offs: torch.Tensor,  # (groups,) int32, end row of each group
+) -> torch.Tensor:
+    """`grouped_mm_reference` without reading the group sizes on the host, so it traces into one graph: every group's
+    weight is applied to all rows and each row keeps its own group's result (groups times the FLOPs). The fallback
+    under torch.compile, where the segment loop's `.tolist()` would break the graph."""
+    rows = torch.arange(x.shape[0], device=x.device, dtype=offs.dtype)
+    group = torch.searchsorted(offs, rows, right=True)[:, None]  # (rows, 1); rows past the last group match none
+    out = x.new_zeros(x.shape[0], w.shape[-2])
+    for g in range(w.shape[0]):
+        out = torch.where(group == g, F.linear(x, w[g]), out)
+    return out
+
+
 def grouped_mm(
     x: torch.Tensor,  # (rows, in), sorted by group
     w: torch.Tensor,  # (groups, out, in)
     offs: torch.Tensor,  # (groups,) int32, end row of each group
 ) -> torch.Tensor:  # (rows, out)
-    """One GEMM per group of rows, each with its own weight: `torch._grouped_mm` where supported, else the loop."""
+    """One GEMM per group of rows, each with its own weight: `torch._grouped_mm` where supported, else the loop
+    (the masked form when compiling or capturing a CUDA graph: neither may wait for the host)."""
     if _grouped_mm_supported(x, w):
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+    if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return grouped_mm_masked(x, w, offs)
     return grouped_mm_reference(x, w, offs)
 
 
@@ -113,7 +139,7 @@ class ExpertLoRA(nn.Module):
         device: torch.device | None = None,
     ):
         super().__init__()
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.num_experts, self.in_features, self.out_features, self.rank = num_experts, in_features, out_features, rank
         self.scaling = alpha / rank
         self.lora_A = nn.Parameter(torch.empty(num_experts, rank, in_features, device=device, dtype=lora_dtype))
         self.lora_B = nn.Parameter(torch.empty(num_experts, out_features, rank, device=device, dtype=lora_dtype))

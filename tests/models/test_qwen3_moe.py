@@ -9,11 +9,19 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
+from surogate.distributed import base_weight_bytes
 from surogate.export import merge_lora_, peft_state_dict
 from surogate.lora import LoRAConfig, apply_lora
 from surogate.models import PRESETS, load_model, save_hf_checkpoint
 from surogate.models import moe as moe_mod
-from surogate.models.moe import GroupedExperts, SparseMoeBlock, grouped_mm, grouped_mm_reference, moe_reference
+from surogate.models.moe import (
+    GroupedExperts,
+    SparseMoeBlock,
+    grouped_mm,
+    grouped_mm_masked,
+    grouped_mm_reference,
+    moe_reference,
+)
 from surogate.models.qwen3 import ModelArgs
 
 TOL = 1e-4
@@ -142,6 +150,7 @@ def test_from_hf_config_and_preset():
 
         n = sum(p.numel() for p in Qwen3ForCausalLM(big).parameters())
     assert 30.4e9 < n < 30.6e9  # Qwen3-30B-A3B: 30.5B parameters
+    assert base_weight_bytes(big, torch.bfloat16) == 2 * n  # what decides replicating vs sharding the base
 
 
 # --- the grouped expert path against a loop over experts ---------------------------------------------------------
@@ -214,6 +223,19 @@ def test_grouped_mm_matches_segment_loop():
     offs = torch.tensor([0, 5, 5, 11], dtype=torch.int32)  # empty first and third groups
     torch.testing.assert_close(grouped_mm(x, w, offs), grouped_mm_reference(x, w, offs))
     torch.testing.assert_close(grouped_mm_reference(x, w, offs)[:5], x[:5] @ w[1].T)
+    torch.testing.assert_close(grouped_mm_masked(x, w, offs), grouped_mm_reference(x, w, offs))
+    short = torch.tensor([2, 2, 6, 9], dtype=torch.int32)  # rows 9 and 10 belong to no group: zero
+    torch.testing.assert_close(grouped_mm_masked(x, w, short), grouped_mm_reference(x, w, short))
+
+
+def test_grouped_mm_compiles_in_fp32():
+    """_grouped_mm's meta kernel takes bf16 only: compiled fp32 must take the masked path, in one graph."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(11, 16, generator=g), torch.randn(4, 8, 16, generator=g)
+    offs = torch.tensor([0, 5, 5, 11], dtype=torch.int32)
+    compiled = torch.compile(grouped_mm, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, w, offs), grouped_mm_reference(x, w, offs))
 
 
 def test_route_matches_transformers_router():
@@ -260,7 +282,7 @@ def test_lora_on_moe_model_and_merge(tmp_path):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert model.model.layers[0].mlp.experts.gate_proj.grad is None
 
-    with pytest.raises(ValueError, match="MoE expert LoRA"):
+    with pytest.raises(ValueError, match="dense MLP layers"):  # PEFT would drop layer 1's MLP LoRA on load
         peft_state_dict(model)
     assert merge_lora_(model) == 7 * args.num_layers
     with torch.no_grad():
