@@ -48,7 +48,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from ops.fp8_fused_quantize import quantize_rows_lowrank
 from ops.lora_linear import _block_diag_B, frozen_concat
 
 __all__ = [
@@ -347,25 +346,16 @@ def _base_forward(x2: Tensor, fw: _Fp8Weight, compute: str) -> Tensor:
     return fp8_mm(xq, fw.codes.t(), xs, fw.scale, x2.dtype, fast_accum=True)
 
 
-def _grad_col_scale(fw: _Fp8Weight) -> Tensor | None:
-    """What multiplies dy before it is quantized for the dX GEMM: nothing (fp8: W^T has its own scales), or W's row
-    scales (qfp8: dy W = (dy diag(s)) C with C the row codes)."""
-    return None if fw.codes_t is not None else fw.scale.view(-1)
-
-
-def _fp8_grad_input(dyq: Tensor, dys: Tensor, fw: _Fp8Weight, dtype: torch.dtype) -> Tensor:
-    """dX GEMM from dy already quantized (with `_grad_col_scale` folded in)."""
-    if fw.codes_t is not None:
-        return fp8_mm(dyq, fw.codes_t.t(), dys, fw.scale_t, dtype, fast_accum=False)
-    ones = torch.ones(1, fw.codes.shape[1], dtype=torch.float32, device=dyq.device)
-    return fp8_mm(dyq, transpose_codes(fw.codes).t(), dys, ones, dtype, fast_accum=False)
-
-
 def _base_grad_input(dy: Tensor, fw: _Fp8Weight, compute: str, grad_dtype: torch.dtype) -> Tensor:
     if compute == "bf16":
         return dy @ _dequantized(fw, dy.dtype)
-    dyq, dys = quantize_rows(dy, grad_dtype, col_scale=_grad_col_scale(fw))
-    return _fp8_grad_input(dyq, dys, fw, dy.dtype)
+    if fw.codes_t is not None:
+        dyq, dys = quantize_rows(dy, grad_dtype)
+        return fp8_mm(dyq, fw.codes_t.t(), dys, fw.scale_t, dy.dtype, fast_accum=False)
+    # dy W = (dy diag(s)) C: fold W's row scales into dy, quantize, GEMM against the transposed row codes.
+    dyq, dys = quantize_rows(dy, grad_dtype, col_scale=fw.scale.view(-1))
+    ones = torch.ones(1, fw.codes.shape[1], dtype=torch.float32, device=dy.device)
+    return fp8_mm(dyq, transpose_codes(fw.codes).t(), dys, ones, dy.dtype, fast_accum=False)
 
 
 def _fp8_weight(weights: Sequence[Tensor], weight_scales: Sequence[Tensor] | None) -> _Fp8Weight:
@@ -430,18 +420,12 @@ def lora_linear_fp8_reference(
 
 def _fp8_forward(x, weights, weight_scales, bias, lora_As, lora_Bs, scalings, lora_inputs, compute):
     x2 = x.reshape(-1, x.shape[-1])
-    fw = _fp8_weight(weights, weight_scales)
-    if not lora_inputs and compute == "fp8":  # one pass over x: its FP8 codes and x A^T (ops/fp8_fused_quantize.py)
-        a_cat = lora_As[0] if len(lora_As) == 1 else torch.cat(lora_As, dim=0)
-        xq, xs, xa = quantize_rows_lowrank(x2, a_cat.t(), E4M3)
-        y = fp8_mm(xq, fw.codes.t(), xs, fw.scale, x2.dtype, fast_accum=True)
+    if lora_inputs:
+        xa = torch.cat([xl.reshape(-1, xl.shape[-1]) @ a.t() for xl, a in zip(lora_inputs, lora_As)], dim=1)
     else:
-        if lora_inputs:
-            xa = torch.cat([xl.reshape(-1, xl.shape[-1]) @ a.t() for xl, a in zip(lora_inputs, lora_As)], dim=1)
-        else:
-            a_cat = lora_As[0] if len(lora_As) == 1 else torch.cat(lora_As, dim=0)
-            xa = x2 @ a_cat.t()
-        y = _base_forward(x2, fw, compute)
+        a_cat = lora_As[0] if len(lora_As) == 1 else torch.cat(lora_As, dim=0)
+        xa = x2 @ a_cat.t()
+    y = _base_forward(x2, _fp8_weight(weights, weight_scales), compute)
     if bias is not None:
         y += bias
     b_blk, alpha = _block_diag_B(lora_Bs, scalings)
@@ -465,12 +449,7 @@ def _fp8_backward(
 ):
     dy = grad_y.reshape(-1, grad_y.shape[-1])
     b_blk, alpha = _block_diag_B(lora_Bs, scalings)
-    fused = needs_grad_x and compute == "fp8"  # one pass over dy: its FP8 codes for dX and dy B
-    if fused:
-        fw = _fp8_weight(weights, weight_scales)
-        dyq, dys, dxa = quantize_rows_lowrank(dy, b_blk, GRAD_FORMATS[fmt], _grad_col_scale(fw))
-    else:
-        dxa = dy @ b_blk
+    dxa = dy @ b_blk
     if alpha != 1.0:
         dxa.mul_(alpha)
     ranks = [a.shape[0] for a in lora_As]
@@ -491,10 +470,8 @@ def _fp8_backward(
     if not needs_grad_x:
         return grad_y.new_empty(0), [], grad_As, grad_Bs
     lead = grad_y.shape[:-1]
-    if fused:
-        grad_x = _fp8_grad_input(dyq, dys, fw, dy.dtype)  # [N, in]
-    else:
-        grad_x = _base_grad_input(dy, _fp8_weight(weights, weight_scales), compute, GRAD_FORMATS[fmt])
+    fw = _fp8_weight(weights, weight_scales)
+    grad_x = _base_grad_input(dy, fw, compute, GRAD_FORMATS[fmt])  # [N, in]
     grad_lora_inputs: list[Tensor] = []
     if shared_input:
         a_cat = lora_As[0] if len(lora_As) == 1 else torch.cat(lora_As, dim=0)
