@@ -3,6 +3,7 @@ any weights are read or anything is written. Each raises `ConfigError` with one 
 
     check_device_support   the recipe and dtype against the GPU (FP8 needs compute capability >= 8.9, bf16 >= 8.0)
     check_sequence_len     sequence_len against the model's max_position_embeddings
+    check_checkpoint_quantization  a pre-quantized (FP8) checkpoint against the recipe's weight storage
     build_checked_dataset  the full data pipeline (every row, not only the first few that `validate_data` reads),
                            and at least one batch per epoch; the trainer reuses the result
 """
@@ -16,7 +17,13 @@ import torch
 
 from surogate.config import ConfigError, TrainConfig
 
-__all__ = ["FP8_MIN_CAPABILITY", "BF16_MIN_CAPABILITY", "check_device_support", "check_sequence_len"]
+__all__ = [
+    "BF16_MIN_CAPABILITY",
+    "FP8_MIN_CAPABILITY",
+    "check_checkpoint_quantization",
+    "check_device_support",
+    "check_sequence_len",
+]
 
 FP8_MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (L4, L40, RTX 40xx), Hopper (H100, H200), Blackwell
 BF16_MIN_CAPABILITY = (8, 0)  # Ampere and newer
@@ -44,6 +51,19 @@ def check_sequence_len(cfg: TrainConfig, args: Any) -> None:
             f"sequence_len={cfg.sequence_len} is longer than the model's max_position_embeddings ({limit}): "
             f"set sequence_len <= {limit}"
         )
+
+
+def check_checkpoint_quantization(cfg: TrainConfig, quant: Any) -> None:
+    """An FP8 checkpoint (`quant`: a `CheckpointQuantization`, None for a plain one) is dequantized at load for
+    bf16 storage and requantized per row for fp8 storage; any other storage would quantize weights that were
+    already rounded to FP8 a second time, to a coarser format, so it is refused."""
+    if quant is None or cfg.precision.weights in ("bf16", "fp8"):
+        return
+    raise ConfigError(
+        f"model: {cfg.model} is an FP8 checkpoint (quantization_config.quant_method={quant.method}) and "
+        f"recipe={cfg.recipe} would quantize its FP8 weights again to {cfg.precision.weights}: use recipe=qfp8 "
+        "(or bf16/fp8), or the checkpoint's bf16 original"
+    )
 
 
 def build_checked_dataset(cfg: TrainConfig, data_cfg: Any, tokenizer: Any) -> Any:

@@ -76,9 +76,14 @@ def preflight(cfg: TrainConfig) -> Plan:
     from surogate.attention import resolve_backend
     from surogate.checkpointing import resolve_resume
     from surogate.data import DataError, load_tokenizer, validate_data
-    from surogate.models.checkpoint import inspect_checkpoint
+    from surogate.models.checkpoint import inspect_checkpoint, read_quantization
     from surogate.models.presets import PRESETS
-    from surogate.preflight import build_checked_dataset, check_device_support, check_sequence_len
+    from surogate.preflight import (
+        build_checked_dataset,
+        check_checkpoint_quantization,
+        check_device_support,
+        check_sequence_len,
+    )
 
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is available: set device=cpu (or auto)")
@@ -101,6 +106,7 @@ def preflight(cfg: TrainConfig) -> Plan:
     except (ValueError, OSError) as e:
         raise ConfigError(f"model: {e}") from None
     check_sequence_len(cfg, args)
+    check_checkpoint_quantization(cfg, None if is_preset else read_quantization(cfg.model))
     if args.num_experts:  # the block and its LoRA exist (surogate/models/moe.py); the adapter export does not yet
         raise ConfigError(
             "model: Qwen3-MoE fine-tuning is not supported yet (its expert LoRA cannot be exported as a PEFT adapter); "

@@ -42,6 +42,7 @@ __all__ = [
     "init_weights",
     "inspect_checkpoint",
     "load_model",
+    "read_quantization",
     "save_hf_checkpoint",
 ]
 
@@ -346,8 +347,14 @@ def _load_group(
     module.load_state_dict(state, strict=False, assign=True)
 
 
+def read_quantization(path: str | Path) -> CheckpointQuantization | None:
+    """The quantization of a checkpoint directory's weights (config.json), None for plain ones."""
+    config = Path(path) / "config.json"
+    return checkpoint_quantization(json.loads(config.read_text()), str(config))
+
+
 def _block_size(path: Path) -> int:
-    quant = checkpoint_quantization(json.loads((path / "config.json").read_text()))
+    quant = read_quantization(path)
     return quant.block_size if quant is not None else FP8_BLOCK
 
 
