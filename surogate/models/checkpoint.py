@@ -1,14 +1,24 @@
 """Load and save Hugging Face checkpoints (config.json + safetensors) without ever holding a CPU copy of the model.
 
-`load_model` builds the module tree on the meta device (no memory, no init kernels), then streams the checkpoint
-shard by shard with `safetensors.safe_open` straight to the target device, casting each tensor to the target dtype
-as it arrives, and assigns the tensors into the module (`load_state_dict(assign=True)`). At most one tensor exists
-in the checkpoint's dtype at a time. Our module paths equal Hugging Face's, so there is no key renaming, except
-for MoE experts: checkpoints store one tensor per expert (`mlp.experts.{j}.gate_proj.weight` [inter, hidden]), we
-hold them stacked (`mlp.experts.gate_proj` [E, inter, hidden]). Each per-expert tensor is copied into its slot of
-the stacked parameter as it streams in (`_ExpertStacker`); transformers 5's in-memory fused layout
-(`mlp.experts.gate_up_proj` [E, 2 * inter, hidden], `mlp.experts.down_proj`) is split / taken as is. Saving writes
-the per-expert layout, which is what `save_pretrained` writes and what every Qwen3-MoE checkpoint on the Hub uses.
+`load_model` builds the module tree on the meta device (no memory, no init kernels), checks every checkpoint key
+and shape against it from the safetensors headers (no tensor read yet), then loads the embedding, final norm and
+LM head, and then one decoder block at a time: that block's tensors, from whichever shards hold them (the files
+stay memory-mapped), read straight to the target device, cast to the target dtype and assigned into the module
+(`load_state_dict(assign=True)`). After each block an optional `on_block(index, block)` hook may convert it before
+the next is read: surogate/models/quantized_load.py quantizes it there, so the bf16 model never exists whole.
+
+Our module paths equal Hugging Face's, so there is no key renaming, except for MoE experts: checkpoints store one
+tensor per expert (`mlp.experts.{j}.gate_proj.weight` [inter, hidden]), we hold them stacked
+(`mlp.experts.gate_proj` [E, inter, hidden]). Each per-expert tensor is copied into its slot of the stacked
+parameter as it is read (`_ExpertStacker`); transformers 5's in-memory fused layout (`mlp.experts.gate_up_proj`
+[E, 2 * inter, hidden], `mlp.experts.down_proj`) is split / taken as is. Saving writes the per-expert layout, which
+is what `save_pretrained` writes and what every Qwen3-MoE checkpoint on the Hub uses.
+
+Fine-grained FP8 checkpoints (Qwen3-*-FP8; `quantization_config` {quant_method: fp8, weight_block_size: [128, 128]}:
+`weight` e4m3 [out, in] with `weight_scale_inv` fp32 [ceil(out/128), ceil(in/128)], one dequantization multiplier
+per tile) are dequantized to the target dtype tensor by tensor on the device. qfp8 then requantizes each block with
+one scale per row, the layout its op reads (a second e4m3 rounding; keeping the tile scales would need a
+block-scaled FP8 GEMM, which the qfp8 op does not have). Other `quant_method`s are refused by `inspect_checkpoint`.
 
 Pickle checkpoints (`pytorch_model.bin`) can run code when loaded; they are refused unless `allow_pickle=True`,
 and then read with `torch.load(weights_only=True)`.
