@@ -98,10 +98,9 @@ def build_ours(
     """Our model as training runs it; returns (model, args, micro_step(batch, total_tokens): forward + backward)."""
     from surogate import distributed
     from surogate.cuda_graphs import cuda_graphs_enabled
-    from surogate.lora import LoRAConfig, apply_lora
-    from surogate.models.checkpoint import load_model
+    from surogate.lora import LoRAConfig
     from surogate.models.presets import PRESETS
-    from surogate.models.quantized_load import stream_quantize_hook
+    from surogate.models.quantized_load import load_lora_model
     from surogate.parallelize import parallelize, resolve_precision
 
     shard_base = False
@@ -112,19 +111,13 @@ def build_ours(
             print(why, file=sys.stderr)
     load_device = torch.device("cpu") if shard_base else device
     lora = LoRAConfig(rank=s.rank, alpha=s.alpha, dtype=torch.float32)
-    # qfp8/qnf4: blocks are quantized as they are initialized (surogate/models/quantized_load.py), as in training
-    hook = stream_quantize_hook(resolve_precision(recipe), PRESETS[model_name].num_layers, lora)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model, args = load_model(
-        model_name,
-        device=load_device,
-        dtype=torch.bfloat16,
-        attn_backend=attn_backend,
+    # qfp8/qnf4: each block is quantized as it is loaded or initialized (surogate/models/quantized_load.py)
+    model, args, _ = load_lora_model(
+        model_name, load_device, torch.bfloat16, lora, resolve_precision(recipe), attn_backend=attn_backend,
         compute_device=device,
-        on_block=hook,
-    )
-    apply_lora(model, lora)
+    )  # fmt: skip
     model.load_info = {"load_peak_mem_gib": round(peak_mem_gib(device), 2)}  # the build's peak, before any step
     check = check_eager and not distributed.is_distributed()
     if check:  # nonzero B, so the LoRA branch matters in the comparison
