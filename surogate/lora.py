@@ -11,7 +11,10 @@ something the pass would have to learn to see through.
 
 LoRA is a conversion applied after the model is built and before it is compiled or sharded (`apply_lora`): it
 replaces each targeted `nn.Linear` by a `LoRALinear` that takes over the same frozen weight tensor, so module
-paths (and so checkpoint and PEFT key names) stay those of the Hugging Face model. MoE experts hold stacked
+paths (and so checkpoint and PEFT key names) stay those of the Hugging Face model. The stream-quantizing loader
+(surogate/models/quantized_load.py) wraps each block as it loads, before its base is quantized, with
+`wrap_linears(init=False)`; `apply_lora` then initializes those adapters in model order, so the random draws are
+those of a load-then-wrap run. MoE experts hold stacked
 weights rather than `nn.Linear`s; for them `apply_lora` attaches grouped per-expert LoRA (`ExpertLoRA`, A [E, r, in],
 B [E, out, r], surogate/models/moe.py) to each targeted projection. The MoE router (`mlp.gate`, an `nn.Linear`) stays
 frozen unless `ROUTER_TARGET` ("gate") is among the targets; then it gets a `LoRALinear` like any projection.
@@ -30,13 +33,15 @@ from torch import nn
 from surogate.models.moe import GroupedExperts
 
 __all__ = [
+    "DEFAULT_TARGETS",
     "LoRAConfig",
     "LoRALinear",
+    "ROUTER_TARGET",
     "apply_lora",
+    "init_lora_",
     "lora_parameters",
     "lora_state_dict",
-    "DEFAULT_TARGETS",
-    "ROUTER_TARGET",
+    "wrap_linears",
 ]
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -66,7 +71,15 @@ class LoRAConfig:
 class LoRALinear(nn.Module):
     """`nn.Linear` with a frozen weight and a trainable rank-r update `B @ A` scaled by alpha / r."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, lora_dtype=torch.float32):
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        lora_dtype: torch.dtype = torch.float32,
+        init: bool = True,  # False: A and B stay uninitialized until `apply_lora` (streamed loading)
+    ):
         super().__init__()
         self.in_features = base.in_features
         self.out_features = base.out_features
@@ -82,13 +95,11 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=lora_dtype))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, device=device, dtype=lora_dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        if device.type != "meta":
+        if init and device.type != "meta":
             self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
-        # PEFT's default init: A kaiming-uniform (a=sqrt(5), as nn.Linear), B zeros, so training starts at the base.
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+        init_lora_(self.lora_A, self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.lora_A.to(x.dtype)
@@ -99,12 +110,42 @@ class LoRALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}"
 
 
+def init_lora_(lora_A: nn.Parameter, lora_B: nn.Parameter) -> None:
+    """PEFT's default init: A kaiming-uniform (a=sqrt(5), as nn.Linear), B zeros, so training starts at the base."""
+    nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+    nn.init.zeros_(lora_B)
+
+
+def _has_adapter(module: nn.Module) -> bool:
+    """A module that already carries LoRA A/B (a LoRALinear, or one whose base a loader has quantized since)."""
+    return isinstance(getattr(module, "lora_A", None), nn.Parameter)
+
+
+def wrap_linears(model: nn.Module, config: LoRAConfig, init: bool = True) -> list[str]:
+    """Replace every `nn.Linear` named in `config.target_modules` by a `LoRALinear`; returns the qualified names.
+
+    Touches nothing else (no freezing, no experts): the streamed loader calls it on one block with `init=False`.
+    """
+    targets = set(config.target_modules)
+    wrapped = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if child_name in targets and type(child) is nn.Linear:
+                lora = LoRALinear(child, config.rank, config.alpha, config.dropout, config.dtype, init=init)
+                setattr(parent, child_name, lora)
+                wrapped.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+    return wrapped
+
+
 def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Replace every `nn.Linear` whose attribute name is in `config.target_modules` by a `LoRALinear`, and give MoE
     experts an `ExpertLoRA` on each targeted stacked projection (`...mlp.experts.gate_proj`).
 
-    Freezes every other parameter. Returns the qualified names of the wrapped modules; raises `ValueError` when
-    no module matches (a typo in `lora_target_modules` must not silently train nothing).
+    Targeted modules that already carry an adapter (wrapped by the streamed loader, their base maybe quantized
+    since) get their A and B initialized here, in the same module order as freshly wrapped ones, so a streamed load
+    draws the same random numbers as load-then-wrap. Freezes every other parameter. Returns the qualified names of
+    the wrapped modules; raises `ValueError` when no module matches (a typo in `lora_target_modules` must not
+    silently train nothing).
     """
     for p in model.parameters():
         p.requires_grad_(False)
@@ -112,9 +153,17 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     wrapped: list[str] = []
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
-            if child_name in targets and type(child) is nn.Linear:
+            if child_name not in targets:
+                continue
+            if type(child) is nn.Linear:
                 setattr(parent, child_name, LoRALinear(child, config.rank, config.alpha, config.dropout, config.dtype))
-                wrapped.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+            elif _has_adapter(child):
+                init_lora_(child.lora_A, child.lora_B)
+                child.lora_A.requires_grad_(True)
+                child.lora_B.requires_grad_(True)
+            else:
+                continue
+            wrapped.append(f"{parent_name}.{child_name}" if parent_name else child_name)
     for name, module in list(model.named_modules()):
         if isinstance(module, GroupedExperts):
             added = module.add_lora(targets, config.rank, config.alpha, config.dropout, config.dtype)

@@ -11,6 +11,7 @@ autograd function of its own (surogate/loss.py).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -30,21 +31,28 @@ def colocate_shared_input_weights(model: nn.Module) -> int:
     cached copy (~9 GB extra on Qwen3-8B). Each projection keeps its own `weight` parameter (a view), so module
     paths, state-dict keys and the eager reference are unchanged. Returns the number of groups moved.
     """
-    from ops.lora_linear import pack_frozen_weights
+    return sum(colocate_block(block) for block in model.model.layers)
+
+
+def colocate_block(block: nn.Module) -> int:
+    """`colocate_shared_input_weights` for one decoder block. Idempotent: groups already adjacent, and quantized
+    codes (1-byte elements: a stream-quantized block's are packed by its quantizer, NF4 ones need no packing),
+    are left alone."""
+    from ops.lora_linear import _adjacent_view, pack_frozen_weights
 
     moved = 0
-    for block in model.model.layers:
-        for parent_name, names in SHARED_INPUT_GROUPS:
-            parent = getattr(block, parent_name)
-            if not all(hasattr(parent, n) for n in names):
-                continue  # a Qwen3-MoE mlp: its experts' weights are stacked tensors, not nn.Linears
-            weights = [getattr(parent, n).weight for n in names]
-            if any(w.requires_grad or w.device.type == "meta" for w in weights):
-                continue  # only frozen, materialized weights
-            if len({(w.dtype, w.device, w.shape[1:]) for w in weights}) != 1:
-                continue
-            pack_frozen_weights(weights)
-            moved += 1
+    for parent_name, names in SHARED_INPUT_GROUPS:
+        parent = getattr(block, parent_name)
+        modules = [getattr(parent, n, None) for n in names]
+        if any(m is None for m in modules):
+            continue  # e.g. an MoE block's mlp
+        weights = [m.weight for m in modules]
+        if any(w.requires_grad or w.device.type == "meta" or w.element_size() < 2 for w in weights):
+            continue  # only frozen, materialized, unquantized weights
+        if len({(w.dtype, w.device, w.shape[1:]) for w in weights}) != 1 or _adjacent_view(weights) is not None:
+            continue
+        pack_frozen_weights(weights)
+        moved += 1
     return moved
 
 
@@ -55,7 +63,7 @@ def compile_backend(recipe, use_passes: bool):
     return make_backend(recipe, passes=use_passes)
 
 
-def _precision(recipe: str, precision):
+def resolve_precision(recipe: str, precision=None):
     """The recipe's precision section (recipes/NAME.yaml) unless given; None for a registry-only recipe name."""
     if precision is not None:
         return precision
@@ -87,54 +95,59 @@ def block_recipe(recipe: str, precision, quantized: bool):
     return fp8_recipe_ops(precision.fp8_grad_format, precision.compute)
 
 
-def quantize_base_weights(model: nn.Module, blocks: list[bool], embedding: bool = False, weights: str = "fp8") -> int:
-    """Store the LoRA bases of the quantized blocks in `weights` format, releasing the bf16 copies.
-
-    fp8 (qfp8): `FP8LoRALinear` (e4m3 codes + per-row scales). Shared-input groups (q/k/v, gate/up) are quantized
-    together into one packed storage, so the fused op reads zero-copy views; each bf16 weight is released as its
-    group is done. With `embedding`, an untied input embedding is stored in FP8 too (`FP8Embedding`).
-    nf4 (qnf4): `NF4LoRALinear` per module (NF4 blocks run over the flattened weight, so a group's members are
-    stored separately and the op dequantizes each into its row block). Returns the number of modules converted.
-    """
+def quantize_block_fp8(block: nn.Module) -> int:
+    """qfp8: each LoRA base of one block becomes an `FP8LoRALinear` (e4m3 codes + per-row scales). Shared-input
+    groups (q/k/v, gate/up) are packed, then quantized together into one packed storage, so the fused op reads
+    zero-copy views; each bf16 weight is released as its group is done. Returns the number of modules converted."""
+    from ops.fp8 import quantize_lora_base_
     from surogate.lora import LoRALinear
 
-    if weights == "nf4":
-        return _quantize_base_weights_nf4(model, blocks)
-    from ops.fp8 import FP8Embedding, quantize_lora_base_
-
-    groups = (*SHARED_INPUT_GROUPS, ("self_attn", ("o_proj",)), ("mlp", ("down_proj",)))
+    colocate_block(block)
     converted = 0
-    for block, quantized in zip(model.model.layers, blocks):
-        if not quantized:
-            continue
-        for parent_name, names in groups:
-            parent = getattr(block, parent_name)
-            members = [n for n in names if type(getattr(parent, n, None)) is LoRALinear]  # MoE mlp: none
-            for group in [members] if len(members) == len(names) else [[n] for n in members]:
-                if not group:
-                    continue
-                for name, new in zip(group, quantize_lora_base_([getattr(parent, n) for n in group])):
-                    setattr(parent, name, new)
-                    converted += 1
-    embed = model.model.embed_tokens
-    if embedding and not model.args.tie_word_embeddings and type(embed) is nn.Embedding:
-        model.model.embed_tokens = FP8Embedding(embed)
+    for parent_name, names in (*SHARED_INPUT_GROUPS, ("self_attn", ("o_proj",)), ("mlp", ("down_proj",))):
+        parent = getattr(block, parent_name)
+        members = [n for n in names if type(getattr(parent, n, None)) is LoRALinear]
+        for group in [members] if len(members) == len(names) else [[n] for n in members]:
+            if not group:
+                continue
+            for name, new in zip(group, quantize_lora_base_([getattr(parent, n) for n in group])):
+                setattr(parent, name, new)
+                converted += 1
     return converted
 
 
-def _quantize_base_weights_nf4(model: nn.Module, blocks: list[bool]) -> int:
+def quantize_block_nf4(block: nn.Module) -> int:
+    """qnf4: each LoRA base of one block becomes an `NF4LoRALinear` (NF4 blocks run over the flattened weight, so
+    a group's members are stored separately and the op dequantizes each into its row block)."""
     from ops.nf4 import can_quantize_nf4, quantize_lora_base_nf4_
     from surogate.lora import LoRALinear
 
     converted = 0
-    for block, quantized in zip(model.model.layers, blocks):
-        if not quantized:
-            continue
-        for parent in (block.self_attn, block.mlp):
-            for name, child in list(parent.named_children()):
-                if type(child) is LoRALinear and can_quantize_nf4(child):
-                    setattr(parent, name, quantize_lora_base_nf4_(child))
-                    converted += 1
+    for parent in (block.self_attn, block.mlp):
+        for name, child in list(parent.named_children()):
+            if type(child) is LoRALinear and can_quantize_nf4(child):
+                setattr(parent, name, quantize_lora_base_nf4_(child))
+                converted += 1
+    return converted
+
+
+# precision.weights -> the function that stores one block's LoRA bases in that format, in place. The stream-
+# quantizing loader (surogate/models/quantized_load.py) calls it on each block as it loads; `quantize_base_weights`
+# on every quantized block of a loaded model. Each converts only plain `LoRALinear`s, so a second pass is a no-op.
+BLOCK_QUANTIZERS: dict[str, Callable[[nn.Module], int]] = {"fp8": quantize_block_fp8, "nf4": quantize_block_nf4}
+
+
+def quantize_base_weights(model: nn.Module, blocks: list[bool], embedding: bool = False, weights: str = "fp8") -> int:
+    """Store the LoRA bases of the quantized blocks in `weights` format (`BLOCK_QUANTIZERS`), releasing the bf16
+    copies; blocks converted already (stream-quantized while loading) are skipped. With `embedding` (fp8), an
+    untied input embedding is stored in FP8 too (`FP8Embedding`). Returns the number of modules converted."""
+    quantize = BLOCK_QUANTIZERS[weights]
+    converted = sum(quantize(block) for block, quantized in zip(model.model.layers, blocks) if quantized)
+    embed = model.model.embed_tokens
+    if weights == "fp8" and embedding and not model.args.tie_word_embeddings and type(embed) is nn.Embedding:
+        from ops.fp8 import FP8Embedding
+
+        model.model.embed_tokens = FP8Embedding(embed)
     return converted
 
 
@@ -156,7 +169,7 @@ def parallelize(
     numerical reference).
     """
     layers = model.model.layers
-    precision = _precision(recipe, precision)
+    precision = resolve_precision(recipe, precision)
     quantized = quantized_blocks(precision, len(layers))
     stored = precision.weights if precision is not None and precision.weights != "bf16" else None
     if (compile and use_passes) or stored == "fp8":

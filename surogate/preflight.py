@@ -5,6 +5,7 @@ any weights are read or anything is written. Each raises `ConfigError` with one 
     check_sequence_len     sequence_len against the model's max_position_embeddings
     check_lora_targets     lora_target_modules against the model: the router only on MoE models, and on MoE models
                            only targets whose LoRA a PEFT adapter can hold (surogate.export.moe_target_problem)
+    check_checkpoint_quantization  a pre-quantized (FP8) checkpoint against the recipe's weight storage
     build_checked_dataset  the full data pipeline (every row, not only the first few that `validate_data` reads),
                            and at least one batch per epoch; the trainer reuses the result
 """
@@ -19,8 +20,9 @@ import torch
 from surogate.config import ConfigError, TrainConfig
 
 __all__ = [
-    "FP8_MIN_CAPABILITY",
     "BF16_MIN_CAPABILITY",
+    "FP8_MIN_CAPABILITY",
+    "check_checkpoint_quantization",
     "check_device_support",
     "check_lora_targets",
     "check_sequence_len",
@@ -72,6 +74,19 @@ def check_lora_targets(cfg: TrainConfig, args: Any) -> None:
     problem = moe_target_problem(expert_targets, has_dense_mlp and bool(expert_targets))
     if problem:
         raise ConfigError(problem)
+
+
+def check_checkpoint_quantization(cfg: TrainConfig, quant: Any) -> None:
+    """An FP8 checkpoint (`quant`: a `CheckpointQuantization`, None for a plain one) is dequantized at load for
+    bf16 storage and requantized per row for fp8 storage; any other storage would quantize weights that were
+    already rounded to FP8 a second time, to a coarser format, so it is refused."""
+    if quant is None or cfg.precision.weights in ("bf16", "fp8"):
+        return
+    raise ConfigError(
+        f"model: {cfg.model} is an FP8 checkpoint (quantization_config.quant_method={quant.method}) and "
+        f"recipe={cfg.recipe} would quantize its FP8 weights again to {cfg.precision.weights}: use recipe=qfp8 "
+        "(or bf16/fp8), or the checkpoint's bf16 original"
+    )
 
 
 def build_checked_dataset(cfg: TrainConfig, data_cfg: Any, tokenizer: Any) -> Any:

@@ -76,10 +76,11 @@ def preflight(cfg: TrainConfig) -> Plan:
     from surogate.attention import resolve_backend
     from surogate.checkpointing import resolve_resume
     from surogate.data import DataError, load_tokenizer, validate_data
-    from surogate.models.checkpoint import inspect_checkpoint
+    from surogate.models.checkpoint import inspect_checkpoint, read_quantization
     from surogate.models.presets import PRESETS
     from surogate.preflight import (
         build_checked_dataset,
+        check_checkpoint_quantization,
         check_device_support,
         check_lora_targets,
         check_sequence_len,
@@ -107,6 +108,7 @@ def preflight(cfg: TrainConfig) -> Plan:
         raise ConfigError(f"model: {e}") from None
     check_sequence_len(cfg, args)
     check_lora_targets(cfg, args)
+    check_checkpoint_quantization(cfg, None if is_preset else read_quantization(cfg.model))
     if len(tokenizer) > args.vocab_size:
         raise ConfigError(f"model: its tokenizer has {len(tokenizer)} tokens but vocab_size is {args.vocab_size}")
     try:
@@ -189,8 +191,9 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
     from surogate.export import copy_tokenizer_files, save_adapter
     from surogate.lora import LoRAConfig, apply_lora
     from surogate.metrics import MetricsLogger, plot_losses
-    from surogate.models.checkpoint import inspect_checkpoint, load_model, save_hf_checkpoint
+    from surogate.models.checkpoint import count_parameters, inspect_checkpoint, load_model, save_hf_checkpoint
     from surogate.models.presets import PRESETS
+    from surogate.models.quantized_load import stream_quantize_hook
     from surogate.oom import rescale_data_position, train_with_oom_retry
     from surogate.parallelize import parallelize
     from surogate.trainer import Trainer, build_optimizer, build_scheduler, dist_info
@@ -227,6 +230,18 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     load_device = torch.device("cpu") if shard_base else plan.device
+    lora_cfg = LoRAConfig(
+        rank=cfg.lora_rank,
+        alpha=cfg.lora_alpha,
+        dropout=cfg.lora_dropout,
+        target_modules=tuple(cfg.lora_target_modules),
+        dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.lora_dtype],
+    )
+    n_params = count_parameters(model_args)
+    save_base = plan.is_preset and n_params <= SAVE_RANDOM_BASE_MAX_PARAMS
+    # qfp8/qnf4: each block is wrapped and quantized as it loads, so the bf16 model never exists whole; a small
+    # random preset base is kept whole until it is saved beside the adapter (both ways build the same model).
+    hook = None if save_base else stream_quantize_hook(cfg.precision, model_args.num_layers, lora_cfg)
     model, args = load_model(
         cfg.model,
         load_device,
@@ -234,10 +249,10 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
         attn_backend=plan.attn_backend,
         allow_pickle=cfg.allow_pickle,
         compute_device=plan.device,
+        on_block=hook,
     )
     base_name = str(Path(cfg.model).resolve()) if not plan.is_preset else cfg.model
-    n_params = sum(p.numel() for p in model.parameters())
-    if plan.is_preset and n_params <= SAVE_RANDOM_BASE_MAX_PARAMS and rank == 0:
+    if save_base and rank == 0:
         # A preset's base is random: keep it beside the adapter so the adapter stays loadable (PEFT, merge).
         if not (out / "base" / "config.json").is_file():
             tmp = out / ".base.tmp"  # written aside and renamed: a kill mid-write leaves no half base
@@ -246,14 +261,8 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
             copy_tokenizer_files(BUNDLED_TOKENIZER, tmp)
             shutil.rmtree(out / "base", ignore_errors=True)
             os.replace(tmp, out / "base")
+    if save_base:
         base_name = str((out / "base").resolve())
-    lora_cfg = LoRAConfig(
-        rank=cfg.lora_rank,
-        alpha=cfg.lora_alpha,
-        dropout=cfg.lora_dropout,
-        target_modules=tuple(cfg.lora_target_modules),
-        dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.lora_dtype],
-    )
     wrapped = apply_lora(model, lora_cfg)
     parallelize(
         model,

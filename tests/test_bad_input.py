@@ -126,6 +126,24 @@ def test_pickle_only_checkpoint_is_refused(tmp_path, capsys):
     assert "allow_pickle" in line
 
 
+FP8_QUANT = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+
+
+@pytest.mark.parametrize(
+    "quant,recipe,needle",
+    [
+        ({"quant_method": "awq", "bits": 4}, "bf16", "quantization_config.quant_method='awq' is not supported"),
+        ({**FP8_QUANT, "weight_block_size": None}, "qfp8", "FP8 weight_block_size=None is not supported"),
+        ({**FP8_QUANT, "activation_scheme": "static"}, "qfp8", "activation_scheme='static' is not supported"),
+        (FP8_QUANT, "qnf4", "is an FP8 checkpoint (quantization_config.quant_method=fp8) and recipe=qnf4 would"),
+    ],
+    ids=["unknown-method", "per-tensor-fp8", "static-activations", "fp8-for-qnf4"],
+)
+def test_quantized_checkpoint_refused(tmp_path, capsys, quant, recipe, needle):
+    m = _model_dir(tmp_path / "m", quantization_config=quant)
+    _refused(capsys, tmp_path / "run", [f"model={m}", f"recipe={recipe}"], needle)
+
+
 def test_tokenizer_without_chat_template_falls_back_to_chatml(tmp_path, caplog):
     m = _model_dir(tmp_path / "m")
     tok_cfg = json.loads((m / "tokenizer_config.json").read_text())

@@ -38,3 +38,34 @@ def test_qnf4_recipe_trains(tmp_path):
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert len(adapter) == 2 * len(DEFAULT_TARGETS) * PRESETS["tiny"].num_layers
     assert all(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)
+
+
+def test_qnf4_from_a_checkpoint_quantizes_each_block_as_it_loads(tmp_path, monkeypatch):
+    """A checkpoint (not a small preset, whose base is saved in bf16 first) takes the stream-quantized path."""
+    import surogate.models.quantized_load as quantized_load
+    from surogate.data.config import BUNDLED_TOKENIZER
+    from surogate.export import copy_tokenizer_files
+    from surogate.models import load_model, save_hf_checkpoint
+
+    ckpt = tmp_path / "base"
+    model, args = load_model("tiny", "cpu", torch.float32)
+    save_hf_checkpoint(model, args, ckpt)
+    copy_tokenizer_files(BUNDLED_TOKENIZER, ckpt)
+    seen = []
+    make_hook = quantized_load.stream_quantize_hook
+
+    def spy(*hook_args):
+        hook = make_hook(*hook_args)
+
+        def on_block(index, block):
+            hook(index, block)
+            seen.append((index, type(block.mlp.down_proj)))
+
+        return on_block
+
+    monkeypatch.setattr(quantized_load, "stream_quantize_hook", spy)
+    out = tmp_path / "run"
+    fast = [a for a in FAST if not a.startswith(("compile=", "max_steps="))]
+    assert main([f"output_dir={out}", f"model={ckpt}", "recipe=qnf4", *fast, "compile=false", "max_steps=2"]) == 0
+    assert seen == [(i, nf4.NF4LoRALinear) for i in range(args.num_layers)]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()

@@ -98,10 +98,10 @@ def build_ours(
     """Our model as training runs it; returns (model, args, micro_step(batch, total_tokens): forward + backward)."""
     from surogate import distributed
     from surogate.cuda_graphs import cuda_graphs_enabled
-    from surogate.lora import LoRAConfig, apply_lora
-    from surogate.models.checkpoint import load_model
+    from surogate.lora import LoRAConfig
     from surogate.models.presets import PRESETS
-    from surogate.parallelize import parallelize
+    from surogate.models.quantized_load import load_lora_model
+    from surogate.parallelize import parallelize, resolve_precision
 
     shard_base = False
     if distributed.is_distributed():  # torchrun: FSDP2 as in training (surogate/distributed.py)
@@ -110,10 +110,15 @@ def build_ours(
         if distributed.rank0():
             print(why, file=sys.stderr)
     load_device = torch.device("cpu") if shard_base else device
-    model, args = load_model(
-        model_name, device=load_device, dtype=torch.bfloat16, attn_backend=attn_backend, compute_device=device
-    )
-    apply_lora(model, LoRAConfig(rank=s.rank, alpha=s.alpha, dtype=torch.float32))
+    lora = LoRAConfig(rank=s.rank, alpha=s.alpha, dtype=torch.float32)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    # qfp8/qnf4: each block is quantized as it is loaded or initialized (surogate/models/quantized_load.py)
+    model, args, _ = load_lora_model(
+        model_name, load_device, torch.bfloat16, lora, resolve_precision(recipe), attn_backend=attn_backend,
+        compute_device=device,
+    )  # fmt: skip
+    model.load_info = {"load_peak_mem_gib": round(peak_mem_gib(device), 2)}  # the build's peak, before any step
     check = check_eager and not distributed.is_distributed()
     if check:  # nonzero B, so the LoRA branch matters in the comparison
         for name, p in model.named_parameters():
@@ -305,6 +310,7 @@ def run_one(name: str, model_name: str, recipe: str, cli, device, s: Setting) ->
     if recipe == "bf16" and peak:
         row["mfu"] = round(tokens_per_sec * flops_per_token(args, s.seq_len) / (peak * num_gpus), 4)
     row.update(getattr(model, "loss_check", {}))
+    row.update(getattr(model, "load_info", {}))
     del model, micro_step  # the step's CUDA graph holds its memory pool until it is gone
     gc.collect()
     from ops.fp8 import clear_fp8_weight_cache
