@@ -83,7 +83,8 @@ def _live_bytes(dtype: torch.dtype) -> int:
     gc.collect()
     storages = {}
     for obj in gc.get_objects():
-        if issubclass(type(obj), torch.Tensor) and obj.dtype == dtype and obj.device.type == "cpu":
+        # Plain tensors and parameters only: FakeTensors that earlier compiled tests left behind have no storage.
+        if type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.dtype == dtype and obj.device.type == "cpu":
             storage = obj.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
