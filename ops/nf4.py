@@ -28,6 +28,7 @@ per weight, which the qnf4 pass (`compile_passes/nf4_weights.py`) replaces by th
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Sequence
 
@@ -126,7 +127,7 @@ def dequantize_nf4_reference(
     dtype: torch.dtype = torch.bfloat16,
     codebook: Tensor | None = None,  # [16]; default NF4 (tests pass torchao's rounded table)
 ) -> Tensor:  # [out, in] `dtype`, computed in fp32 and rounded once
-    table = (NF4 if codebook is None else codebook).to(codes.device, torch.float32)
+    table = _nf4_table(codes.device) if codebook is None else codebook.to(codes.device, torch.float32)
     idx = torch.stack([codes >> 4, codes & 0xF], dim=-1).long()  # [out, in/2, 2]: high nibble first
     values = table[idx].view(-1, BLOCK) * _absmax(absmax_q, factor, mean)[:, None]
     return values.view(codes.shape[0], codes.shape[1] * 2).to(dtype)
@@ -158,6 +159,13 @@ def _triton_dequantize_kernel():
 _KERNEL = None
 
 
+@functools.cache
+def _nf4_table(device: torch.device) -> Tensor:
+    """The NF4 codebook on `device`, copied once: a host-to-device copy per call would stall the host on every
+    weight and is not allowed while a CUDA graph is captured (surogate/cuda_graphs.py)."""
+    return NF4.to(device, torch.float32)
+
+
 def dequantize_nf4_triton(
     codes: Tensor, absmax_q: Tensor, factor: Tensor, mean: Tensor, dtype: torch.dtype = torch.bfloat16,
     codebook: Tensor | None = None, elems: int = 2048,
@@ -166,7 +174,7 @@ def dequantize_nf4_triton(
     global _KERNEL
     if _KERNEL is None:
         _KERNEL = _triton_dequantize_kernel()
-    table = (NF4 if codebook is None else codebook).to(codes.device, torch.float32)
+    table = _nf4_table(codes.device) if codebook is None else codebook.to(codes.device, torch.float32)
     out = torch.empty(codes.shape[0], codes.shape[1] * 2, dtype=dtype, device=codes.device)
     numel = out.numel()
     if numel:

@@ -56,7 +56,7 @@ def _batches(vocab: int, n: int):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("recipe", ["bf16", "fp8"])
+@pytest.mark.parametrize("recipe", ["bf16", "fp8", "qfp8", "qnf4"])
 def test_replayed_micro_steps_accumulate_the_same_gradients(recipe):
     batches = _batches(4096, 5)
     eager, _ = _tiny_lora_model(recipe)
