@@ -84,6 +84,8 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit() -> str:
+    if os.environ.get("SUROGATE_COMMIT"):  # the GPU machine gets a copy of the tree without .git
+        return os.environ["SUROGATE_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         return out.stdout.strip() or "unknown"
