@@ -36,7 +36,7 @@ Kernels: cuBLAS through `torch.mm`/`addmm_` (also the CPU path). A Triton kernel
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -226,10 +226,12 @@ def _lora_forward(
     lora_Bs: Sequence[Tensor],
     scalings: Sequence[float],
     lora_inputs: Sequence[Tensor],
+    base_input: Tensor | None = None,  # [..., in]: what the base GEMM reads, if not x (fp4: x quantized)
 ) -> tuple[Tensor, Tensor]:
     in_features = x.shape[-1]
     x2 = x.reshape(-1, in_features)
-    y = F.linear(x2, weights[0] if len(weights) == 1 else frozen_concat(weights), bias)  # [N, sum out]
+    x_base = x2 if base_input is None else base_input.reshape(-1, in_features)
+    y = F.linear(x_base, weights[0] if len(weights) == 1 else frozen_concat(weights), bias)  # [N, sum out]
     if len(lora_As) == 1:
         xl = lora_inputs[0].reshape(-1, in_features) if lora_inputs else x2
         xa = F.linear(xl, lora_As[0])  # [N, r]
@@ -261,8 +263,11 @@ def _lora_backward(
     scalings: Sequence[float],
     shared_input: bool,
     needs_grad_x: bool,
+    base_grad_x: Callable[[Tensor], Tensor] | None = None,  # dy [N, sum out] -> fresh [N, in]; default dy W
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """Returns (grad_x or empty, grad_A_cat [sum r, in], grad_B_full [sum out, sum r], grad_lora_inputs).
+
+    `base_grad_x` replaces the base dX GEMM (fp4: quantized operands); `weights` then only give the input width.
 
     dA and dB come back as one tensor each, not one per projection: an op's outputs may not alias each other, so
     per-projection outputs would cost a copy each. The autograd formula hands out views (`_split_grads`): dA_i is
@@ -299,7 +304,10 @@ def _lora_backward(
             torch.mm(dxa_i.t(), xl.reshape(-1, in_features), out=g_i)
     if not needs_grad_x:
         return grad_y.new_empty(0), grad_a, grad_b, []
-    grad_x = torch.mm(dy, weights[0] if len(weights) == 1 else frozen_concat(weights))  # [N, in]; no dW, ever
+    if base_grad_x is None:
+        grad_x = torch.mm(dy, weights[0] if len(weights) == 1 else frozen_concat(weights))  # [N, in]; no dW, ever
+    else:
+        grad_x = base_grad_x(dy)
     lead = grad_y.shape[:-1]
     grad_lora_inputs: list[Tensor] = []
     if shared_input:

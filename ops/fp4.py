@@ -1,0 +1,655 @@
+"""FP4 LoRA linear: NVFP4 / MXFP4 block formats for the frozen base (`surogate::lora_linear_fp4`, recipes fp4, qfp4).
+
+Two recipes share this op family:
+
+    fp4   base weights stay bf16 in memory; the base GEMMs run on FP4 operands: activations and weights in the
+          forward, output gradient and weights in dX. Each frozen weight is quantized once, on first use, in both
+          orientations, and the codes are cached (~1.1 bytes per weight for the two; see `_cached_fp4_weight`).
+    qfp4  base weights are stored only in FP4 (`FP4LoRALinear`, made by `quantize_lora_base_fp4_`): 4.5 bits per
+          weight with nvfp4 (0.28x bf16), 4.25 with mxfp4 (0.27x); the bf16 copy is gone. compute: bf16 (default)
+          dequantizes inside the op, forward and dX; compute: fp4 quantizes activations and gradients as fp4 does.
+
+Formats (the element is always e2m1: values 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives; code = sign << 3 | index):
+    nvfp4   one e4m3 scale per 16 consecutive elements of a row and one fp32 scale per tensor (NVIDIA's two-level
+            scaling, as torchao's `nvfp4_quantize` with a per-tensor scale): global = amax / (448 * 6), block scale =
+            e4m3(block_amax / 6 / global). Dequantized value = e2m1 * block_scale * global.
+    mxfp4   one e8m0 scale (a power of two, stored as its biased exponent in a uint8) per 32 elements (OCP MX, as
+            torchao's `to_mx` FLOOR mode): scale = 2^(floor(log2 block_amax) - 2). The global scale is 1.
+Layout: codes [rows, cols/2] uint8, two per byte, the first element in the low nibble (torch.float4_e2m1fn_x2 and
+cuBLAS order); block scales [rows, cols/block]; global scale [1] fp32. Blocks run along the GEMM's reduction axis:
+along `in` for the forward operand of W [out, in]; along `out` for the dX operand, so that orientation is W^T
+[in, out] quantized row by row.
+
+Backward (dX = dy W): both operands go through a random Hadamard transform along the reduction axis (`fp4_hadamard`,
+NVIDIA's NVFP4 training recipe): dy W = (dy R)(R^T W) for the orthonormal block-diagonal R = diag(signs) H16 / 4,
+which spreads outliers over each 16-block before quantizing. dy is rounded stochastically (`fp4_stochastic_rounding`:
+unbiased, so rounding errors average out over steps instead of accumulating); weights and activations round to
+nearest even. The LoRA products (x A^T, (x A^T) B^T and their gradients) stay in the activation dtype: the op
+quantizes only what the frozen base GEMMs read, and dA/dB see the exact dy.
+
+Compute: there is no FP4 tensor core before Blackwell (sm_100), so every device here *emulates* the FP4 GEMMs:
+quantize -> dequantize to the activation dtype -> bf16 GEMM (fp32 accumulation). The operands are exactly the FP4
+values (up to the bf16 rounding of value * scale * global), so accuracy studies run anywhere, but an fp4 step is
+slower than bf16, not faster. Real FP4 GEMMs (`torch._scaled_mm` on float4_e2m1fn_x2 with swizzled scales) are not
+implemented: there was no Blackwell GPU to test them on. `stats["fp4_gemms"]` counts emulated FP4 GEMMs.
+
+Kernels: dequantization is one Triton kernel on CUDA (unpack, look up the e2m1 value and the block scale, scale,
+cast), `dequantize_fp4_reference` elsewhere; they agree bit for bit (tested under TRITON_INTERPRET=1). Quantization
+is plain torch (it runs once per weight at load, and per call on activations only in the emulated fp4 compute).
+torchao is not needed; the tests check our quantizers against torchao's `nvfp4_quantize` and `to_mx`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from ops.lora_linear import _lora_backward, _lora_forward, _split_grads, frozen_concat
+
+__all__ = [
+    "E2M1",
+    "FORMATS",
+    "HADAMARD_SIZE",
+    "FP4LoRALinear",
+    "can_quantize_fp4",
+    "dequantize_fp4",
+    "dequantize_fp4_reference",
+    "dequantize_fp4_triton",
+    "fake_quantize_fp4",
+    "fp4_dequantize",
+    "fp4_nbytes",
+    "hadamard_rotation",
+    "lora_linear_fp4",
+    "lora_linear_fp4_reference",
+    "quantize_fp4",
+    "quantize_lora_base_fp4_",
+    "rht",
+    "stats",
+]
+
+
+@dataclass(frozen=True)
+class Fp4Format:
+    name: str
+    block: int  # elements per block scale
+    scale_dtype: torch.dtype  # how the block scales are stored
+
+
+FORMATS = {
+    "nvfp4": Fp4Format("nvfp4", 16, torch.float8_e4m3fn),
+    "mxfp4": Fp4Format("mxfp4", 32, torch.uint8),  # e8m0: the biased exponent (torchao: float8_e8m0fnu, same bits)
+}
+E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # magnitudes, by code & 7
+E2M1 = torch.cat([E2M1_GRID, -E2M1_GRID])  # value of each 4-bit code (code 8 is -0)
+_MIDPOINTS = (E2M1_GRID[1:] + E2M1_GRID[:-1]) / 2  # round-to-nearest decision boundaries
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+E4M3_TINY = torch.finfo(torch.float8_e4m3fn).tiny  # smallest normal e4m3 block scale (torchao's E4M3_EPS)
+F32_MIN_NORMAL = 2.0**-126
+EPS = 1e-12  # per-tensor amax floor: an all-zero tensor gets a tiny scale, not a division by zero
+HADAMARD_SIZE = 16
+HADAMARD_SEED = 0x5EED  # the random signs are fixed: any orthonormal R gives dy W exactly; these are ours
+# fp32 value of every stored scale byte: e4m3 bit patterns, and e8m0 exponents (2^(b - 127); 255 is NaN)
+_SCALE_TABLES = {
+    "nvfp4": torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float(),
+    "mxfp4": torch.tensor([2.0 ** (b - 127) for b in range(255)] + [float("nan")], dtype=torch.float32),
+}
+stats: Counter = Counter()  # "fp4_gemms" (emulated), "weights_quantized" (fp4 cache), "fp4_dequantized" (stored)
+
+
+def _format(name: str) -> Fp4Format:
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise ValueError(f"fp4_format={name!r}: use one of {sorted(FORMATS)}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# e2m1 rounding and packing.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _e2m1_codes(y: Tensor, stochastic: bool) -> Tensor:
+    """fp32 values already scaled into [-6, 6] -> 4-bit codes (uint8, one per element).
+
+    Nearest with ties to the even code (IEEE, as torchao and the hardware cast), or stochastic: up to the next grid
+    value with probability (|y| - lo) / (hi - lo), so the expected value is y (unbiased)."""
+    grid = E2M1_GRID.to(y.device)
+    a = y.abs()
+    if stochastic:
+        lo = (torch.bucketize(a, grid, right=True) - 1).clamp(0, 6)
+        g_lo = grid[lo]
+        idx = lo + (torch.rand_like(a) * (grid[lo + 1] - g_lo) < a - g_lo).to(lo.dtype)
+    else:
+        mid = _MIDPOINTS.to(y.device)
+        idx = torch.bucketize(a, mid)  # a tie goes to the lower value...
+        tie = (a == mid[idx.clamp(max=6)]) & (idx % 2 == 1)  # ...unless its code is odd: then to the even one above
+        idx = idx + tie.to(idx.dtype)
+    return (idx | (torch.signbit(y).to(idx.dtype) << 3)).to(torch.uint8)
+
+
+def _pack(codes: Tensor) -> Tensor:
+    """[rows, cols] codes -> [rows, cols/2] bytes, the first element in the low nibble."""
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def _unpack(packed: Tensor) -> Tensor:
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).view(packed.shape[0], packed.shape[1] * 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Quantization (references: plain torch) and dequantization (reference + Triton kernel).
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _nvfp4_scales(blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """blocks [rows, n, 16] fp32 -> (e4m3 block scales [rows, n], global [1], fp32 multiplier into e2m1 range)."""
+    g = blocks.abs().amax().clamp_min(EPS) / (E4M3_MAX * E2M1_MAX)
+    block_scale = (blocks.abs().amax(dim=-1) / E2M1_MAX / g).clamp(E4M3_TINY, E4M3_MAX).to(torch.float8_e4m3fn)
+    # torchao's order of operations (reciprocal of the combined scale, then multiply), so the codes match it exactly
+    return block_scale, g.reshape(1), (1.0 / g) / block_scale.float()
+
+
+def _mxfp4_scales(blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """blocks [rows, n, 32] fp32 -> (e8m0 biased exponents [rows, n] uint8, global [1] = 1, fp32 multiplier)."""
+    amax = blocks.abs().amax(dim=-1)
+    exponent = ((amax.view(torch.int32) >> 23) & 0xFF) - 127  # floor(log2 amax) from the fp32 bits (0 -> -127)
+    biased = ((exponent - 2).clamp(-127, 127) + 127).to(torch.uint8)  # 2 = log2(6) rounded down: amax -> [4, 8)
+    biased = torch.where(torch.isnan(amax), 255, biased).to(torch.uint8)  # NaN stays NaN through the scale
+    scale = (biased.to(torch.int32) << 23).view(torch.float32).clamp_min(F32_MIN_NORMAL)
+    return biased, torch.ones(1, device=blocks.device), 1.0 / scale
+
+
+def quantize_fp4(
+    x: Tensor,  # [rows, cols]; cols a multiple of the format's block
+    fp4_format: str = "nvfp4",
+    stochastic: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:  # codes [rows, cols/2] uint8, block scales [rows, cols/block], global [1] fp32
+    """Blocks run along each row. Computed in fp32 whatever the input dtype."""
+    fmt = _format(fp4_format)
+    if x.dim() != 2 or x.shape[1] % fmt.block:
+        raise ValueError(f"{fmt.name} needs a 2-D tensor with rows divisible by {fmt.block}; got {list(x.shape)}")
+    blocks = x.detach().float().reshape(x.shape[0], -1, fmt.block)
+    block_scale, global_scale, multiplier = (_nvfp4_scales if fmt.name == "nvfp4" else _mxfp4_scales)(blocks)
+    scaled = blocks * multiplier[..., None]  # mxfp4: times 1 / 2^k, exactly torchao's division by 2^k
+    codes = _e2m1_codes(scaled.clamp(-E2M1_MAX, E2M1_MAX).view(x.shape[0], -1), stochastic)
+    return _pack(codes), block_scale, global_scale
+
+
+def _scale_values(block_scale: Tensor, fp4_format: str) -> Tensor:
+    if fp4_format == "nvfp4":
+        return block_scale.float()
+    return _SCALE_TABLES["mxfp4"].to(block_scale.device)[block_scale.long()]
+
+
+def dequantize_fp4_reference(
+    codes: Tensor,  # [rows, cols/2] uint8
+    block_scale: Tensor,  # [rows, cols/block]
+    global_scale: Tensor,  # [1] fp32
+    fp4_format: str = "nvfp4",
+    dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:  # [rows, cols] `dtype`: (e2m1 * block scale) * global in fp32, rounded once
+    fmt = _format(fp4_format)
+    values = E2M1.to(codes.device)[_unpack(codes).long()].view(-1, fmt.block)
+    out = values * _scale_values(block_scale, fmt.name).reshape(-1, 1) * global_scale.float()
+    return out.view(codes.shape[0], codes.shape[1] * 2).to(dtype)
+
+
+def _triton_dequantize_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def fp4_dequantize_kernel(
+        codes_ptr, scale_ptr, global_ptr, values_ptr, scale_table_ptr, out_ptr, numel,
+        BLOCK: tl.constexpr, ELEMS: tl.constexpr,
+    ):  # fmt: skip
+        e = tl.program_id(0).to(tl.int64) * ELEMS + tl.arange(0, ELEMS)  # element indices (row-major)
+        mask = e < numel
+        byte = tl.load(codes_ptr + e // 2, mask=mask, other=0).to(tl.int32)
+        code = (byte >> ((e % 2) * 4).to(tl.int32)) & 0xF  # even element: low nibble
+        value = tl.load(values_ptr + code, mask=mask, other=0.0)
+        scale_byte = tl.load(scale_ptr + e // BLOCK, mask=mask, other=0).to(tl.int32)  # blocks tile each row
+        scale = tl.load(scale_table_ptr + scale_byte, mask=mask, other=0.0)
+        out = value * scale * tl.load(global_ptr)  # as the reference: (value * scale) * global, fp32
+        tl.store(out_ptr + e, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    return fp4_dequantize_kernel
+
+
+_KERNEL = None
+
+
+def dequantize_fp4_triton(
+    codes: Tensor, block_scale: Tensor, global_scale: Tensor, fp4_format: str = "nvfp4",
+    dtype: torch.dtype = torch.bfloat16, elems: int = 2048,
+) -> Tensor:  # fmt: skip
+    """The fused kernel, one program per `elems` elements (CUDA, or CPU tensors under TRITON_INTERPRET=1 in tests).
+    Scale bytes are decoded through a 256-entry table, so the kernel needs no FP8 loads (any GPU, the interpreter)."""
+    global _KERNEL
+    if _KERNEL is None:
+        _KERNEL = _triton_dequantize_kernel()
+    fmt = _format(fp4_format)
+    out = torch.empty(codes.shape[0], codes.shape[1] * 2, dtype=dtype, device=codes.device)
+    numel = out.numel()
+    if numel:
+        _KERNEL[(-(-numel // elems),)](
+            codes.contiguous(), block_scale.contiguous().view(torch.uint8), global_scale.float(),
+            E2M1.to(codes.device), _SCALE_TABLES[fmt.name].to(codes.device), out, numel,
+            BLOCK=fmt.block, ELEMS=elems,
+        )  # fmt: skip
+    return out
+
+
+def dequantize_fp4(
+    codes: Tensor, block_scale: Tensor, global_scale: Tensor, fp4_format: str = "nvfp4",
+    dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:  # fmt: skip
+    """FP4 -> `dtype`: the Triton kernel on CUDA, the reference elsewhere (bit-identical results)."""
+    if codes.device.type == "cuda":
+        return dequantize_fp4_triton(codes, block_scale, global_scale, fp4_format, dtype)
+    return dequantize_fp4_reference(codes, block_scale, global_scale, fp4_format, dtype)
+
+
+def fake_quantize_fp4(x: Tensor, fp4_format: str = "nvfp4", stochastic: bool = False, dtype=None) -> Tensor:
+    """x [rows, cols] rounded to FP4 and back (to `dtype`, default x's): what an FP4 GEMM sees of it."""
+    return dequantize_fp4(*quantize_fp4(x, fp4_format, stochastic), fp4_format, dtype or x.dtype)
+
+
+def fp4_nbytes(codes: Tensor, block_scale: Tensor, global_scale: Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in (codes, block_scale, global_scale))
+
+
+def can_quantize_fp4(module: nn.Module, fp4_format: str = "nvfp4") -> bool:
+    block = _format(fp4_format).block
+    return module.in_features % block == 0 and module.out_features % block == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Random Hadamard transform (dX operands).
+# ----------------------------------------------------------------------------------------------------------------
+
+_ROTATIONS: dict[torch.device, Tensor] = {}
+
+
+def hadamard_rotation(size: int = HADAMARD_SIZE, seed: int = HADAMARD_SEED) -> Tensor:
+    """diag(random signs) @ H / sqrt(size): an orthonormal [size, size] fp32 matrix (R R^T = I)."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < size:  # Sylvester's construction
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    signs = torch.randint(0, 2, (size,), generator=torch.Generator().manual_seed(seed)).float() * 2 - 1
+    return signs[:, None] * h / size**0.5
+
+
+def rht(x: Tensor) -> Tensor:  # [rows, cols] -> fp32 [rows, cols]: every 16 columns times R
+    r = _ROTATIONS.get(x.device)
+    if r is None:
+        r = _ROTATIONS[x.device] = hadamard_rotation().to(x.device)
+    return (x.float().reshape(-1, HADAMARD_SIZE) @ r).view(x.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The base weight as the op sees it.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Fp4Weight:
+    """One frozen weight quantized for both GEMMs (each a (codes, block scales, global scale) triple)."""
+
+    fwd: tuple[Tensor, Tensor, Tensor]  # W [out, in], blocks along in
+    bwd: tuple[Tensor, Tensor, Tensor]  # W^T R [in, out] (R: Hadamard or identity), blocks along out
+
+
+def quantize_weight_fp4(w: Tensor, fp4_format: str, hadamard: bool) -> _Fp4Weight:
+    w = w.detach()
+    wt = rht(w.t()) if hadamard else w.t().contiguous()
+    return _Fp4Weight(quantize_fp4(w, fp4_format), quantize_fp4(wt, fp4_format))
+
+
+_WEIGHT_CACHE: dict[tuple, tuple[int, StorageWeakRef, _Fp4Weight]] = {}
+_WEIGHT_LOCK = threading.Lock()
+
+
+def _cached_fp4_weight(w: Tensor, fp4_format: str, hadamard: bool) -> _Fp4Weight:
+    """A bf16 frozen weight quantized once (fp4 recipe); keyed and checked as `ops.fp8._cached_fp8_weight` (address,
+    shape, stride, dtype, device, format, a weak reference to the storage and the version counter)."""
+    key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype, w.device, fp4_format, hadamard)
+    with _WEIGHT_LOCK:
+        hit = _WEIGHT_CACHE.get(key)
+        if hit is not None and hit[0] == w._version and not hit[1].expired():
+            return hit[2]
+        for k in [k for k, (_, ref, _) in _WEIGHT_CACHE.items() if ref.expired()]:
+            del _WEIGHT_CACHE[k]
+        fw = quantize_weight_fp4(w, fp4_format, hadamard)
+        stats["weights_quantized"] += 1
+        _WEIGHT_CACHE[key] = (w._version, StorageWeakRef(w.untyped_storage()), fw)
+        return fw
+
+
+def clear_fp4_weight_cache() -> None:
+    with _WEIGHT_LOCK:
+        _WEIGHT_CACHE.clear()
+
+
+@dataclass
+class _Base:
+    """The op's base weights and options, with the two dense matrices its GEMMs need."""
+
+    weights: Sequence[Tensor]  # bf16 [out_i, in], or stored codes [out_i, in/2] with `stored`
+    stored: tuple[Sequence[Tensor], Sequence[Tensor]] | None  # (block scales, global scales) per weight
+    fp4_format: str
+    compute: str  # "fp4": emulated FP4 GEMMs; "bf16": dequantized (stored) weights, bf16 operands
+    stochastic: bool
+    hadamard: bool
+
+    def check(self, in_features: int) -> None:
+        block = _format(self.fp4_format).block
+        if self.compute not in ("fp4", "bf16"):
+            raise ValueError(f"compute={self.compute!r}: use fp4 or bf16")
+        if self.stored is None and self.weights[0].dtype == torch.uint8:
+            raise RuntimeError("surogate::lora_linear_fp4 got FP4 codes without their block scales")
+        if self.compute == "fp4" and (in_features % block or any(w.shape[0] % block for w in self.weights)):
+            raise ValueError(f"{self.fp4_format} GEMMs need in and out features divisible by {block}")
+
+    def _rows(self, dense: Callable[[int], Tensor]) -> Tensor:
+        """Per-weight dense row blocks ([out_i, in] each, made by `dense(i)`) as one [sum out, in] tensor."""
+        if len(self.weights) == 1:
+            return dense(0)
+        rows = [w.shape[0] for w in self.weights]
+        first = dense(0)
+        out = first.new_empty(sum(rows), first.shape[1])
+        out[: rows[0]].copy_(first)
+        for i, dst in enumerate(out.split(rows)[1:], start=1):
+            dst.copy_(dense(i))
+        return out
+
+    def _stored_dense(self, i: int, dtype: torch.dtype) -> Tensor:
+        stats["fp4_dequantized"] += 1
+        scales, globals_ = self.stored
+        return dequantize_fp4(self.weights[i], scales[i], globals_[i], self.fp4_format, dtype)
+
+    def forward_weight(self, dtype: torch.dtype) -> Tensor:  # [sum out, in]: y = x' W'^T
+        if self.stored is not None:
+            return self._rows(lambda i: self._stored_dense(i, dtype))
+        if self.compute == "bf16":
+            return frozen_concat(self.weights)
+        fwd = [_cached_fp4_weight(w, self.fp4_format, self.hadamard).fwd for w in self.weights]
+        return self._rows(lambda i: dequantize_fp4(*fwd[i], self.fp4_format, dtype))
+
+    def grad_weight_t(self, dtype: torch.dtype) -> Tensor:  # [in, sum out]: dX = dy' (W'')
+        if self.compute == "bf16":
+            return self.forward_weight(dtype).t()
+        if self.stored is None:
+            bwd = [_cached_fp4_weight(w, self.fp4_format, self.hadamard).bwd for w in self.weights]
+            parts = [dequantize_fp4(*b, self.fp4_format, dtype) for b in bwd]
+        else:  # stored codes: W dequantized, then the dX orientation quantized per backward (memory over speed)
+            parts = []
+            for i in range(len(self.weights)):
+                wt = self._stored_dense(i, torch.float32).t()
+                wt = rht(wt) if self.hadamard else wt.contiguous()
+                parts.append(fake_quantize_fp4(wt, self.fp4_format, dtype=dtype))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def quantized_input(self, x2: Tensor) -> Tensor | None:
+        """What the forward base GEMM reads of x [N, in]: FP4-rounded with fp4 compute, else x itself (None)."""
+        if self.compute != "fp4":
+            return None
+        stats["fp4_gemms"] += 1
+        return fake_quantize_fp4(x2, self.fp4_format)
+
+    def grad_input(self, dy: Tensor) -> Tensor:
+        """Base dX [N, in] from dy [N, sum out]: (dy R)_fp4 (W^T R)_fp4^T with fp4 compute, else dy W."""
+        w = self.grad_weight_t(dy.dtype)  # [in, sum out]
+        if self.compute != "fp4":
+            return torch.mm(dy, w.t())
+        stats["fp4_gemms"] += 1
+        d = rht(dy) if self.hadamard else dy
+        return torch.mm(fake_quantize_fp4(d, self.fp4_format, self.stochastic, dtype=dy.dtype), w.t())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference (plain torch, differentiable).
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Fp4LinearReference(torch.autograd.Function):
+    """x W^T with the op's rounding, written out: dequantized FP4 operands, fp32 matmuls."""
+
+    @staticmethod
+    def forward(ctx, x2: Tensor, w: Tensor, fp4_format: str, compute: str, stochastic: bool, hadamard: bool):
+        ctx.w, ctx.options = w, (fp4_format, compute, stochastic, hadamard)
+        if compute == "bf16":
+            return x2 @ w.t().to(x2.dtype)
+        xq = dequantize_fp4_reference(*quantize_fp4(x2, fp4_format), fp4_format, torch.float32)
+        wq = dequantize_fp4_reference(*quantize_fp4(w, fp4_format), fp4_format, torch.float32)
+        return (xq @ wq.t()).to(x2.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        fp4_format, compute, stochastic, hadamard = ctx.options
+        if compute == "bf16":
+            return dy @ ctx.w.to(dy.dtype), None, None, None, None, None
+        rotate = rht if hadamard else (lambda t: t.float())
+        dyq = dequantize_fp4_reference(*quantize_fp4(rotate(dy), fp4_format, stochastic), fp4_format, torch.float32)
+        wtq = dequantize_fp4_reference(*quantize_fp4(rotate(ctx.w.t()), fp4_format), fp4_format, torch.float32)
+        return (dyq @ wtq.t()).to(dy.dtype), None, None, None, None, None
+
+
+def lora_linear_fp4_reference(
+    x: Tensor,  # [..., in]
+    weight: Tensor,  # [out, in]: bf16, or the dequantized stored weight (qfp4)
+    lora_A: Tensor,  # [r, in]
+    lora_B: Tensor,  # [out, r]
+    scaling: float,
+    bias: Tensor | None = None,
+    fp4_format: str = "nvfp4",
+    compute: str = "fp4",
+    stochastic: bool = False,
+    hadamard: bool = True,
+) -> Tensor:
+    """The op's arithmetic in plain torch: base GEMMs on FP4-rounded operands (compute fp4), LoRA in x.dtype.
+
+    qfp4 with compute fp4 re-quantizes the dequantized stored weight: pass that as `weight` (FP4 rounding of
+    FP4 values with the same forward blocks is exact, so the forward matches; dX re-blocks along out)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    base = _Fp4LinearReference.apply(x2, weight.detach(), fp4_format, compute, stochastic, hadamard)
+    base = base.view(*x.shape[:-1], -1)
+    if bias is not None:
+        base = base + bias
+    return base + scaling * F.linear(F.linear(x, lora_A), lora_B)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The op: forward, backward, fakes, autograd.
+# ----------------------------------------------------------------------------------------------------------------
+
+_OPTIONS = (
+    'Tensor[]? block_scales=None, Tensor[]? global_scales=None, str fp4_format="nvfp4", str compute="fp4", '
+    "bool stochastic_rounding=True, bool hadamard=True"
+)
+
+
+def _base(weights, block_scales, global_scales, fp4_format, compute, stochastic, hadamard) -> _Base:
+    stored = None if block_scales is None else (block_scales, global_scales)
+    return _Base(weights, stored, fp4_format, compute, stochastic, hadamard)
+
+
+def _in_features(weights, block_scales) -> int:
+    return weights[0].shape[1] * (2 if block_scales is not None else 1)
+
+
+@torch.library.custom_op(
+    "surogate::lora_linear_fp4",
+    mutates_args=(),
+    schema="(Tensor x, Tensor[] weights, Tensor? bias, Tensor[] lora_As, Tensor[] lora_Bs, float[] scalings, "
+    f"Tensor[] lora_inputs, {_OPTIONS}) -> (Tensor, Tensor)",
+)
+def lora_linear_fp4(
+    x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs, block_scales=None, global_scales=None,
+    fp4_format="nvfp4", compute="fp4", stochastic_rounding=True, hadamard=True,
+):  # fmt: skip
+    """Returns (y [..., sum out], xa [N, sum r]); `weights` are FP4 codes when `block_scales` are given."""
+    base = _base(weights, block_scales, global_scales, fp4_format, compute, stochastic_rounding, hadamard)
+    base.check(x.shape[-1])
+    w = base.forward_weight(x.dtype)
+    x_base = base.quantized_input(x.reshape(-1, x.shape[-1]))
+    return _lora_forward(x, [w], bias, lora_As, lora_Bs, scalings, lora_inputs, base_input=x_base)
+
+
+@lora_linear_fp4.register_fake
+def _(x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs, block_scales=None, global_scales=None, *options):
+    n = x.numel() // x.shape[-1]
+    out = sum(w.shape[0] for w in weights)
+    return x.new_empty(*x.shape[:-1], out), x.new_empty(n, sum(a.shape[0] for a in lora_As))
+
+
+@torch.library.custom_op(
+    "surogate::lora_linear_fp4_grad",
+    mutates_args=(),
+    schema="(Tensor grad_y, Tensor[] lora_inputs, Tensor xa, Tensor[] weights, Tensor[]? block_scales, "
+    "Tensor[]? global_scales, Tensor[] lora_As, Tensor[] lora_Bs, float[] scalings, bool shared_input, "
+    "bool needs_grad_x, str fp4_format, str compute, bool stochastic_rounding, bool hadamard) "
+    "-> (Tensor, Tensor, Tensor, Tensor[])",
+)
+def lora_linear_fp4_grad(
+    grad_y, lora_inputs, xa, weights, block_scales, global_scales, lora_As, lora_Bs, scalings, shared_input,
+    needs_grad_x, fp4_format, compute, stochastic_rounding, hadamard,
+):  # fmt: skip
+    """(grad_x or empty, grad_A_cat, grad_B_full, grad_lora_inputs), as `surogate::lora_linear_grad`; the base dX
+    runs through `_Base.grad_input` (FP4 operands with fp4 compute); dA and dB see the exact dy."""
+    base = _base(weights, block_scales, global_scales, fp4_format, compute, stochastic_rounding, hadamard)
+    width = grad_y.new_empty(0, _in_features(weights, block_scales))  # _lora_backward reads only its width
+    return _lora_backward(
+        grad_y, lora_inputs, xa, [width], lora_As, lora_Bs, scalings, shared_input, needs_grad_x,
+        base_grad_x=base.grad_input,
+    )  # fmt: skip
+
+
+@lora_linear_fp4_grad.register_fake
+def _(grad_y, lora_inputs, xa, weights, block_scales, global_scales, lora_As, lora_Bs, scalings, shared, needs_x, *o):
+    d_in = _in_features(weights, block_scales)
+    rank = sum(a.shape[0] for a in lora_As)
+    grad_a, grad_b = grad_y.new_empty(rank, d_in), grad_y.new_empty(grad_y.shape[-1], rank)
+    if not needs_x:
+        return grad_y.new_empty(0), grad_a, grad_b, []
+    grad_x = grad_y.new_empty(*grad_y.shape[:-1], d_in)
+    return grad_x, grad_a, grad_b, [] if shared else [xl.new_empty(xl.shape) for xl in lora_inputs]
+
+
+_DEFAULTS = (None, None, "nvfp4", "fp4", True, True)  # the options, in schema order
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs = inputs[:7]
+    options = list(inputs[7:]) + list(_DEFAULTS[len(inputs) - 7 :])
+    if any(w.requires_grad for w in weights) or (bias is not None and bias.requires_grad):
+        raise RuntimeError("surogate::lora_linear_fp4 never computes a base weight/bias gradient: freeze the base")
+    ctx.shared_input = len(lora_inputs) == 0
+    ctx.n = len(weights)
+    ctx.has_stored = options[0] is not None
+    ctx.options = options[2:]
+    ctx.n_given = len(inputs)
+    ctx.scalings = list(scalings)
+    ctx.ranks = [a.shape[0] for a in lora_As]
+    ctx.outs = [b.shape[0] for b in lora_Bs]
+    saved_inputs = [x] if ctx.shared_input else list(lora_inputs)
+    ctx.k = len(saved_inputs)
+    stored = [*options[0], *options[1]] if ctx.has_stored else []
+    ctx.save_for_backward(output[1], *saved_inputs, *weights, *stored, *lora_As, *lora_Bs)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_y, _grad_xa):
+    xa, *saved = ctx.saved_tensors
+    k, n = ctx.k, ctx.n
+    lora_inputs, saved = saved[:k], saved[k:]
+    weights, saved = saved[:n], saved[n:]
+    if ctx.has_stored:
+        block_scales, global_scales, saved = saved[:n], saved[n : 2 * n], saved[2 * n :]
+    else:
+        block_scales = global_scales = None
+    lora_As, lora_Bs = saved[:n], saved[n:]
+    needs_grad_x = ctx.needs_input_grad[0] or any(ctx.needs_input_grad[6])
+    grad_x, grad_a, grad_b, grad_lora_inputs = lora_linear_fp4_grad(
+        grad_y, lora_inputs, xa, weights, block_scales, global_scales, lora_As, lora_Bs, ctx.scalings,
+        ctx.shared_input, needs_grad_x, *ctx.options,
+    )  # fmt: skip
+    grad_As, grad_Bs = _split_grads(grad_a, grad_b, ctx.ranks, ctx.outs)
+    if not needs_grad_x:
+        grad_x, grad_lora_inputs = None, [None] * (0 if ctx.shared_input else k)
+    # needs_input_grad has one entry per argument as called (options left at their defaults are not passed)
+    stored = [[None] * n if ctx.has_stored else None] * 2
+    options = [*stored, None, None, None, None][: ctx.n_given - 7]
+    return grad_x, [None] * n, None, grad_As, grad_Bs, None, grad_lora_inputs, *options
+
+
+lora_linear_fp4.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# qfp4 storage: the eager module (numerical reference) and the conversion that makes it.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("surogate::fp4_dequantize", mutates_args=())
+def fp4_dequantize(
+    codes: Tensor, block_scale: Tensor, global_scale: Tensor, fp4_format: str, dtype: torch.dtype
+) -> Tensor:
+    """One FP4 weight back to `dtype` (one op, so the pass sees the stored tensors behind it)."""
+    return dequantize_fp4(codes, block_scale, global_scale, fp4_format, dtype)
+
+
+@fp4_dequantize.register_fake
+def _(codes: Tensor, block_scale: Tensor, global_scale: Tensor, fp4_format: str, dtype: torch.dtype) -> Tensor:
+    return codes.new_empty(codes.shape[0], codes.shape[1] * 2, dtype=dtype)
+
+
+class FP4LoRALinear(nn.Module):
+    """LoRALinear whose frozen base is stored in FP4: `weight` (codes [out, in/2] uint8, a frozen parameter, so FSDP
+    shards it and the state-dict key stays `...weight`), the buffers `weight_scale` (block scales [out, in/block]:
+    e4m3 for nvfp4, e8m0 exponents in uint8 for mxfp4) and `weight_global_scale` ([1] fp32; 1 for mxfp4).
+
+    Eager forward (the reference the pass rewrites): `linear(x, fp4_dequantize(W)) + scaling * lora(x)`.
+    """
+
+    def __init__(self, lora: nn.Module, codes: Tensor, block_scale: Tensor, global_scale: Tensor, fp4_format: str):
+        super().__init__()
+        self.in_features, self.out_features = lora.in_features, lora.out_features
+        self.rank, self.scaling = lora.rank, lora.scaling
+        self.fp4_format = fp4_format
+        self.weight = nn.Parameter(codes, requires_grad=False)
+        self.register_buffer("weight_scale", block_scale)
+        self.register_buffer("weight_global_scale", global_scale)
+        self.bias = lora.bias
+        self.lora_A, self.lora_B, self.dropout = lora.lora_A, lora.lora_B, lora.dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.lora_A.to(x.dtype)
+        b = self.lora_B.to(x.dtype)
+        # the OpOverload itself, so every Dynamo version records one node (the pass looks for exactly this op)
+        w = torch.ops.surogate.fp4_dequantize.default(
+            self.weight, self.weight_scale, self.weight_global_scale, self.fp4_format, x.dtype
+        )
+        return F.linear(x, w, self.bias) + self.scaling * F.linear(F.linear(self.dropout(x), a), b)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}, "
+            f"{self.fp4_format} base"
+        )
+
+
+def quantize_lora_base_fp4_(module: nn.Module, fp4_format: str = "nvfp4") -> FP4LoRALinear:
+    """The FP4 replacement of one LoRA module (to be set in its place by the caller); releases the module's
+    reference to its dense weight (freed once nothing else, e.g. a packed group, holds it)."""
+    new = FP4LoRALinear(module, *quantize_fp4(module.weight.detach(), fp4_format), fp4_format)
+    module.weight = None
+    return new
