@@ -40,7 +40,7 @@ def register_recipe(name: str, recipe: RecipeOps) -> None:
 
 def _register_builtin_variants() -> None:
     """Op families living in their own modules register on first use (fp8, qfp8: compile_passes/fp8_weights.py;
-    qnf4, alias qbnb: compile_passes/nf4_weights.py)."""
+    qnf4, alias qbnb: compile_passes/nf4_weights.py; fp4, qfp4: compile_passes/fp4_weights.py)."""
     if "fp8" not in _RECIPES:
         from compile_passes.fp8_weights import fp8_recipe_ops
 
@@ -51,6 +51,11 @@ def _register_builtin_variants() -> None:
 
         register_recipe("qnf4", nf4_recipe_ops())
         register_recipe("qbnb", nf4_recipe_ops())
+    if "fp4" not in _RECIPES:
+        from compile_passes.fp4_weights import fp4_recipe_ops
+
+        register_recipe("fp4", fp4_recipe_ops())  # bf16 weights, emulated NVFP4 GEMMs
+        register_recipe("qfp4", fp4_recipe_ops(compute="bf16"))  # NVFP4-stored weights, bf16 GEMMs
 
 
 def recipe_ops(name: str) -> RecipeOps:

@@ -46,8 +46,9 @@ DATASET_FORMATS = ("auto", "text", "instruction", "conversation")
 OVERLONG = ("truncate", "drop")
 GRAD_FORMATS = ("e5m2", "e4m3")
 # Recipe formats the code implements today; a recipe naming anything else is refused, not silently run as bf16.
-WEIGHT_FORMATS = ("bf16", "fp8", "nf4")
-COMPUTE_FORMATS = ("bf16", "fp8")
+WEIGHT_FORMATS = ("bf16", "fp8", "nf4", "fp4")
+COMPUTE_FORMATS = ("bf16", "fp8", "fp4")
+FP4_FORMATS = ("nvfp4", "mxfp4")
 # Other names a recipe is known by (recipe=qbnb reads recipes/qnf4.yaml: QLoRA NF4 as bitsandbytes stores it).
 RECIPE_ALIASES = {"qbnb": "qnf4"}
 
@@ -71,10 +72,18 @@ class PrecisionConfig:
     weights: str = opt("bf16", "storage format of the frozen base weights", WEIGHT_FORMATS)
     compute: str = opt("bf16", "input format of the GEMMs", COMPUTE_FORMATS)
     fp8_grad_format: str = opt("e5m2", "FP8 format of the output gradient in the dX GEMM (e5m2 = hybrid)", GRAD_FORMATS)
-    skip_quant_first_layers: int = opt(0, "keep the first N decoder blocks in bf16 (fp8/qfp8 recipes)")
-    skip_quant_last_layers: int = opt(0, "keep the last N decoder blocks in bf16 (fp8/qfp8 recipes)")
+    fp4_format: str = opt(
+        "nvfp4",
+        "fp4 weights/compute: nvfp4 (e2m1, e4m3 scale per 16 + fp32 tensor scale) or mxfp4 (e2m1, power-of-two "
+        "e8m0 scale per 32)",
+        FP4_FORMATS,
+    )
+    fp4_stochastic_rounding: bool = opt(True, "fp4 compute: round the output gradient stochastically in the dX GEMM")
+    fp4_hadamard: bool = opt(True, "fp4 compute: random Hadamard transform (16-wide) on both dX GEMM inputs")
+    skip_quant_first_layers: int = opt(0, "keep the first N decoder blocks in bf16 (quantized recipes)")
+    skip_quant_last_layers: int = opt(0, "keep the last N decoder blocks in bf16 (quantized recipes)")
     fp8_lm_head: bool = opt(False, "quantize the LM head too (not supported yet: the LM head stays bf16)")
-    quantize_embedding: bool = opt(False, "fp8 weights: store an untied input embedding in FP8 too (not with nf4)")
+    quantize_embedding: bool = opt(False, "fp8 weights: store an untied input embedding in FP8 too (not nf4/fp4)")
 
     @property
     def quantized(self) -> bool:
@@ -84,6 +93,11 @@ class PrecisionConfig:
     def uses_fp8(self) -> bool:
         """Whether the recipe stores or computes anything in FP8 (needs FP8 tensor cores on a GPU)."""
         return self.weights == "fp8" or self.compute == "fp8"
+
+    @property
+    def uses_fp4(self) -> bool:
+        """Whether the recipe stores or computes anything in FP4 (GEMMs emulated in bf16 before Blackwell)."""
+        return self.weights == "fp4" or self.compute == "fp4"
 
 
 @dataclass
@@ -241,8 +255,17 @@ def validate_precision(p: PrecisionConfig) -> None:
         f"precision.compute={p.compute!r} with nf4 weights: set compute to bf16 (NF4 is dequantized for bf16 GEMMs)",
     )
     _require(
-        not (p.weights == "nf4" and p.quantize_embedding),
-        "precision.quantize_embedding=true with nf4 weights is not supported (only FP8 embeddings): set it false",
+        not (p.weights == "fp4" and p.compute not in ("fp4", "bf16")),
+        f"precision.compute={p.compute!r} with fp4 weights: set compute to bf16 (dequantized) or fp4 (emulated)",
+    )
+    _require(
+        not (p.compute == "fp4" and p.weights not in ("fp4", "bf16")),
+        f"precision.compute=fp4 with {p.weights} weights: set weights to bf16 or fp4",
+    )
+    _require(
+        not (p.weights in ("nf4", "fp4") and p.quantize_embedding),
+        f"precision.quantize_embedding=true with {p.weights} weights is not supported (only FP8 embeddings): "
+        "set it false",
     )
 
 

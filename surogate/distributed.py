@@ -134,9 +134,15 @@ def shutdown() -> None:
 NF4_BYTES_PER_WEIGHT = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # codes + int8 absmax per 64 + fp32 factor per 256 blocks
 
 
-def base_weight_bytes(args, dtype: torch.dtype, fp8_blocks: bool = False, nf4_blocks: bool = False) -> int:
-    """Bytes of the frozen base as stored: every weight in `dtype`, block linears at 1 byte with fp8 storage and
-    ~0.52 bytes with nf4 storage. Qwen3-MoE experts (stacked tensors) and routers stay in `dtype` in every recipe."""
+FP4_BYTES_PER_WEIGHT = (4 + 8 / 16) / 8  # nvfp4: e2m1 codes + an e4m3 scale per 16 (mxfp4: 4.25 bits, less)
+
+
+def base_weight_bytes(
+    args, dtype: torch.dtype, fp8_blocks: bool = False, nf4_blocks: bool = False, fp4_blocks: bool = False
+) -> int:
+    """Bytes of the frozen base as stored: every weight in `dtype`, block linears at 1 byte with fp8 storage,
+    ~0.52 bytes with nf4 storage and ~0.56 with fp4 storage. Qwen3-MoE experts (stacked tensors) and routers stay
+    in `dtype` in every recipe."""
     h, inter = args.hidden_size, args.intermediate_size
     q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
     moe_layers = sum(args.is_moe_layer(i) for i in range(args.num_layers))
@@ -146,6 +152,8 @@ def base_weight_bytes(args, dtype: torch.dtype, fp8_blocks: bool = False, nf4_bl
     embed = args.vocab_size * h * (1 if args.tie_word_embeddings else 2)
     item = torch.finfo(dtype).bits // 8
     linear_item = 1 if fp8_blocks else NF4_BYTES_PER_WEIGHT if nf4_blocks else item
+    if fp4_blocks:
+        linear_item = FP4_BYTES_PER_WEIGHT
     return int(linears * linear_item + (args.num_layers * norms + experts + embed + h) * item)
 
 
@@ -176,10 +184,11 @@ def decide_shard_base(setting: str, base_bytes: int, device: torch.device, recip
     if not is_distributed():
         shard = False
     p = recipe_precision
-    if shard and p is not None and p.compute == "fp8" and p.weights == "bf16":
+    if shard and p is not None and p.compute in ("fp8", "fp4") and p.weights == "bf16":
         raise ValueError(
-            "recipe fp8 quantizes the bf16 base once and caches it by address, which a sharded base (re-gathered "
-            "every step) defeats: set shard_base_weights=false, or use recipe=qfp8 (fp8 storage, shards)"
+            f"recipe {p.compute} quantizes the bf16 base once and caches it by address, which a sharded base "
+            f"(re-gathered every step) defeats: set shard_base_weights=false, or use recipe=q{p.compute} "
+            f"({p.compute} storage, shards)"
         )
     mode = "sharded across ranks" if shard else "replicated on every rank (no all-gathers)"
     return shard, f"frozen base {gib:.1f} GiB {mode} ({why}); LoRA parameters sharded"

@@ -80,11 +80,12 @@ def _clean(name: str) -> str:
 
 def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
     """LoRA modules keyed by their Hugging Face module path (wrappers removed): `LoRALinear`s and the modules the
-    q* recipes put in their place (base stored in FP8 or NF4; same lora_A/lora_B/scaling)."""
+    q* recipes put in their place (base stored in FP8, NF4 or FP4; same lora_A/lora_B/scaling)."""
+    from ops.fp4 import FP4LoRALinear
     from ops.fp8 import FP8LoRALinear
     from ops.nf4 import NF4LoRALinear
 
-    kinds = (LoRALinear, FP8LoRALinear, NF4LoRALinear)
+    kinds = (LoRALinear, FP8LoRALinear, NF4LoRALinear, FP4LoRALinear)
     return {_clean(name): m for name, m in model.named_modules() if isinstance(m, kinds)}
 
 

@@ -51,6 +51,8 @@ def estimate_memory_gib(args: Any, cfg: Any, dtype_bytes: int) -> dict[str, floa
         weight_bytes -= linear_params * (dtype_bytes - 1)  # qfp8 stores the targeted linears as 1-byte codes
     elif stored == "nf4":
         weight_bytes -= linear_params * (dtype_bytes - 0.516)  # qnf4: 4-bit codes + double-quantized absmax
+    elif stored == "fp4":
+        weight_bytes -= linear_params * (dtype_bytes - 0.5625)  # qfp4 (nvfp4): 4-bit codes + e4m3 per 16
     # LoRA A and B of every targeted linear, fp32 master + grad + two AdamW moments.
     h, inter = args.hidden_size, args.intermediate_size
     q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim

@@ -10,6 +10,7 @@ autograd function of its own (surogate/loss.py).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -90,6 +91,12 @@ def block_recipe(recipe: str, precision, quantized: bool):
         from compile_passes.nf4_weights import nf4_recipe_ops
 
         return nf4_recipe_ops()
+    if precision.uses_fp4:
+        from compile_passes.fp4_weights import fp4_recipe_ops
+
+        return fp4_recipe_ops(
+            precision.fp4_format, precision.compute, precision.fp4_stochastic_rounding, precision.fp4_hadamard
+        )
     from compile_passes.fp8_weights import fp8_recipe_ops
 
     return fp8_recipe_ops(precision.fp8_grad_format, precision.compute)
@@ -131,17 +138,51 @@ def quantize_block_nf4(block: nn.Module) -> int:
     return converted
 
 
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def quantize_block_fp4(block: nn.Module, fp4_format: str = "nvfp4") -> int:
+    """qfp4: each LoRA projection of one block becomes an `FP4LoRALinear` in `fp4_format` (nvfp4 | mxfp4), one per
+    module as nf4 (each weight has its own nvfp4 tensor scale). A Qwen3-MoE router ("gate") stays as it is."""
+    from ops.fp4 import can_quantize_fp4, quantize_lora_base_fp4_
+    from surogate.lora import LoRALinear
+
+    converted = 0
+    for parent in (block.self_attn, block.mlp):
+        for name, child in list(parent.named_children()):
+            if name in _PROJECTIONS and type(child) is LoRALinear and can_quantize_fp4(child, fp4_format):
+                setattr(parent, name, quantize_lora_base_fp4_(child, fp4_format))
+                converted += 1
+    return converted
+
+
 # precision.weights -> the function that stores one block's LoRA bases in that format, in place. The stream-
 # quantizing loader (surogate/models/quantized_load.py) calls it on each block as it loads; `quantize_base_weights`
 # on every quantized block of a loaded model. Each converts only plain `LoRALinear`s, so a second pass is a no-op.
-BLOCK_QUANTIZERS: dict[str, Callable[[nn.Module], int]] = {"fp8": quantize_block_fp8, "nf4": quantize_block_nf4}
+# Options of a format (fp4_format) are bound by `block_quantizer`.
+BLOCK_QUANTIZERS: dict[str, Callable[..., int]] = {
+    "fp8": quantize_block_fp8,
+    "nf4": quantize_block_nf4,
+    "fp4": quantize_block_fp4,
+}
 
 
-def quantize_base_weights(model: nn.Module, blocks: list[bool], embedding: bool = False, weights: str = "fp8") -> int:
-    """Store the LoRA bases of the quantized blocks in `weights` format (`BLOCK_QUANTIZERS`), releasing the bf16
-    copies; blocks converted already (stream-quantized while loading) are skipped. With `embedding` (fp8), an
-    untied input embedding is stored in FP8 too (`FP8Embedding`). Returns the number of modules converted."""
-    quantize = BLOCK_QUANTIZERS[weights]
+def block_quantizer(weights: str, fp4_format: str = "nvfp4") -> Callable[[nn.Module], int] | None:
+    """The one-block quantizer of a storage format with its options bound; None for a format without one."""
+    quantize = BLOCK_QUANTIZERS.get(weights)
+    if weights == "fp4":
+        return functools.partial(quantize, fp4_format=fp4_format)
+    return quantize
+
+
+def quantize_base_weights(
+    model: nn.Module, blocks: list[bool], embedding: bool = False, weights: str = "fp8", fp4_format: str = "nvfp4"
+) -> int:
+    """Store the LoRA bases of the quantized blocks in `weights` format (`BLOCK_QUANTIZERS`; fp4 in `fp4_format`),
+    releasing the bf16 copies; blocks converted already (stream-quantized while loading) are skipped. With
+    `embedding` (fp8), an untied input embedding is stored in FP8 too (`FP8Embedding`). Returns the number of
+    modules converted."""
+    quantize = block_quantizer(weights, fp4_format)
     converted = sum(quantize(block) for block, quantized in zip(model.model.layers, blocks) if quantized)
     embed = model.model.embed_tokens
     if weights == "fp8" and embedding and not model.args.tie_word_embeddings and type(embed) is nn.Embedding:
@@ -163,9 +204,9 @@ def parallelize(
     """Apply activation checkpointing, then per-block compilation, to `model.model.layers` in place.
 
     `precision` (a `surogate.config.PrecisionConfig`) defaults to the recipe file's. Quantized recipes: blocks
-    outside skip_quant_first/last_layers get the recipe's op variant (FP8 or NF4), the others the bf16 one (each
-    group its own backend); with FP8 or NF4 weight storage (qfp8, qnf4) those blocks' LoRA bases are quantized
-    here, before compiling, whether or not the model is compiled (the eager module dequantizes: it is the
+    outside skip_quant_first/last_layers get the recipe's op variant (FP8, NF4 or FP4), the others the bf16 one
+    (each group its own backend); with FP8, NF4 or FP4 weight storage (qfp8, qnf4, qfp4) those blocks' LoRA bases
+    are quantized here, before compiling, whether or not the model is compiled (the eager module dequantizes: it is the
     numerical reference).
     """
     layers = model.model.layers
@@ -175,7 +216,9 @@ def parallelize(
     if (compile and use_passes) or stored == "fp8":
         colocate_shared_input_weights(model)
     if stored is not None:
-        n = quantize_base_weights(model, quantized, embedding=precision.quantize_embedding, weights=stored)
+        n = quantize_base_weights(
+            model, quantized, embedding=precision.quantize_embedding, weights=stored, fp4_format=precision.fp4_format
+        )
         log.info("%s weight storage: %d LoRA base weights in %d of %d blocks", stored, n, sum(quantized), len(layers))
     if recompute:
         for i, block in enumerate(layers):

@@ -26,9 +26,11 @@ __all__ = [
     "check_device_support",
     "check_lora_targets",
     "check_sequence_len",
+    "fp4_notice",
 ]
 
 FP8_MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (L4, L40, RTX 40xx), Hopper (H100, H200), Blackwell
+FP4_MIN_CAPABILITY = (10, 0)  # FP4 tensor cores: Blackwell (B200, GB200)
 BF16_MIN_CAPABILITY = (8, 0)  # Ampere and newer
 
 
@@ -45,6 +47,21 @@ def check_device_support(cfg: TrainConfig, device: torch.device, dtype: torch.dt
         )
     if dtype == torch.bfloat16 and cap < BF16_MIN_CAPABILITY:
         raise ConfigError(f"bf16 needs compute capability >= 8.0 (Ampere or newer); this GPU is {gpu}: set dtype=fp32")
+
+
+def fp4_notice(cfg: TrainConfig, device: torch.device) -> str | None:
+    """One line for recipes with FP4 compute: the GEMMs are emulated here, so they buy accuracy data, not speed."""
+    if cfg.precision.compute != "fp4":
+        return None
+    where, blackwell = "this CPU", ""
+    if device.type == "cuda":
+        cap = tuple(torch.cuda.get_device_capability(device))
+        where = f"{torch.cuda.get_device_name(device)} (compute capability {cap[0]}.{cap[1]})"
+        blackwell = " (not implemented yet)" if cap >= FP4_MIN_CAPABILITY else ""
+    return (
+        f"recipe={cfg.recipe}: FP4 GEMMs are emulated on {where} (quantize -> dequantize -> bf16 GEMM): FP4 numerics "
+        f"at bf16 speed or slower; FP4 speed needs Blackwell (sm_100) FP4 tensor cores{blackwell}"
+    )
 
 
 def check_sequence_len(cfg: TrainConfig, args: Any) -> None:

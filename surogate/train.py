@@ -222,6 +222,7 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
         plan.dtype,
         fp8_blocks=cfg.precision.weights == "fp8",
         nf4_blocks=cfg.precision.weights == "nf4",
+        fp4_blocks=cfg.precision.weights == "fp4",
     )
     try:
         shard_base, shard_why = distributed.decide_shard_base(
@@ -286,6 +287,11 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
         )
         if world_size > 1:
             print(f"data parallel: {world_size} ranks (FSDP2); {shard_why}", file=sys.stderr)
+        from surogate.preflight import fp4_notice
+
+        notice = fp4_notice(cfg, plan.device)
+        if notice:
+            print(notice, file=sys.stderr)
 
     per_epoch = steps_per_epoch(dataset, cfg.per_device_train_batch_size, world_size)
     if per_epoch == 0:

@@ -1,4 +1,5 @@
-"""Stream-quantized loading: recipes that store the frozen base quantized (qfp8, qnf4) never hold the bf16 model.
+"""Stream-quantized loading: recipes that store the frozen base quantized (qfp8, qnf4, qfp4) never hold the bf16
+model.
 
 Load-then-quantize materializes every weight in bf16 before `parallelize` converts the LoRA bases, so the load peak
 is the whole bf16 model (Qwen3-32B: 64 GB, which leaves an 80 GB GPU no room). Here `load_model` hands each decoder
@@ -16,8 +17,8 @@ model load-then-quantize builds, code for code and draw for draw: the quantizers
 (which then finds nothing left to convert), and the adapters are initialized in the same order from the same
 random state (block initialization and block loading draw nothing in between).
 
-A new weight format (e.g. fp4) streams once it registers a per-block quantizer in `BLOCK_QUANTIZERS`; formats
-without one load in bf16 and are converted by `parallelize` as before.
+A new weight format streams once it registers a per-block quantizer in `BLOCK_QUANTIZERS` (options such as
+fp4_format bound by `block_quantizer`); formats without one load in bf16 and are converted by `parallelize`.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ __all__ = ["load_lora_model", "stream_quantize_hook"]
 def stream_quantize_hook(precision: Any, num_layers: int, lora: LoRAConfig) -> BlockHook | None:
     """The `load_model(on_block=...)` hook that converts each quantized block as it loads; None when the recipe
     stores its base in bf16 (or in a format without a per-block quantizer)."""
-    from surogate.parallelize import BLOCK_QUANTIZERS, quantized_blocks
+    from surogate.parallelize import block_quantizer, quantized_blocks
 
-    quantize = BLOCK_QUANTIZERS.get(precision.weights) if precision is not None else None
+    quantize = block_quantizer(precision.weights, precision.fp4_format) if precision is not None else None
     if quantize is None:
         return None
     quantized = quantized_blocks(precision, num_layers)
