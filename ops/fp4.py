@@ -176,7 +176,7 @@ def quantize_fp4(
     fmt = _format(fp4_format)
     if x.dim() != 2 or x.shape[1] % fmt.block:
         raise ValueError(f"{fmt.name} needs a 2-D tensor with rows divisible by {fmt.block}; got {list(x.shape)}")
-    blocks = x.detach().float().reshape(x.shape[0], -1, fmt.block)
+    blocks = x.detach().float().reshape(x.shape[0], -1, fmt.block).contiguous()  # dy may be an expanded view
     block_scale, global_scale, multiplier = (_nvfp4_scales if fmt.name == "nvfp4" else _mxfp4_scales)(blocks)
     scaled = blocks * multiplier[..., None]  # mxfp4: times 1 / 2^k, exactly torchao's division by 2^k
     codes = _e2m1_codes(scaled.clamp(-E2M1_MAX, E2M1_MAX).view(x.shape[0], -1), stochastic)
@@ -421,50 +421,65 @@ class _Base:
 
 
 class _Fp4LinearReference(torch.autograd.Function):
-    """x W^T with the op's rounding, written out: dequantized FP4 operands, fp32 matmuls."""
+    """x [W_1; ...; W_n]^T with the op's rounding, written out: dequantized FP4 operands, fp32 matmuls.
+
+    A group (q/k/v) is one GEMM: x and dy are quantized once over the group (one nvfp4 tensor scale), each weight
+    on its own (its own tensor scale), as the op does."""
 
     @staticmethod
-    def forward(ctx, x2: Tensor, w: Tensor, fp4_format: str, compute: str, stochastic: bool, hadamard: bool):
-        ctx.w, ctx.options = w, (fp4_format, compute, stochastic, hadamard)
+    def forward(ctx, x2: Tensor, weights: list, fp4_format: str, compute: str, stochastic: bool, hadamard: bool):
+        ctx.weights, ctx.options = weights, (fp4_format, compute, stochastic, hadamard)
+        w = torch.cat(weights)
         if compute == "bf16":
             return x2 @ w.t().to(x2.dtype)
         xq = dequantize_fp4_reference(*quantize_fp4(x2, fp4_format), fp4_format, torch.float32)
-        wq = dequantize_fp4_reference(*quantize_fp4(w, fp4_format), fp4_format, torch.float32)
+        wq = torch.cat(
+            [dequantize_fp4_reference(*quantize_fp4(w, fp4_format), fp4_format, torch.float32) for w in weights]
+        )
         return (xq @ wq.t()).to(x2.dtype)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         fp4_format, compute, stochastic, hadamard = ctx.options
         if compute == "bf16":
-            return dy @ ctx.w.to(dy.dtype), None, None, None, None, None
+            return dy @ torch.cat(ctx.weights).to(dy.dtype), None, None, None, None, None
         rotate = rht if hadamard else (lambda t: t.float())
         dyq = dequantize_fp4_reference(*quantize_fp4(rotate(dy), fp4_format, stochastic), fp4_format, torch.float32)
-        wtq = dequantize_fp4_reference(*quantize_fp4(rotate(ctx.w.t()), fp4_format), fp4_format, torch.float32)
-        return (dyq @ wtq.t()).to(dy.dtype), None, None, None, None, None
+        wtq = [
+            dequantize_fp4_reference(*quantize_fp4(rotate(w.t()), fp4_format), fp4_format, torch.float32)
+            for w in ctx.weights
+        ]
+        return (dyq @ torch.cat(wtq, dim=1).t()).to(dy.dtype), None, None, None, None, None
 
 
 def lora_linear_fp4_reference(
     x: Tensor,  # [..., in]
-    weight: Tensor,  # [out, in]: bf16, or the dequantized stored weight (qfp4)
-    lora_A: Tensor,  # [r, in]
-    lora_B: Tensor,  # [out, r]
-    scaling: float,
-    bias: Tensor | None = None,
+    weights: Sequence[Tensor],  # [out_i, in] each: bf16, or the dequantized stored weights (qfp4)
+    bias: Tensor | None,  # [sum out_i]
+    lora_As: Sequence[Tensor],  # [r_i, in]
+    lora_Bs: Sequence[Tensor],  # [out_i, r_i]
+    scalings: Sequence[float],
+    lora_inputs: Sequence[Tensor] = (),  # dropped x per projection; empty = x
     fp4_format: str = "nvfp4",
     compute: str = "fp4",
     stochastic: bool = False,
     hadamard: bool = True,
-) -> Tensor:
+) -> Tensor:  # [..., sum out_i]
     """The op's arithmetic in plain torch: base GEMMs on FP4-rounded operands (compute fp4), LoRA in x.dtype.
 
-    qfp4 with compute fp4 re-quantizes the dequantized stored weight: pass that as `weight` (FP4 rounding of
+    qfp4 with compute fp4 re-quantizes the dequantized stored weights: pass those as `weights` (FP4 rounding of
     FP4 values with the same forward blocks is exact, so the forward matches; dX re-blocks along out)."""
     x2 = x.reshape(-1, x.shape[-1])
-    base = _Fp4LinearReference.apply(x2, weight.detach(), fp4_format, compute, stochastic, hadamard)
-    base = base.view(*x.shape[:-1], -1)
+    frozen = [w.detach() for w in weights]
+    base = _Fp4LinearReference.apply(x2, frozen, fp4_format, compute, stochastic, hadamard)
+    y = base.view(*x.shape[:-1], -1)
     if bias is not None:
-        base = base + bias
-    return base + scaling * F.linear(F.linear(x, lora_A), lora_B)
+        y = y + bias
+    lora = [
+        s * F.linear(F.linear(lora_inputs[i] if lora_inputs else x, a), b)
+        for i, (a, b, s) in enumerate(zip(lora_As, lora_Bs, scalings, strict=True))
+    ]
+    return y + torch.cat(lora, dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -556,7 +571,6 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.n = len(weights)
     ctx.has_stored = options[0] is not None
     ctx.options = options[2:]
-    ctx.n_given = len(inputs)
     ctx.scalings = list(scalings)
     ctx.ranks = [a.shape[0] for a in lora_As]
     ctx.outs = [b.shape[0] for b in lora_Bs]
@@ -585,9 +599,9 @@ def _backward(ctx, grad_y, _grad_xa):
     grad_As, grad_Bs = _split_grads(grad_a, grad_b, ctx.ranks, ctx.outs)
     if not needs_grad_x:
         grad_x, grad_lora_inputs = None, [None] * (0 if ctx.shared_input else k)
-    # needs_input_grad has one entry per argument as called (options left at their defaults are not passed)
+    # needs_input_grad has one entry per argument as called (trailing options equal to their defaults are dropped)
     stored = [[None] * n if ctx.has_stored else None] * 2
-    options = [*stored, None, None, None, None][: ctx.n_given - 7]
+    options = [*stored, None, None, None, None][: len(ctx.needs_input_grad) - 7]
     return grad_x, [None] * n, None, grad_As, grad_Bs, None, grad_lora_inputs, *options
 
 
