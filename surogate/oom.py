@@ -3,8 +3,8 @@
 `oom_message` is printed instead of a traceback: the measured peak, a rough estimate of the need (weights + LoRA
 state + saved activations + the loss chunk; for orientation, not a guarantee: on one H100, micro batch 2 x 2048,
 benchmarks/NOTES.md measured 36.5-38.6 GiB for qwen3-8b and 7.7-9.7 GiB for qwen3-0.6b, estimated 37.3 and 7.6) and
-concrete options: a smaller micro batch with more accumulation (same global batch), `recompute=true`, a q* recipe (base
-weights stored in FP8).
+concrete options: a smaller micro batch with more accumulation (same global batch), `recompute=true`, a q* recipe
+storing the base in fewer bytes (FP8, NVFP4 or NF4).
 
 With `oom_retry=true`, `train_with_oom_retry` catches the error at the trainer, drops the partial gradients and
 retries the same optimizer step with the micro batch halved and the accumulation doubled. The data position is
@@ -74,10 +74,21 @@ def estimate_memory_gib(args: Any, cfg: Any, dtype_bytes: int) -> dict[str, floa
     return gib
 
 
-def _q_recipes() -> list[str]:
+# The storage recipes, by bytes per targeted base weight (bf16: 2): what to suggest is the first that stores less
+# than the current recipe (one suggestion, the least lossy that helps).
+_Q_RECIPES = (
+    ("qfp8", 1.0, "base weights stored in FP8, about half the bytes; needs an FP8 GPU"),
+    ("qfp4", 0.5625, "base weights stored in NVFP4, about 0.28x the bytes"),
+    ("qnf4", 0.516, "base weights stored in NF4 (QLoRA), about 0.26x the bytes"),
+)
+
+
+def _smaller_storage_recipe(recipe: str) -> tuple[str, str] | None:
     from surogate.config import available_recipes
 
-    return [r for r in available_recipes() if r.startswith("q")]
+    current = next((b for name, b, _ in _Q_RECIPES if name == recipe), 2.0)
+    available = set(available_recipes())
+    return next(((n, why) for n, b, why in _Q_RECIPES if b < current and n in available), None)
 
 
 def oom_message(cfg: Any, args: Any, device: torch.device, dtype_bytes: int, retried: bool = False) -> str:
@@ -105,9 +116,9 @@ def oom_message(cfg: Any, args: Any, device: torch.device, dtype_bytes: int, ret
         options.append(f"a shorter sequence_len (now {cfg.sequence_len})")
     if not cfg.recompute:
         options.append("recompute=true (activation checkpointing: much less activation memory, ~30% slower)")
-    q = _q_recipes()
-    if q and cfg.recipe not in q:
-        options.append(f"recipe={q[0]} (base weights stored in FP8, about half the bytes; needs an FP8 GPU)")
+    smaller = _smaller_storage_recipe(cfg.recipe)
+    if smaller is not None:
+        options.append(f"recipe={smaller[0]} ({smaller[1]})")
     head = "CUDA out of memory" + (" (after halving the micro batch down to 1)" if retried else "")
     return f"{head}: {measured}{need}. Options: " + "; ".join(options)
 

@@ -57,7 +57,7 @@ def _model_dir(path, weights="model.safetensors", **config):
         (["lora_rank=abc"], "lora_rank='abc' is not valid: set it to an integer"),
         (["lora_dropout=1.5"], "lora_dropout=1.5 must be in [0, 1)"),
         (["per_device_train_batch_size=0"], "per_device_train_batch_size=0 must be >= 1"),
-        (["recipe=fp9"], "unknown recipe 'fp9': available recipes are bf16, fp8, qfp8"),
+        (["recipe=fp9"], "unknown recipe 'fp9': available recipes are bf16, fp4, fp8, qfp4, qfp8, qnf4"),
         (["lora_target_modules=[q_proj,qkv_proj]"], "'qkv_proj' is not a linear layer of Qwen3"),
         (["sequence_len=50000"], "sequence_len=50000 is longer than the model's max_position_embeddings (40960)"),
         (["output_dir=${oc.env:HOME}"], "is an interpolation"),

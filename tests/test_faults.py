@@ -209,3 +209,20 @@ def test_oom_retry_halves_the_micro_batch_and_keeps_the_curve(tmp_path, monkeypa
         assert abs(got[step] - loss) <= 1e-5 * abs(loss), (step, got[step], loss)
     state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["config"]["per_device_train_batch_size"] == 1 and state["config"]["gradient_accumulation_steps"] == 2
+
+
+def test_oom_suggests_a_recipe_that_stores_fewer_bytes():
+    from types import SimpleNamespace
+
+    from surogate.oom import oom_message
+
+    def suggestion(recipe: str) -> str:
+        cfg = SimpleNamespace(
+            recipe=recipe, per_device_train_batch_size=1, gradient_accumulation_steps=1, sequence_len=64,
+            recompute=True, oom_retry=False,
+        )  # fmt: skip
+        return oom_message(cfg, None, torch.device("cpu"), 2)
+
+    assert "recipe=qfp8 (" in suggestion("bf16") and "recipe=qfp8 (" in suggestion("fp4")
+    assert "recipe=qfp4 (" in suggestion("qfp8") and "recipe=qnf4 (" in suggestion("qfp4")
+    assert "recipe=" not in suggestion("qnf4")  # nothing stores less
