@@ -101,7 +101,18 @@ _SCALE_TABLES = {
     "nvfp4": torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float(),
     "mxfp4": torch.tensor([2.0 ** (b - 127) for b in range(255)] + [float("nan")], dtype=torch.float32),
 }
+_CONSTANTS: dict[tuple[str, torch.device], Tensor] = {}
 stats: Counter = Counter()  # "fp4_gemms" (emulated), "weights_quantized" (fp4 cache), "fp4_dequantized" (stored)
+
+
+def _on(name: str, device: torch.device) -> Tensor:
+    """A constant table on `device`, copied there once (a host-to-device copy per call would sync the host)."""
+    t = _CONSTANTS.get((name, device))
+    if t is None:
+        tables = {"e2m1": E2M1, "grid": E2M1_GRID, "mid": _MIDPOINTS, "hadamard": hadamard_rotation()}
+        tables.update({f"scale_{k}": v for k, v in _SCALE_TABLES.items()})
+        t = _CONSTANTS[(name, device)] = tables[name].to(device)
+    return t
 
 
 def _format(name: str) -> Fp4Format:
@@ -121,14 +132,14 @@ def _e2m1_codes(y: Tensor, stochastic: bool) -> Tensor:
 
     Nearest with ties to the even code (IEEE, as torchao and the hardware cast), or stochastic: up to the next grid
     value with probability (|y| - lo) / (hi - lo), so the expected value is y (unbiased)."""
-    grid = E2M1_GRID.to(y.device)
+    grid = _on("grid", y.device)
     a = y.abs()
     if stochastic:
         lo = (torch.bucketize(a, grid, right=True) - 1).clamp(0, 6)
         g_lo = grid[lo]
         idx = lo + (torch.rand_like(a) * (grid[lo + 1] - g_lo) < a - g_lo).to(lo.dtype)
     else:
-        mid = _MIDPOINTS.to(y.device)
+        mid = _on("mid", y.device)
         idx = torch.bucketize(a, mid)  # a tie goes to the lower value...
         tie = (a == mid[idx.clamp(max=6)]) & (idx % 2 == 1)  # ...unless its code is odd: then to the even one above
         idx = idx + tie.to(idx.dtype)
@@ -186,7 +197,7 @@ def quantize_fp4(
 def _scale_values(block_scale: Tensor, fp4_format: str) -> Tensor:
     if fp4_format == "nvfp4":
         return block_scale.float()
-    return _SCALE_TABLES["mxfp4"].to(block_scale.device)[block_scale.long()]
+    return _on("scale_mxfp4", block_scale.device)[block_scale.long()]
 
 
 def dequantize_fp4_reference(
@@ -197,7 +208,7 @@ def dequantize_fp4_reference(
     dtype: torch.dtype = torch.bfloat16,
 ) -> Tensor:  # [rows, cols] `dtype`: (e2m1 * block scale) * global in fp32, rounded once
     fmt = _format(fp4_format)
-    values = E2M1.to(codes.device)[_unpack(codes).long()].view(-1, fmt.block)
+    values = _on("e2m1", codes.device)[_unpack(codes).long()].view(-1, fmt.block)
     out = values * _scale_values(block_scale, fmt.name).reshape(-1, 1) * global_scale.float()
     return out.view(codes.shape[0], codes.shape[1] * 2).to(dtype)
 
@@ -242,7 +253,7 @@ def dequantize_fp4_triton(
     if numel:
         _KERNEL[(-(-numel // elems),)](
             codes.contiguous(), block_scale.contiguous().view(torch.uint8), global_scale.float(),
-            E2M1.to(codes.device), _SCALE_TABLES[fmt.name].to(codes.device), out, numel,
+            _on("e2m1", codes.device), _on(f"scale_{fmt.name}", codes.device), out, numel,
             BLOCK=fmt.block, ELEMS=elems,
         )  # fmt: skip
     return out
@@ -276,8 +287,6 @@ def can_quantize_fp4(module: nn.Module, fp4_format: str = "nvfp4") -> bool:
 # Random Hadamard transform (dX operands).
 # ----------------------------------------------------------------------------------------------------------------
 
-_ROTATIONS: dict[torch.device, Tensor] = {}
-
 
 def hadamard_rotation(size: int = HADAMARD_SIZE, seed: int = HADAMARD_SEED) -> Tensor:
     """diag(random signs) @ H / sqrt(size): an orthonormal [size, size] fp32 matrix (R R^T = I)."""
@@ -289,9 +298,7 @@ def hadamard_rotation(size: int = HADAMARD_SIZE, seed: int = HADAMARD_SEED) -> T
 
 
 def rht(x: Tensor) -> Tensor:  # [rows, cols] -> fp32 [rows, cols]: every 16 columns times R
-    r = _ROTATIONS.get(x.device)
-    if r is None:
-        r = _ROTATIONS[x.device] = hadamard_rotation().to(x.device)
+    r = _on("hadamard", x.device)
     return (x.float().reshape(-1, HADAMARD_SIZE) @ r).view(x.shape)
 
 
