@@ -7,6 +7,7 @@ import gc
 import pytest
 import torch
 
+from ops.fp4 import FP4LoRALinear
 from ops.fp8 import FP8LoRALinear
 from ops.nf4 import NF4LoRALinear
 from surogate.config import recipe_precision
@@ -19,12 +20,14 @@ ARGS = dataclasses.replace(
     PRESETS["tiny"], vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=6, tie_word_embeddings=False
 )
 LORA = LoRAConfig(rank=4, alpha=8.0)
-QUANTIZED = {"qfp8": FP8LoRALinear, "qnf4": NF4LoRALinear}
+QUANTIZED = {"qfp8": FP8LoRALinear, "qnf4": NF4LoRALinear, "qfp4": FP4LoRALinear}
 
 
 def _precision(recipe: str):
-    # the first block stays bf16: mixed models exercise the hook's skip and parallelize's conversion of the rest
-    return dataclasses.replace(recipe_precision(recipe), skip_quant_first_layers=1)
+    # the first block stays bf16: mixed models exercise the hook's skip and parallelize's conversion of the rest;
+    # qfp4 in its non-default format, so the hook must pass fp4_format on
+    p = dataclasses.replace(recipe_precision(recipe), skip_quant_first_layers=1)
+    return dataclasses.replace(p, fp4_format="mxfp4") if recipe == "qfp4" else p
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +54,7 @@ def _nonzero_lora_B(model):
             torch.nn.init.normal_(p, std=0.02)
 
 
-@pytest.mark.parametrize("recipe", ["qfp8", "qnf4"])
+@pytest.mark.parametrize("recipe", ["qfp8", "qnf4", "qfp4"])
 @pytest.mark.parametrize("source", ["checkpoint", "preset"])
 def test_stream_equals_load_then_quantize(ckpt, recipe, source):
     src = ckpt if source == "checkpoint" else ARGS
@@ -71,7 +74,9 @@ def test_stream_equals_load_then_quantize(ckpt, recipe, source):
     assert list(state) == list(ref_state)
     for key, t in state.items():  # codes, scales, absmax, bf16 weights and the adapters' initial A
         assert t.dtype == ref_state[key].dtype and torch.equal(t, ref_state[key]), key
-    assert any(t.dtype == torch.uint8 if recipe == "qnf4" else t.dtype == torch.float8_e4m3fn for t in state.values())
+    assert any(t.dtype == torch.uint8 if recipe != "qfp8" else t.dtype == torch.float8_e4m3fn for t in state.values())
+    if recipe == "qfp4":
+        assert {m.fp4_format for m in streamed.modules() if isinstance(m, FP4LoRALinear)} == {"mxfp4"}
     trainable = [n for n, p in streamed.named_parameters() if p.requires_grad]
     assert trainable == [n for n, p in ref.named_parameters() if p.requires_grad] and len(trainable) == 2 * len(wrapped)
     _nonzero_lora_B(ref), _nonzero_lora_B(streamed)
@@ -97,7 +102,7 @@ def _block_bytes(model) -> tuple[int, int]:
     return block, rest
 
 
-@pytest.mark.parametrize("recipe", ["qfp8", "qnf4"])
+@pytest.mark.parametrize("recipe", ["qfp8", "qnf4", "qfp4"])
 @pytest.mark.parametrize("source", ["checkpoint", "preset"])
 def test_the_whole_bf16_model_is_never_resident(ckpt, recipe, source):
     """Counts live bf16 storages each time a block is complete: one block beside the quantized ones, never all."""
