@@ -56,7 +56,7 @@ def _batches(vocab: int, n: int):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("recipe", ["bf16", "fp8", "qfp8", "qnf4"])
+@pytest.mark.parametrize("recipe", ["bf16", "fp8", "qfp8", "qnf4", "qfp4"])
 def test_replayed_micro_steps_accumulate_the_same_gradients(recipe):
     torch._dynamo.reset()  # each model compiles Qwen3Block.forward anew: stay under Dynamo's recompile limit
     batches = _batches(4096, 5)
