@@ -9,6 +9,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
+from ops import grouped_mm as grouped_mm_mod
 from surogate.distributed import base_weight_bytes
 from surogate.export import merge_lora_, peft_state_dict
 from surogate.lora import LoRAConfig, apply_lora
@@ -194,7 +195,7 @@ def _grouped(ex, x, ids, w):
 )
 def test_grouped_matches_loop_reference(monkeypatch, force_fallback, case):
     if force_fallback:
-        monkeypatch.setattr(moe_mod, "_grouped_mm_supported", lambda x, w: False)
+        monkeypatch.setattr(grouped_mm_mod, "_grouped_mm_supported", lambda x, w: False)
     E, T = 6, 40
     ex = _experts(E)
     x = torch.randn(T, 32)
