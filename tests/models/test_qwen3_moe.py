@@ -1,8 +1,11 @@
 """Qwen3-MoE: logit parity with transformers' Qwen3MoeForCausalLM (CPU, fp32), the grouped expert path against a
 loop over experts (forward and LoRA gradients), routing edge cases, checkpoint layouts and expert LoRA merge."""
 
+import copy
 import dataclasses
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -289,3 +292,95 @@ def test_lora_on_moe_model_and_merge(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(ids, pos), lora_out, rtol=1e-4, atol=1e-4)
     save_hf_checkpoint(model, args, tmp_path)  # merged: a plain checkpoint again
+
+
+# --- expert stacks stored in FP8 / NF4 (qfp8, qnf4) ----------------------------------------------------------------
+
+EXPERT = ("gate_proj", "up_proj", "down_proj")
+# Relative error through the three quantized GEMMs of an expert (gate, up, down): each adds its format's rounding
+# (~3% for e4m3, ~9% for NF4 on normal weights), so the composite allows about twice the single-GEMM tolerance.
+QUANT_TOL = {"fp8": 6e-2, "nf4": 2e-1}
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nf4"])
+def test_quantized_experts_match_references(fmt):
+    """Forward, dX and every expert LoRA gradient: exactly the loop over the dequantized experts, and within the
+    format's tolerance of the unquantized (fp32) experts."""
+    E, T = 6, 40
+    ex = _experts(E, hidden=64, inter=64)
+    dense = copy.deepcopy(ex)
+    ex.quantize_(fmt)
+    assert ex.weight_format == fmt and ex.gate_proj.dtype != torch.float32
+    x = torch.randn(T, 64)
+    w, ids = _routing(T, E, 2)
+    y, gx, g = _grads(ex, x, ids, w, _grouped)
+    y_ref, gx_ref, g_ref = _grads(ex, x, ids, w, moe_reference)  # moe_reference dequantizes the stored stacks
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
+    assert set(g) == set(g_ref) and len(g) == 6
+    for name in g:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-5, atol=1e-5)
+
+    y32, gx32, g32 = _grads(dense, x, ids, w, _grouped)
+    assert 1e-5 < _rel(y, y32) < QUANT_TOL[fmt]  # quantized, within the format's rounding
+    assert _rel(gx, gx32) < QUANT_TOL[fmt]
+    for name in g:
+        assert _rel(g[name], g32[name]) < QUANT_TOL[fmt], name
+
+
+@pytest.mark.parametrize("fmt,ratio", [("fp8", 0.5), ("nf4", 0.257)])
+def test_quantized_experts_keep_only_the_quantized_bytes(fmt, ratio):
+    ex = _experts(4, hidden=128, inter=64)
+    ex.to(torch.bfloat16)
+    dense_bytes = sum(getattr(ex, n).numel() * 2 for n in moe_mod.EXPERT_PROJS)
+    old = weakref.ref(ex.up_proj)
+    stored = ex.quantize_(fmt)
+    gc.collect()
+    assert old() is None  # the bf16 stack is gone, not merely unreferenced by the module
+    base = [t for n, t in [*ex.named_parameters(), *ex.named_buffers()] if "_lora" not in n]
+    assert sum(t.numel() * t.element_size() for t in base) == stored
+    assert ratio < stored / dense_bytes < ratio + 0.04  # codes + fp32 row scales (4 bytes per 64-wide row here)
+    assert not any(t.dtype == torch.bfloat16 for t in base)
+    assert not any(p.requires_grad for p in base)
+    assert {n for n, _ in ex.named_buffers()} >= {f"{p}_{'scale' if fmt == 'fp8' else 'absmax'}" for p in EXPERT}
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nf4"])
+def test_merge_dequantizes_quantized_experts(fmt):
+    ex = _experts(4, hidden=64, inter=64)
+    ex.quantize_(fmt)
+    x = torch.randn(20, 64)
+    w, ids = _routing(20, 4, 2)
+    with torch.no_grad():
+        before = ex(x, ids, w)
+        expected = {n: ex.dense_weight(n) for n in EXPERT}
+        merged = merge_lora_(torch.nn.ModuleList([ex]))
+        after = ex(x, ids, w)
+    assert merged == 3 and ex.weight_format == "bf16" and ex.gate_proj.dtype == torch.float32
+    assert ex.gate_proj_lora is None and not list(ex.buffers())
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    assert (ex.gate_proj - expected["gate_proj"]).abs().max() > 0  # the LoRA update went into the weight
+
+
+@pytest.mark.parametrize("recipe,fmt", [("qfp8", "fp8"), ("qnf4", "nf4"), ("fp8", "bf16")])
+def test_parallelize_quantizes_the_experts_of_quantized_blocks(recipe, fmt):
+    from surogate.config import recipe_precision
+    from surogate.parallelize import parallelize
+
+    args = ModelArgs.from_hf_config(_hf_config(moe_intermediate_size=64).to_dict())
+    model, _ = load_model(args, "cpu", dtype=torch.float32)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8))
+    precision = dataclasses.replace(recipe_precision(recipe), skip_quant_last_layers=1)
+    parallelize(model, recipe=recipe, precision=precision, compile=False)
+    formats = [layer.mlp.experts.weight_format for layer in model.model.layers]
+    assert formats == [fmt, fmt, "bf16"]  # the last block is left in bf16 by skip_quant_last_layers
+    ids, pos = _inputs(args.vocab_size)
+    labels = torch.roll(ids, -1, dims=1)
+    loss, n = model(ids, pos, labels)
+    (loss / n).backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
