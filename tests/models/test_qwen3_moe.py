@@ -366,21 +366,44 @@ def test_merge_dequantizes_quantized_experts(fmt):
     assert (ex.gate_proj - expected["gate_proj"]).abs().max() > 0  # the LoRA update went into the weight
 
 
-@pytest.mark.parametrize("recipe,fmt", [("qfp8", "fp8"), ("qnf4", "nf4"), ("fp8", "bf16")])
-def test_parallelize_quantizes_the_experts_of_quantized_blocks(recipe, fmt):
+def _quantized_moe_model(args, recipe, compile):
+    """The tiny MoE model, LoRA B nonzero, through `parallelize` as training runs it (last block unquantized)."""
     from surogate.config import recipe_precision
     from surogate.parallelize import parallelize
 
-    args = ModelArgs.from_hf_config(_hf_config(moe_intermediate_size=64).to_dict())
+    torch.manual_seed(0)
     model, _ = load_model(args, "cpu", dtype=torch.float32)
     apply_lora(model, LoRAConfig(rank=4, alpha=8))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(std=0.1)
     precision = dataclasses.replace(recipe_precision(recipe), skip_quant_last_layers=1)
-    parallelize(model, recipe=recipe, precision=precision, compile=False)
-    formats = [layer.mlp.experts.weight_format for layer in model.model.layers]
-    assert formats == [fmt, fmt, "bf16"]  # the last block is left in bf16 by skip_quant_last_layers
+    return parallelize(model, recipe=recipe, precision=precision, compile=compile)
+
+
+@pytest.mark.parametrize(
+    "recipe,fmt,compile",
+    [("qfp8", "fp8", False), ("qnf4", "nf4", False), ("fp8", "bf16", False), ("qfp8", "fp8", True)],
+    ids=["qfp8", "qnf4", "fp8", "qfp8-compiled"],
+)
+def test_parallelize_quantizes_the_experts_of_quantized_blocks(recipe, fmt, compile):
+    from ops import quantized_experts
+
+    torch._dynamo.reset()
+    args = ModelArgs.from_hf_config(_hf_config(moe_intermediate_size=64).to_dict())
     ids, pos = _inputs(args.vocab_size)
     labels = torch.roll(ids, -1, dims=1)
+    model = _quantized_moe_model(args, recipe, compile)
+    formats = [layer.mlp.experts.weight_format for layer in model.model.layers]
+    assert formats == [fmt, fmt, "bf16"]  # the last block is left in bf16 by skip_quant_last_layers
+    quantized_experts.stats.clear()
     loss, n = model(ids, pos, labels)
     (loss / n).backward()
     assert torch.isfinite(loss)
+    assert quantized_experts.stats["experts_dequantized"] == (12 if fmt != "bf16" else 0)  # 2 blocks x 3 x (fwd, dX)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    if compile:  # the eager module is the reference (compiled: the attention GEMMs run in FP8 instead of emulated)
+        with torch.no_grad():
+            eager = _quantized_moe_model(args, recipe, compile=False)(ids, pos, labels)[0]
+        torch.testing.assert_close(loss, eager, rtol=2e-2, atol=0)
