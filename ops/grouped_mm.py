@@ -27,12 +27,13 @@ def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
         return (
             False  # its meta kernel (shape inference under torch.compile) accepts bf16 only, though CPU eager runs fp32
         )
-    if x.device.type == "cpu":
-        return True
-    if x.device.type != "cuda" or x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0):
+    if x.device.type != "cpu" and (
+        x.device.type != "cuda" or x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0)
+    ):
         return False
-    # Row strides of both operands must be multiples of 16 bytes (e.g. LoRA rank >= 8 in bf16).
-    return (w.shape[-1] * 2) % 16 == 0 and (w.shape[-2] * 2) % 16 == 0
+    # Row strides of both operands must be multiples of 16 bytes on every device (e.g. LoRA rank >= 8 in bf16; the
+    # CPU kernel raises "strides should be multiple of 16 bytes" for a rank-4 LoRA in bf16 too).
+    return (w.shape[-1] * w.element_size()) % 16 == 0 and (w.shape[-2] * w.element_size()) % 16 == 0
 
 
 def grouped_mm_reference(

@@ -107,10 +107,16 @@ def quantize_block_experts(block: nn.Module, weights: str) -> bool:
     projection's stack at a time, each bf16 stack freed before the next is quantized (`GroupedExperts.quantize_`).
     Called by the block quantizers below, so the streamed loader and `quantize_base_weights` both convert them;
     a block without experts, or with experts converted already, is left alone. Returns whether it converted."""
-    from surogate.models.moe import GroupedExperts
+    from ops.quantized_experts import can_quantize_experts
+    from surogate.models.moe import EXPERT_PROJS, GroupedExperts
 
     experts = getattr(block.mlp, "experts", None)
     if not isinstance(experts, GroupedExperts) or experts.weight_format != "bf16":
+        return False
+    if not all(can_quantize_experts(getattr(experts, n), weights) for n in EXPERT_PROJS):
+        log.warning(
+            "%s expert stacks stay bf16: NF4 needs input widths divisible by 64", experts.proj_shape("down_proj")
+        )
         return False
     experts.quantize_(weights)
     return True
