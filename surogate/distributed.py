@@ -141,20 +141,22 @@ def base_weight_bytes(
     args, dtype: torch.dtype, fp8_blocks: bool = False, nf4_blocks: bool = False, fp4_blocks: bool = False
 ) -> int:
     """Bytes of the frozen base as stored: every weight in `dtype`, block linears at 1 byte with fp8 storage,
-    ~0.52 bytes with nf4 storage and ~0.56 with fp4 storage. Qwen3-MoE experts (stacked tensors) and routers stay
-    in `dtype` in every recipe."""
+    ~0.52 bytes with nf4 storage and ~0.56 with fp4 storage. Qwen3-MoE expert stacks are stored like the block
+    linears with fp8 and nf4 (qfp8, qnf4), in `dtype` with fp4; routers, norms and embeddings stay in `dtype`."""
     h, inter = args.hidden_size, args.intermediate_size
     q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
     moe_layers = sum(args.is_moe_layer(i) for i in range(args.num_layers))
     linears = args.num_layers * (h * q + 2 * h * kv + q * h) + (args.num_layers - moe_layers) * 3 * h * inter
-    experts = moe_layers * args.num_experts * (3 * h * args.moe_intermediate_size + h)
+    experts = moe_layers * args.num_experts * 3 * h * args.moe_intermediate_size
+    routers = moe_layers * args.num_experts * h
     norms = 2 * h + (2 * args.head_dim if args.qk_norm else 0)
     embed = args.vocab_size * h * (1 if args.tie_word_embeddings else 2)
     item = torch.finfo(dtype).bits // 8
     linear_item = 1 if fp8_blocks else NF4_BYTES_PER_WEIGHT if nf4_blocks else item
+    expert_item = linear_item
     if fp4_blocks:
-        linear_item = FP4_BYTES_PER_WEIGHT
-    return int(linears * linear_item + (args.num_layers * norms + experts + embed + h) * item)
+        linear_item, expert_item = FP4_BYTES_PER_WEIGHT, item
+    return int(linears * linear_item + experts * expert_item + (args.num_layers * norms + routers + embed + h) * item)
 
 
 def _min_free_gpu_bytes(device: torch.device) -> int:

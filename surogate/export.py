@@ -253,12 +253,14 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
 @torch.no_grad()
 def merge_lora_(model: nn.Module) -> int:
     """Fold every LoRA update into its base weight (W + scaling * B @ A, computed in fp32) and put plain
-    `nn.Linear`s back, in place; MoE experts get W[e] + scaling * B[e] @ A[e] and lose their `ExpertLoRA`s.
+    `nn.Linear`s back, in place; MoE experts get W[e] + scaling * B[e] @ A[e] and lose their `ExpertLoRA`s (expert
+    stacks stored in FP8 / NF4 are dequantized to their original dtype first).
     Returns the number of merged modules (an expert projection counts once for all its experts)."""
     merged = 0
     for experts in model.modules():
         if not isinstance(experts, GroupedExperts):
             continue
+        experts.dequantize_()
         for proj in EXPERT_PROJS:
             lora = getattr(experts, f"{proj}_lora")
             if lora is None:

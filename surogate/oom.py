@@ -33,13 +33,27 @@ log = logging.getLogger("surogate")
 LOSS_CHUNK_ROWS = 1024  # surogate/loss.py's chunk: one chunk of fp32 logits (+ its gradient) is live at a time
 
 
+def _moe_layers(args: Any) -> int:
+    if not getattr(args, "num_experts", 0):
+        return 0
+    return sum(args.is_moe_layer(i) for i in range(args.num_layers))
+
+
+def _expert_params(args: Any) -> int:
+    return _moe_layers(args) * args.num_experts * 3 * args.hidden_size * args.moe_intermediate_size
+
+
 def _params(args: Any) -> tuple[int, int]:
-    """(all parameters, parameters of the LoRA-targetable linears) of a ModelArgs."""
+    """(all parameters, parameters of the LoRA-targetable linears) of a ModelArgs. A Qwen3-MoE layer's MLP is its
+    experts' stacks (targetable, and quantized by the q* recipes) plus the router (neither)."""
     h, inter, q, kv = args.hidden_size, args.intermediate_size, args.num_heads * args.head_dim, args.num_kv_heads
     kv *= args.head_dim
-    linears = args.num_layers * (h * q + 2 * h * kv + q * h + 3 * h * inter)
+    moe = _moe_layers(args)
+    experts = _expert_params(args)
+    linears = args.num_layers * (h * q + 2 * h * kv + q * h) + (args.num_layers - moe) * 3 * h * inter + experts
+    router = moe * args.num_experts * h if moe else 0
     embed = args.vocab_size * h * (1 if args.tie_word_embeddings else 2)
-    return linears + embed + args.num_layers * 2 * h + h, linears
+    return linears + embed + router + args.num_layers * 2 * h + h, linears
 
 
 def estimate_memory_gib(args: Any, cfg: Any, dtype_bytes: int) -> dict[str, float]:
@@ -51,21 +65,29 @@ def estimate_memory_gib(args: Any, cfg: Any, dtype_bytes: int) -> dict[str, floa
         weight_bytes -= linear_params * (dtype_bytes - 1)  # qfp8 stores the targeted linears as 1-byte codes
     elif stored == "nf4":
         weight_bytes -= linear_params * (dtype_bytes - 0.516)  # qnf4: 4-bit codes + double-quantized absmax
-    elif stored == "fp4":
-        weight_bytes -= linear_params * (dtype_bytes - 0.5625)  # qfp4 (nvfp4): 4-bit codes + e4m3 per 16
-    # LoRA A and B of every targeted linear, fp32 master + grad + two AdamW moments.
+    elif stored == "fp4":  # qfp4 (nvfp4): 4-bit codes + e4m3 per 16; expert stacks stay in the activation dtype
+        weight_bytes -= (linear_params - _expert_params(args)) * (dtype_bytes - 0.5625)
+    # LoRA A and B of every targeted linear (and of every expert), fp32 master + grad + two AdamW moments.
     h, inter = args.hidden_size, args.intermediate_size
     q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-    per_layer_lora = cfg.lora_rank * (7 * h + 2 * q + 2 * kv + 3 * inter)  # r * (in + out) over the 7 linears
-    lora_bytes = args.num_layers * per_layer_lora * 4 * 4
+    moe = _moe_layers(args)
+    mlp_lora = (args.num_layers - moe) * 3 * (h + inter)
+    if moe:
+        mlp_lora += moe * args.num_experts * 3 * (h + args.moe_intermediate_size)
+    lora_bytes = cfg.lora_rank * (args.num_layers * (4 * h + 2 * q + 2 * kv) + mlp_lora) * 4 * 4
     # Saved activations per token and layer, in elements: norms and residuals, q/k/v/attention out, the MLP's
-    # gate/up/activation (what a block's backward needs; LoRA intermediates are rank-sized and ignored).
+    # gate/up/activation (what a block's backward needs; LoRA intermediates are rank-sized and ignored). An MoE
+    # layer keeps, per routed slot (k per token), the gathered input and the weighted output (h each) and the
+    # expert's gate/up/activation, plus the router's probabilities.
     tokens = cfg.per_device_train_batch_size * cfg.sequence_len
-    per_token_layer = 6 * h + 2 * q + 2 * kv + 3 * inter
+    attn = 6 * h + 2 * q + 2 * kv
+    dense_mlp = 3 * inter
+    moe_mlp = args.num_experts_per_tok * (2 * h + 3 * args.moe_intermediate_size) + args.num_experts if moe else 0
+    per_token_all_layers = args.num_layers * attn + (args.num_layers - moe) * dense_mlp + moe * moe_mlp
     if getattr(cfg, "recompute", False):  # only block inputs are kept, plus one block's worth during its backward
-        act_elems = tokens * (args.num_layers * h + per_token_layer)
+        act_elems = tokens * (args.num_layers * h + attn + max(dense_mlp, moe_mlp))
     else:
-        act_elems = tokens * args.num_layers * per_token_layer
+        act_elems = tokens * per_token_all_layers
     act_bytes = act_elems * dtype_bytes
     loss_bytes = min(tokens, LOSS_CHUNK_ROWS) * args.vocab_size * 4 * 3  # fp32 logits, softmax, grad of one chunk
     parts = {"weights": weight_bytes, "lora": lora_bytes, "activations": act_bytes, "loss": loss_bytes}

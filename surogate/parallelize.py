@@ -102,6 +102,26 @@ def block_recipe(recipe: str, precision, quantized: bool):
     return fp8_recipe_ops(precision.fp8_grad_format, precision.compute)
 
 
+def quantize_block_experts(block: nn.Module, weights: str) -> bool:
+    """A Qwen3-MoE block's expert stacks stored in `weights` format ("fp8" / "nf4", ops/quantized_experts.py), one
+    projection's stack at a time, each bf16 stack freed before the next is quantized (`GroupedExperts.quantize_`).
+    Called by the block quantizers below, so the streamed loader and `quantize_base_weights` both convert them;
+    a block without experts, or with experts converted already, is left alone. Returns whether it converted."""
+    from ops.quantized_experts import can_quantize_experts
+    from surogate.models.moe import EXPERT_PROJS, GroupedExperts
+
+    experts = getattr(block.mlp, "experts", None)
+    if not isinstance(experts, GroupedExperts) or experts.weight_format != "bf16":
+        return False
+    if not all(can_quantize_experts(getattr(experts, n), weights) for n in EXPERT_PROJS):
+        log.warning(
+            "%s expert stacks stay bf16: NF4 needs input widths divisible by 64", experts.proj_shape("down_proj")
+        )
+        return False
+    experts.quantize_(weights)
+    return True
+
+
 def quantize_block_fp8(block: nn.Module) -> int:
     """qfp8: each LoRA base of one block becomes an `FP8LoRALinear` (e4m3 codes + per-row scales). Shared-input
     groups (q/k/v, gate/up) are packed, then quantized together into one packed storage, so the fused op reads
@@ -110,6 +130,7 @@ def quantize_block_fp8(block: nn.Module) -> int:
     from surogate.lora import LoRALinear
 
     colocate_block(block)
+    quantize_block_experts(block, "fp8")
     converted = 0
     for parent_name, names in (*SHARED_INPUT_GROUPS, ("self_attn", ("o_proj",)), ("mlp", ("down_proj",))):
         parent = getattr(block, parent_name)
@@ -129,6 +150,7 @@ def quantize_block_nf4(block: nn.Module) -> int:
     from ops.nf4 import can_quantize_nf4, quantize_lora_base_nf4_
     from surogate.lora import LoRALinear
 
+    quantize_block_experts(block, "nf4")
     converted = 0
     for parent in (block.self_attn, block.mlp):
         for name, child in list(parent.named_children()):

@@ -16,12 +16,15 @@ residual stream are the dense model's). For T tokens, E experts and k experts pe
 4. Unpermute: scale each slot by its routing weight, `index_copy` the rows back to slot order, sum the k slots of a
    token.
 
-`grouped_mm` uses `torch._grouped_mm` where it runs (CUDA sm90+ in bf16 with 16-byte aligned rows, and the CPU in
-torch >= 2.9, forward and backward; under torch.compile bf16 only), else `grouped_mm_reference`, a loop over experts'
-row segments that needs the group sizes on the host. Under torch.compile or CUDA-graph capture (surogate/cuda_graphs.py)
-nothing may wait for the host, so the fallback there is `grouped_mm_masked`: every expert on every row, masked, E
-times the FLOPs (for CPU fp32 tests and LoRA ranks that break the 16-byte alignment). The reference is the eager
-numerical baseline; tests hold the grouped path against it and against a plain loop over experts (`moe_reference`).
+`grouped_mm` (ops/grouped_mm.py) uses `torch._grouped_mm` where it runs and a loop over experts' row segments (or,
+under torch.compile and CUDA-graph capture, a masked form) elsewhere. The segment loop is the eager numerical
+baseline; tests hold the grouped path against it and against a plain loop over experts (`moe_reference`).
+
+Quantized storage (recipes qfp8, qnf4): `quantize_` replaces a projection's bf16 stack by its stored FP8 or NF4 form
+(ops/quantized_experts.py) and frees the bf16 tensor; the projection then runs `surogate::quantized_grouped_mm`, which
+dequantizes the stack right before its grouped GEMM, forward and backward, and never keeps the dense copy. The
+stored codes keep the projection's name (`mlp.experts.gate_proj`), their scales are buffers beside them
+(`gate_proj_scale`; NF4: `gate_proj_absmax`, `..._absmax_factor`, `..._absmax_mean`).
 
 Module paths follow Hugging Face's Qwen3-MoE (`mlp.gate.weight`, `mlp.experts.*`); the experts' stacked tensors are
 `mlp.experts.{gate,up,down}_proj` (no `.weight`), which `checkpoint.py` stacks from the per-expert keys
@@ -37,6 +40,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ops.grouped_mm import grouped_mm, grouped_mm_masked, grouped_mm_reference
 
 if TYPE_CHECKING:
     from surogate.models.qwen3 import ModelArgs
@@ -54,65 +59,6 @@ __all__ = [
 ]
 
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
-
-
-def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
-    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
-        return False
-    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
-        return (
-            False  # its meta kernel (shape inference under torch.compile) accepts bf16 only, though CPU eager runs fp32
-        )
-    if x.device.type == "cpu":
-        return True
-    if x.device.type != "cuda" or x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0):
-        return False
-    # Row strides of both operands must be multiples of 16 bytes (e.g. LoRA rank >= 8 in bf16).
-    return (w.shape[-1] * 2) % 16 == 0 and (w.shape[-2] * 2) % 16 == 0
-
-
-def grouped_mm_reference(
-    x: torch.Tensor,  # (rows, in), sorted by group
-    w: torch.Tensor,  # (groups, out, in)
-    offs: torch.Tensor,  # (groups,) int32, end row of each group
-) -> torch.Tensor:
-    """`x[rows of group g] @ w[g].T` for every group, as a loop over segments (reads the group sizes on the host)."""
-    sizes = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
-    sizes.append(x.shape[0] - int(offs[-1]))  # rows past the last group (none in this module) come out zero
-    segments = x.split(sizes)
-    parts = [F.linear(seg, w[g]) for g, seg in enumerate(segments[:-1])]
-    parts.append(x.new_zeros(sizes[-1], w.shape[-2]))
-    return torch.cat(parts)
-
-
-def grouped_mm_masked(
-    x: torch.Tensor,  # (rows, in), sorted by group
-    w: torch.Tensor,  # (groups, out, in)
-    offs: torch.Tensor,  # (groups,) int32, end row of each group
-) -> torch.Tensor:
-    """`grouped_mm_reference` without reading the group sizes on the host, so it traces into one graph: every group's
-    weight is applied to all rows and each row keeps its own group's result (groups times the FLOPs). The fallback
-    under torch.compile, where the segment loop's `.tolist()` would break the graph."""
-    rows = torch.arange(x.shape[0], device=x.device, dtype=offs.dtype)
-    group = torch.searchsorted(offs, rows, right=True)[:, None]  # (rows, 1); rows past the last group match none
-    out = x.new_zeros(x.shape[0], w.shape[-2])
-    for g in range(w.shape[0]):
-        out = torch.where(group == g, F.linear(x, w[g]), out)
-    return out
-
-
-def grouped_mm(
-    x: torch.Tensor,  # (rows, in), sorted by group
-    w: torch.Tensor,  # (groups, out, in)
-    offs: torch.Tensor,  # (groups,) int32, end row of each group
-) -> torch.Tensor:  # (rows, out)
-    """One GEMM per group of rows, each with its own weight: `torch._grouped_mm` where supported, else the loop
-    (the masked form when compiling or capturing a CUDA graph: neither may wait for the host)."""
-    if _grouped_mm_supported(x, w):
-        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
-    if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return grouped_mm_masked(x, w, offs)
-    return grouped_mm_reference(x, w, offs)
 
 
 def route(logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +113,10 @@ class ExpertLoRA(nn.Module):
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts with stacked weights; `forward` permutes token rows into expert order and back."""
+    """E SwiGLU experts with stacked weights; `forward` permutes token rows into expert order and back.
+
+    `weight_format` is "bf16" (the stacks as loaded, any float dtype) or, after `quantize_`, "fp8" / "nf4".
+    """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -178,6 +127,8 @@ class GroupedExperts(nn.Module):
         self.gate_proj_lora: ExpertLoRA | None = None
         self.up_proj_lora: ExpertLoRA | None = None
         self.down_proj_lora: ExpertLoRA | None = None
+        self.weight_format = "bf16"
+        self.dense_dtype: torch.dtype | None = None  # the stacks' dtype before quantization (merge restores it)
 
     def add_lora(
         self, targets: set[str], rank: int, alpha: float, dropout: float = 0.0, lora_dtype=torch.float32
@@ -188,13 +139,76 @@ class GroupedExperts(nn.Module):
             w = getattr(self, name)
             w.requires_grad_(False)
             if name in targets:
-                E, out, inp = w.shape
+                E, out, inp = self.proj_shape(name)
                 setattr(self, f"{name}_lora", ExpertLoRA(E, inp, out, rank, alpha, dropout, lora_dtype, w.device))
                 added.append(name)
         return added
 
+    def proj_shape(self, name: str) -> tuple[int, int, int]:
+        """(E, out, in) of one projection, whatever its storage."""
+        E, out, inp = getattr(self, name).shape
+        return E, out, inp * 2 if self.weight_format == "nf4" else inp
+
+    def stored(self, name: str) -> list[torch.Tensor]:
+        """One quantized projection's stored tensors, in the order `surogate::quantized_grouped_mm` takes them."""
+        from ops.quantized_experts import FORMATS
+
+        return [getattr(self, name + suffix) for suffix in FORMATS[self.weight_format]]
+
+    def dense_weight(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A projection's stack [E, out, in] as dense weights (dequantized when stored quantized, in `dtype` or the
+        dtype it had before quantization): what the reference loops and the merge read."""
+        if self.weight_format == "bf16":
+            w = getattr(self, name)
+            return w if dtype is None else w.to(dtype)
+        from ops.quantized_experts import dequantize_experts_reference
+
+        return dequantize_experts_reference(self.stored(name), self.weight_format, dtype or self.dense_dtype)
+
+    @torch.no_grad()
+    def quantize_(self, fmt: str) -> int:
+        """Store the three stacks in `fmt` ("fp8" or "nf4"), one stack at a time, releasing each bf16 stack before
+        the next is quantized (the peak is one stack's bf16 + its temporaries). Returns the bytes now stored."""
+        from ops.quantized_experts import FORMATS, quantize_experts
+
+        if self.weight_format != "bf16":
+            raise ValueError(f"expert weights are already stored as {self.weight_format}")
+        self.dense_dtype = self.gate_proj.dtype
+        nbytes = 0
+        for name in EXPERT_PROJS:
+            stored = quantize_experts(getattr(self, name), fmt)
+            setattr(self, name, None)  # drop the bf16 stack before the next projection is quantized
+            for suffix, t in zip(FORMATS[fmt], stored):
+                if suffix:
+                    self.register_buffer(name + suffix, t)
+                else:  # the codes stay a frozen parameter under the projection's name: FSDP shards them
+                    setattr(self, name, nn.Parameter(t, requires_grad=False))
+            nbytes += sum(t.numel() * t.element_size() for t in stored)
+        self.weight_format = fmt
+        return nbytes
+
+    @torch.no_grad()
+    def dequantize_(self, dtype: torch.dtype | None = None) -> None:
+        """Back to dense stacks (in `dtype`, default the dtype before quantization), e.g. before a merge."""
+        from ops.quantized_experts import FORMATS
+
+        if self.weight_format == "bf16":
+            return
+        for name in EXPERT_PROJS:
+            dense = self.dense_weight(name, dtype)
+            for suffix in FORMATS[self.weight_format][1:]:
+                delattr(self, name + suffix)
+            setattr(self, name, nn.Parameter(dense, requires_grad=False))
+        self.weight_format = "bf16"
+
+    def _base(self, name: str, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        if self.weight_format == "bf16":
+            return grouped_mm(x, getattr(self, name), offs)
+        # the OpOverload itself, so every Dynamo version records one node
+        return torch.ops.surogate.quantized_grouped_mm.default(x, self.stored(name), offs, self.weight_format, False)
+
     def _proj(self, name: str, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        y = grouped_mm(x, getattr(self, name), offs)
+        y = self._base(name, x, offs)
         lora = getattr(self, f"{name}_lora")
         return y if lora is None else y + lora(x, offs)
 
@@ -213,6 +227,9 @@ class GroupedExperts(nn.Module):
         ys = self._proj("down_proj", h, offs) * weights.reshape(-1)[order, None]
         out = ys.new_zeros(T * k, ys.shape[-1]).index_copy(0, order, ys)  # back to slot order
         return out.view(T, k, -1).sum(dim=1)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, weights={self.weight_format}"
 
 
 class SparseMoeBlock(nn.Module):
@@ -239,8 +256,10 @@ def moe_reference(
 ) -> torch.Tensor:
     """Loop over experts with boolean masks, no permutation (the shape of transformers' eager experts)."""
 
+    dense = {name: experts.dense_weight(name, x.dtype) for name in EXPERT_PROJS}  # quantized stacks dequantized
+
     def proj(name: str, rows: torch.Tensor, e: int) -> torch.Tensor:
-        y = F.linear(rows, getattr(experts, name)[e])
+        y = F.linear(rows, dense[name][e])
         lora = getattr(experts, f"{name}_lora")
         if lora is not None:
             a, b = lora.lora_A[e].to(rows.dtype), lora.lora_B[e].to(rows.dtype)

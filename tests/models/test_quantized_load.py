@@ -133,3 +133,36 @@ def test_the_whole_bf16_model_is_never_resident(ckpt, recipe, source):
 
     load_then_quantize, _ = load_model(src, "cpu", dtype=torch.bfloat16)  # what the measure sees without the hook
     assert _live_bytes(torch.bfloat16) - baseline >= whole_bytes
+
+
+MOE_ARGS = dataclasses.replace(ARGS, num_layers=3, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
+
+
+@pytest.mark.parametrize("recipe,fmt", [("qfp8", "fp8"), ("qnf4", "nf4")])
+@pytest.mark.parametrize("source", ["checkpoint", "preset"])
+def test_moe_expert_stacks_stream_quantize(tmp_path, recipe, fmt, source):
+    """Qwen3-MoE: the block quantizers store the expert stacks too, so they are quantized as each block loads and
+    the result is load-then-quantize's, stored tensor for stored tensor."""
+    src = MOE_ARGS
+    if source == "checkpoint":
+        torch.manual_seed(0)
+        save_hf_checkpoint(load_model(MOE_ARGS, "cpu", dtype=torch.bfloat16)[0], MOE_ARGS, tmp_path)
+        src = tmp_path
+    precision = _precision(recipe)
+    torch.manual_seed(0)
+    ref, _ = load_model(src, "cpu", dtype=torch.bfloat16)
+    apply_lora(ref, LORA)
+    parallelize(ref, recipe=recipe, precision=precision, compile=False)
+    torch.manual_seed(0)
+    streamed, _, wrapped = load_lora_model(src, "cpu", torch.bfloat16, LORA, precision)
+    formats = [b.mlp.experts.weight_format for b in streamed.model.layers]
+    assert formats == ["bf16"] + [fmt] * (MOE_ARGS.num_layers - 1)  # quantized while loading (first block skipped)
+    assert "model.layers.1.mlp.experts.gate_proj" in wrapped  # expert LoRA added on the quantized stacks
+    parallelize(streamed, recipe=recipe, precision=precision, compile=False)
+    ref_state, state = ref.state_dict(), streamed.state_dict()
+    assert list(state) == list(ref_state)
+    assert f"model.layers.1.mlp.experts.down_proj_{'scale' if fmt == 'fp8' else 'absmax'}" in state
+    for key, t in state.items():
+        assert t.dtype == ref_state[key].dtype and torch.equal(t, ref_state[key]), key
+    _nonzero_lora_B(ref), _nonzero_lora_B(streamed)
+    assert torch.equal(_logits(streamed), _logits(ref))

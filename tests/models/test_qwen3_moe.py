@@ -1,14 +1,18 @@
 """Qwen3-MoE: logit parity with transformers' Qwen3MoeForCausalLM (CPU, fp32), the grouped expert path against a
 loop over experts (forward and LoRA gradients), routing edge cases, checkpoint layouts and expert LoRA merge."""
 
+import copy
 import dataclasses
+import gc
 import json
+import weakref
 
 import pytest
 import torch
 import transformers
 from safetensors.torch import save_file
 
+from ops import grouped_mm as grouped_mm_mod
 from surogate.distributed import base_weight_bytes
 from surogate.export import merge_lora_, peft_state_dict
 from surogate.lora import LoRAConfig, apply_lora
@@ -194,7 +198,7 @@ def _grouped(ex, x, ids, w):
 )
 def test_grouped_matches_loop_reference(monkeypatch, force_fallback, case):
     if force_fallback:
-        monkeypatch.setattr(moe_mod, "_grouped_mm_supported", lambda x, w: False)
+        monkeypatch.setattr(grouped_mm_mod, "_grouped_mm_supported", lambda x, w: False)
     E, T = 6, 40
     ex = _experts(E)
     x = torch.randn(T, 32)
@@ -226,6 +230,9 @@ def test_grouped_mm_matches_segment_loop():
     torch.testing.assert_close(grouped_mm_masked(x, w, offs), grouped_mm_reference(x, w, offs))
     short = torch.tensor([2, 2, 6, 9], dtype=torch.int32)  # rows 9 and 10 belong to no group: zero
     torch.testing.assert_close(grouped_mm_masked(x, w, short), grouped_mm_reference(x, w, short))
+    # bf16 with a rank-4 operand (8-byte rows): torch._grouped_mm refuses it, the segment loop runs instead
+    xb, a = x.bfloat16(), torch.randn(4, 4, 16, generator=g).bfloat16()
+    torch.testing.assert_close(grouped_mm(xb, a, offs), grouped_mm_reference(xb, a, offs))
 
 
 def test_grouped_mm_compiles_in_fp32():
@@ -288,3 +295,118 @@ def test_lora_on_moe_model_and_merge(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(ids, pos), lora_out, rtol=1e-4, atol=1e-4)
     save_hf_checkpoint(model, args, tmp_path)  # merged: a plain checkpoint again
+
+
+# --- expert stacks stored in FP8 / NF4 (qfp8, qnf4) ----------------------------------------------------------------
+
+EXPERT = ("gate_proj", "up_proj", "down_proj")
+# Relative error through the three quantized GEMMs of an expert (gate, up, down): each adds its format's rounding
+# (~3% for e4m3, ~9% for NF4 on normal weights), so the composite allows about twice the single-GEMM tolerance.
+QUANT_TOL = {"fp8": 6e-2, "nf4": 2e-1}
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nf4"])
+def test_quantized_experts_match_references(fmt):
+    """Forward, dX and every expert LoRA gradient: exactly the loop over the dequantized experts, and within the
+    format's tolerance of the unquantized (fp32) experts."""
+    E, T = 6, 40
+    ex = _experts(E, hidden=64, inter=64)
+    dense = copy.deepcopy(ex)
+    ex.quantize_(fmt)
+    assert ex.weight_format == fmt and ex.gate_proj.dtype != torch.float32
+    x = torch.randn(T, 64)
+    w, ids = _routing(T, E, 2)
+    y, gx, g = _grads(ex, x, ids, w, _grouped)
+    y_ref, gx_ref, g_ref = _grads(ex, x, ids, w, moe_reference)  # moe_reference dequantizes the stored stacks
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
+    assert set(g) == set(g_ref) and len(g) == 6
+    for name in g:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-5, atol=1e-5)
+
+    y32, gx32, g32 = _grads(dense, x, ids, w, _grouped)
+    assert 1e-5 < _rel(y, y32) < QUANT_TOL[fmt]  # quantized, within the format's rounding
+    assert _rel(gx, gx32) < QUANT_TOL[fmt]
+    for name in g:
+        assert _rel(g[name], g32[name]) < QUANT_TOL[fmt], name
+
+
+@pytest.mark.parametrize("fmt,ratio", [("fp8", 0.5), ("nf4", 0.257)])
+def test_quantized_experts_keep_only_the_quantized_bytes(fmt, ratio):
+    ex = _experts(4, hidden=128, inter=64)
+    ex.to(torch.bfloat16)
+    dense_bytes = sum(getattr(ex, n).numel() * 2 for n in moe_mod.EXPERT_PROJS)
+    old = weakref.ref(ex.up_proj)
+    stored = ex.quantize_(fmt)
+    gc.collect()
+    assert old() is None  # the bf16 stack is gone, not merely unreferenced by the module
+    base = [t for n, t in [*ex.named_parameters(), *ex.named_buffers()] if "_lora" not in n]
+    assert sum(t.numel() * t.element_size() for t in base) == stored
+    assert ratio < stored / dense_bytes < ratio + 0.04  # codes + fp32 row scales (4 bytes per 64-wide row here)
+    assert not any(t.dtype == torch.bfloat16 for t in base)
+    assert not any(p.requires_grad for p in base)
+    assert {n for n, _ in ex.named_buffers()} >= {f"{p}_{'scale' if fmt == 'fp8' else 'absmax'}" for p in EXPERT}
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nf4"])
+def test_merge_dequantizes_quantized_experts(fmt):
+    ex = _experts(4, hidden=64, inter=64)
+    ex.quantize_(fmt)
+    x = torch.randn(20, 64)
+    w, ids = _routing(20, 4, 2)
+    with torch.no_grad():
+        before = ex(x, ids, w)
+        expected = {n: ex.dense_weight(n) for n in EXPERT}
+        merged = merge_lora_(torch.nn.ModuleList([ex]))
+        after = ex(x, ids, w)
+    assert merged == 3 and ex.weight_format == "bf16" and ex.gate_proj.dtype == torch.float32
+    assert ex.gate_proj_lora is None and not list(ex.buffers())
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    assert (ex.gate_proj - expected["gate_proj"]).abs().max() > 0  # the LoRA update went into the weight
+
+
+def _quantized_moe_model(args, recipe, compile):
+    """The tiny MoE model, LoRA B nonzero, through `parallelize` as training runs it (last block unquantized)."""
+    from surogate.config import recipe_precision
+    from surogate.parallelize import parallelize
+
+    torch.manual_seed(0)
+    model, _ = load_model(args, "cpu", dtype=torch.float32)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(std=0.1)
+    precision = dataclasses.replace(recipe_precision(recipe), skip_quant_last_layers=1)
+    return parallelize(model, recipe=recipe, precision=precision, compile=compile)
+
+
+@pytest.mark.parametrize(
+    "recipe,fmt,compile",
+    [("qfp8", "fp8", False), ("qnf4", "nf4", False), ("fp8", "bf16", False), ("qfp8", "fp8", True)],
+    ids=["qfp8", "qnf4", "fp8", "qfp8-compiled"],
+)
+def test_parallelize_quantizes_the_experts_of_quantized_blocks(recipe, fmt, compile):
+    from ops import quantized_experts
+
+    torch._dynamo.reset()
+    args = ModelArgs.from_hf_config(_hf_config(moe_intermediate_size=64).to_dict())
+    ids, pos = _inputs(args.vocab_size)
+    labels = torch.roll(ids, -1, dims=1)
+    model = _quantized_moe_model(args, recipe, compile)
+    formats = [layer.mlp.experts.weight_format for layer in model.model.layers]
+    assert formats == [fmt, fmt, "bf16"]  # the last block is left in bf16 by skip_quant_last_layers
+    quantized_experts.stats.clear()
+    loss, n = model(ids, pos, labels)
+    (loss / n).backward()
+    assert torch.isfinite(loss)
+    assert quantized_experts.stats["experts_dequantized"] == (12 if fmt != "bf16" else 0)  # 2 blocks x 3 x (fwd, dX)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    if compile:  # the eager module is the reference (compiled: the attention GEMMs run in FP8 instead of emulated)
+        with torch.no_grad():
+            eager = _quantized_moe_model(args, recipe, compile=False)(ids, pos, labels)[0]
+        torch.testing.assert_close(loss, eager, rtol=2e-2, atol=0)
