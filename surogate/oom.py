@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import sys
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 
 __all__ = [
     "estimate_memory_gib",
+    "prefer_expandable_segments",
     "oom_message",
     "rescale_data_position",
     "shrink_micro_batch",
@@ -54,6 +56,18 @@ def _params(args: Any) -> tuple[int, int]:
     router = moe * args.num_experts * h if moe else 0
     embed = args.vocab_size * h * (1 if args.tie_word_embeddings else 2)
     return linears + embed + router + args.num_layers * 2 * h + h, linears
+
+
+def prefer_expandable_segments() -> None:
+    """Ask the CUDA caching allocator for expandable segments unless the user set PYTORCH_CUDA_ALLOC_CONF.
+
+    Call before the first CUDA allocation. Why: blocks of fixed-size segments fragment when a step's large, short-lived
+    buffers (MoE routing, dequantized expert stacks, loss chunks) come and go. Measured on an H100 (2026-11-26):
+    Qwen3-30B-A3B qfp8 ran out of memory with 20 GiB reserved but unallocated, and ran at 11.4k tokens/s in 64.6 GiB
+    with expandable segments; Qwen3-0.6B and -8B bf16 (CUDA graphs on) kept their speed (81.5k vs 81.8k, 14.84k vs
+    14.82k tokens/s) and 8B reserved 36.6 instead of 43.5 GiB.
+    """
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 def estimate_memory_gib(args: Any, cfg: Any, dtype_bytes: int) -> dict[str, float]:

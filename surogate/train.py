@@ -374,6 +374,9 @@ def _resume_command(argv: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from surogate.oom import prefer_expandable_segments
+
+    prefer_expandable_segments()  # before anything touches CUDA
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help", "help") for a in argv):
         print(help_text(), end="")

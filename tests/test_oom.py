@@ -1,6 +1,7 @@
 """surogate/oom.py's memory estimate: dense models unchanged, Qwen3-MoE counted by its experts (weights quantized by
 the q* recipes, per-expert LoRA state, routed-slot activations)."""
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -45,3 +46,14 @@ def test_base_bytes_of_a_quantized_moe_base(flag, ratio):
     args = PRESETS["qwen3-30b-a3b"]
     bf16 = base_weight_bytes(args, torch.bfloat16)
     assert ratio - 0.02 < base_weight_bytes(args, torch.bfloat16, **{flag: True}) / bf16 < ratio
+
+
+def test_expandable_segments_is_a_default_not_an_override(monkeypatch):
+    from surogate.oom import prefer_expandable_segments
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    prefer_expandable_segments()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    prefer_expandable_segments()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"

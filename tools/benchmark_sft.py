@@ -359,6 +359,9 @@ def update_readme() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from surogate.oom import prefer_expandable_segments
+
+    prefer_expandable_segments()  # as training does
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", nargs="+", default=["qwen3-0.6b"], help="preset names or checkpoint paths")
     p.add_argument("--recipe", nargs="+", default=["bf16"])
