@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from ops.lora_linear import _lora_backward, _lora_forward, _split_grads, frozen_concat
+from ops.quantized_lora_module import QuantizedLoRALinear
 
 __all__ = [
     "E2M1",
@@ -633,38 +634,21 @@ def _(codes: Tensor, block_scale: Tensor, global_scale: Tensor, fp4_format: str,
     return codes.new_empty(codes.shape[0], codes.shape[1] * 2, dtype=dtype)
 
 
-class FP4LoRALinear(nn.Module):
-    """LoRALinear whose frozen base is stored in FP4: `weight` (codes [out, in/2] uint8, a frozen parameter, so FSDP
-    shards it and the state-dict key stays `...weight`), the buffers `weight_scale` (block scales [out, in/block]:
-    e4m3 for nvfp4, e8m0 exponents in uint8 for mxfp4) and `weight_global_scale` ([1] fp32; 1 for mxfp4).
-
-    Eager forward (the reference the pass rewrites): `linear(x, fp4_dequantize(W)) + scaling * lora(x)`.
-    """
+class FP4LoRALinear(QuantizedLoRALinear):
+    """qfp4 storage: FP4 codes [out, in/2] uint8 in `weight`, the buffers `weight_scale` (block scales [out,
+    in/block]: e4m3 for nvfp4, e8m0 exponents in uint8 for mxfp4) and `weight_global_scale` ([1] fp32; 1 for
+    mxfp4)."""
 
     def __init__(self, lora: nn.Module, codes: Tensor, block_scale: Tensor, global_scale: Tensor, fp4_format: str):
-        super().__init__()
-        self.in_features, self.out_features = lora.in_features, lora.out_features
-        self.rank, self.scaling = lora.rank, lora.scaling
-        self.fp4_format = fp4_format
-        self.weight = nn.Parameter(codes, requires_grad=False)
+        super().__init__(lora, codes)
+        self.fp4_format = self.format_name = fp4_format
         self.register_buffer("weight_scale", block_scale)
         self.register_buffer("weight_global_scale", global_scale)
-        self.bias = lora.bias
-        self.lora_A, self.lora_B, self.dropout = lora.lora_A, lora.lora_B, lora.dropout
 
-    def forward(self, x: Tensor) -> Tensor:
-        a = self.lora_A.to(x.dtype)
-        b = self.lora_B.to(x.dtype)
+    def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
         # the OpOverload itself, so every Dynamo version records one node (the pass looks for exactly this op)
-        w = torch.ops.surogate.fp4_dequantize.default(
-            self.weight, self.weight_scale, self.weight_global_scale, self.fp4_format, x.dtype
-        )
-        return F.linear(x, w, self.bias) + self.scaling * F.linear(F.linear(self.dropout(x), a), b)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}, "
-            f"{self.fp4_format} base"
+        return torch.ops.surogate.fp4_dequantize.default(
+            self.weight, self.weight_scale, self.weight_global_scale, self.fp4_format, dtype
         )
 
 

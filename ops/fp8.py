@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from ops.lora_linear import _block_diag_B, frozen_concat
+from ops.quantized_lora_module import QuantizedLoRALinear
 
 __all__ = [
     "E4M3",
@@ -605,31 +606,18 @@ def _(codes: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     return codes.new_empty(codes.shape, dtype=dtype)
 
 
-class FP8LoRALinear(nn.Module):
-    """LoRALinear whose frozen base is stored as e4m3 codes (`weight`, a frozen parameter, so FSDP shards it and the
-    state-dict key stays `...weight`) with one fp32 scale per output row (`weight_scale`, a buffer).
+class FP8LoRALinear(QuantizedLoRALinear):
+    """qfp8 storage: e4m3 codes in `weight` with one fp32 scale per output row (`weight_scale`, a buffer)."""
 
-    Eager forward (the reference the pass rewrites): `linear(x, dequantize(W)) + scaling * lora(x)`.
-    """
+    format_name = "fp8"
 
     def __init__(self, lora: nn.Module, codes: Tensor, scale: Tensor):
-        super().__init__()
-        self.in_features, self.out_features = lora.in_features, lora.out_features
-        self.rank, self.scaling = lora.rank, lora.scaling
-        self.weight = nn.Parameter(codes, requires_grad=False)
+        super().__init__(lora, codes)
         self.register_buffer("weight_scale", scale)
-        self.bias = lora.bias
-        self.lora_A, self.lora_B, self.dropout = lora.lora_A, lora.lora_B, lora.dropout
 
-    def forward(self, x: Tensor) -> Tensor:
-        a = self.lora_A.to(x.dtype)
-        b = self.lora_B.to(x.dtype)
+    def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
         # the OpOverload itself, so every Dynamo version records one node (the pass looks for exactly this op)
-        w = torch.ops.surogate.fp8_dequantize.default(self.weight, self.weight_scale, x.dtype)
-        return F.linear(x, w, self.bias) + self.scaling * F.linear(F.linear(self.dropout(x), a), b)
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}, fp8 base"
+        return torch.ops.surogate.fp8_dequantize.default(self.weight, self.weight_scale, dtype)
 
 
 class FP8Embedding(nn.Module):

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ops.lora_linear import _lora_backward, _lora_forward, _split_grads
+from ops.quantized_lora_module import QuantizedLoRALinear
 
 __all__ = [
     "BLOCK",
@@ -369,36 +370,23 @@ lora_linear_nf4.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class NF4LoRALinear(nn.Module):
-    """LoRALinear whose frozen base is stored in NF4: `weight` (codes [out, in/2] uint8, a frozen parameter, so FSDP
-    shards it and the state-dict key stays `...weight`) and the buffers `weight_absmax` (int8 per 64-weight block),
-    `weight_absmax_factor` (fp32 per 256 blocks) and `weight_absmax_mean` (fp32 [1]).
+class NF4LoRALinear(QuantizedLoRALinear):
+    """qnf4 storage: NF4 codes [out, in/2] uint8 in `weight` and the buffers `weight_absmax` (int8 per 64-weight
+    block), `weight_absmax_factor` (fp32 per 256 blocks) and `weight_absmax_mean` (fp32 [1])."""
 
-    Eager forward (the reference the pass rewrites): `linear(x, nf4_dequantize(W)) + scaling * lora(x)`.
-    """
+    format_name = "nf4"
 
     def __init__(self, lora: nn.Module, codes: Tensor, absmax_q: Tensor, factor: Tensor, mean: Tensor):
-        super().__init__()
-        self.in_features, self.out_features = lora.in_features, lora.out_features
-        self.rank, self.scaling = lora.rank, lora.scaling
-        self.weight = nn.Parameter(codes, requires_grad=False)
+        super().__init__(lora, codes)
         self.register_buffer("weight_absmax", absmax_q)
         self.register_buffer("weight_absmax_factor", factor)
         self.register_buffer("weight_absmax_mean", mean)
-        self.bias = lora.bias
-        self.lora_A, self.lora_B, self.dropout = lora.lora_A, lora.lora_B, lora.dropout
 
-    def forward(self, x: Tensor) -> Tensor:
-        a = self.lora_A.to(x.dtype)
-        b = self.lora_B.to(x.dtype)
+    def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
         # the OpOverload itself, so every Dynamo version records one node (the pass looks for exactly this op)
-        w = torch.ops.surogate.nf4_dequantize.default(
-            self.weight, self.weight_absmax, self.weight_absmax_factor, self.weight_absmax_mean, x.dtype
+        return torch.ops.surogate.nf4_dequantize.default(
+            self.weight, self.weight_absmax, self.weight_absmax_factor, self.weight_absmax_mean, dtype
         )
-        return F.linear(x, w, self.bias) + self.scaling * F.linear(F.linear(self.dropout(x), a), b)
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}, nf4 base"
 
 
 def can_quantize_nf4(module: nn.Module) -> bool:
