@@ -60,7 +60,20 @@ class PassStats:
 
 
 def run_passes(gm: fx.GraphModule, ops: RecipeOps) -> dict[str, int]:
-    """Our passes, in order, on one Dynamo graph (in place). Returns rewrites per pass."""
+    """Our passes, in order, on one Dynamo graph and every subgraph in it (in place). Returns rewrites per pass.
+
+    Subgraphs: higher-order ops keep their bodies as child GraphModules. With `recompute=true` the whole block is
+    such a body (Dynamo turns the activation checkpoint into `tag_activation_checkpoint(body, ...)`), so a pass that
+    only walked the top graph would find nothing to rewrite and the block would run without our ops.
+    """
+    counts: Counter = Counter()
+    for module in gm.modules():
+        if isinstance(module, fx.GraphModule):
+            counts.update(_run_passes_on_graph(module, ops))
+    return dict(counts)
+
+
+def _run_passes_on_graph(gm: fx.GraphModule, ops: RecipeOps) -> dict[str, int]:
     counts = {"rewrite_lora_linears": rewrite_lora_linears(gm, ops.lora_linear)}
     if ops.fuse_shared_inputs:
         counts["fuse_shared_input_lora_linears"] = fuse_shared_input_lora_linears(gm, ops.lora_linear)
