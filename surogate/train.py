@@ -363,6 +363,9 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
             f"done: {state.step} steps in {summary['wall_s']} s; adapter, metrics.jsonl and loss.png in {out}",
             file=sys.stderr,
         )
+    # Ranks leave together: a rank that tears its process group down while rank 0 is still writing can abort in
+    # gloo's teardown ("terminate called without an active exception", seen in tests/test_distributed.py).
+    distributed.barrier()
     return summary
 
 
