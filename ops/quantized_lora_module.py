@@ -9,13 +9,15 @@ shards it and the state-dict key is the checkpoint's `...weight`); the format's 
 
 from __future__ import annotations
 
+import abc
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["QuantizedLoRALinear"]
 
 
-class QuantizedLoRALinear(nn.Module):
+class QuantizedLoRALinear(nn.Module, abc.ABC):
     """Takes over a `LoRALinear`'s adapter (A, B, dropout, scaling, bias) and stores its base as `codes`.
     Subclasses register their scale buffers and implement `dequantized_weight`."""
 
@@ -29,8 +31,9 @@ class QuantizedLoRALinear(nn.Module):
         self.bias = lora.bias
         self.lora_A, self.lora_B, self.dropout = lora.lora_A, lora.lora_B, lora.dropout
 
-    def dequantized_weight(self, dtype) -> Tensor:  # [out, in] in `dtype`
-        raise NotImplementedError
+    @abc.abstractmethod
+    def dequantized_weight(self, dtype) -> Tensor:
+        """The base weight [out, in] in `dtype`, through the format's registered dequantize op."""
 
     def forward(self, x: Tensor) -> Tensor:
         a = self.lora_A.to(x.dtype)
