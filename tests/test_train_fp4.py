@@ -5,25 +5,13 @@ import json
 
 import pytest
 import torch
+from recipe_training import FAST_COMPILED as FAST
 from safetensors.torch import load_file
 
 from ops import fp4
 from surogate.lora import DEFAULT_TARGETS
 from surogate.models.presets import PRESETS
 from surogate.train import main
-
-FAST = [
-    "sequence_len=128",
-    "per_device_train_batch_size=2",
-    "lora_rank=8",
-    "lora_alpha=16",
-    "compile=true",
-    "dtype=fp32",
-    "device=cpu",
-    "learning_rate=3e-3",
-    "warmup_steps=2",
-    "max_steps=8",
-]
 
 
 # each recipe once, each block format once (the op tests cover every combination; this is ~30 s per run)

@@ -4,22 +4,10 @@ import json
 
 import pytest
 import torch
+from recipe_training import FAST_COMPILED as FAST
 
 from ops import fp8
 from surogate.train import main
-
-FAST = [
-    "sequence_len=128",
-    "per_device_train_batch_size=2",
-    "lora_rank=8",
-    "lora_alpha=16",
-    "compile=true",
-    "dtype=fp32",
-    "device=cpu",
-    "learning_rate=3e-3",
-    "warmup_steps=2",
-    "max_steps=8",
-]
 
 
 @pytest.mark.parametrize("recipe", ["fp8", "qfp8"])

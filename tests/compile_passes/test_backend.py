@@ -108,7 +108,8 @@ def test_no_graph_break():
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
 
 
-def test_qwen3_blocks_compiled_match_eager():
+def _tiny_qwen3_with_lora():
+    """(model, its eager copy, args): a 2-block Qwen3 with LoRA on every projection, B != 0."""
     from surogate.models.presets import PRESETS
     from surogate.models.qwen3 import Qwen3ForCausalLM
 
@@ -121,7 +122,11 @@ def test_qwen3_blocks_compiled_match_eager():
     for name, p in model.named_parameters():
         if name.endswith("lora_B"):
             p.data.normal_(0.0, 0.2)
-    reference = copy.deepcopy(model)
+    return model, copy.deepcopy(model), args
+
+
+def test_qwen3_blocks_compiled_match_eager():
+    model, reference, args = _tiny_qwen3_with_lora()
     backend = make_backend("bf16", keep_graphs=True)
     torch._dynamo.reset()
     for i, layer in enumerate(model.model.layers):
@@ -147,19 +152,7 @@ def test_checkpointed_blocks_get_the_ops_and_match_eager():
     """recompute=true: the block is the body of Dynamo's activation-checkpoint op; the passes must reach it."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    from surogate.models.presets import PRESETS
-    from surogate.models.qwen3 import Qwen3ForCausalLM
-
-    args = dataclasses.replace(
-        PRESETS["tiny"], vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=2, head_dim=16
-    )
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(args)
-    apply_lora(model, LoRAConfig(rank=4, alpha=8.0))
-    for name, p in model.named_parameters():
-        if name.endswith("lora_B"):
-            p.data.normal_(0.0, 0.2)
-    reference = copy.deepcopy(model)
+    model, reference, args = _tiny_qwen3_with_lora()
     backend = make_backend("bf16", keep_graphs=True, inductor=False)
     torch._dynamo.reset()
     for i, layer in enumerate(model.model.layers):
