@@ -64,7 +64,7 @@ def configure_fp4_lora_linears(gm: fx.GraphModule, recipe) -> int:
         # version (how keyword arguments reach it differs between versions).
         node.args = (
             node.args[0], weights, *node.args[2:7], block_scales, global_scales, options["fp4_format"],
-            options["compute"], options["stochastic_rounding"], options["hadamard"],
+            options["compute"], options["stochastic_rounding"], options["hadamard"], options["grad_format"],
         )  # fmt: skip
         node.kwargs = {}
     if calls:
@@ -75,20 +75,25 @@ def configure_fp4_lora_linears(gm: fx.GraphModule, recipe) -> int:
 
 
 def fp4_recipe_ops(
-    fp4_format: str = "nvfp4", compute: str = "fp4", stochastic_rounding: bool = True, hadamard: bool = True
+    fp4_format: str = "nvfp4",
+    compute: str = "fp4",
+    stochastic_rounding: bool = True,
+    hadamard: bool = True,
+    grad_format: str = "e5m2",
 ):
     """The RecipeOps of the FP4 op family for these options (fp4 and qfp4 recipes; see ops/fp4.py)."""
     from compile_passes.registry import RecipeOps
 
     if fp4_format not in ops.fp4.FORMATS:
         raise ValueError(f"fp4_format={fp4_format!r}: use one of {sorted(ops.fp4.FORMATS)}")
-    if compute not in ("fp4", "bf16"):
-        raise ValueError(f"compute={compute!r}: use fp4 or bf16")
+    if compute not in ("fp4", "bf16", "fp8"):
+        raise ValueError(f"compute={compute!r}: use fp4, bf16 or fp8 (the last two for FP4-stored weights)")
     options = (
         ("fp4_format", fp4_format),
         ("compute", compute),
         ("stochastic_rounding", bool(stochastic_rounding)),
         ("hadamard", bool(hadamard)),
+        ("grad_format", grad_format),
     )
     return RecipeOps(
         lora_linear=torch.ops.surogate.lora_linear_fp4.default,

@@ -5,8 +5,8 @@ Why: qnf4 (`ops.nf4.NF4LoRALinear`) stores W as NF4 codes + double-quantized blo
 turn that into a call of the recipe's op (`surogate::lora_linear_nf4`) whose `weights` are the dequantize nodes'
 outputs: a dense weight made in the forward graph and saved for the backward (2 bytes per weight per layer, the
 memory the recipe exists to save). This pass gives the op the stored tensors instead (`weights=[codes...]`,
-`absmax_q=[...]`, `factors=[...]`, `means=[...]`): the op dequantizes inside its forward and again inside its
-backward, and the dequantize nodes, now unused, are removed.
+`absmax_q=[...]`, `factors=[...]`, `means=[...]`) and the recipe's options (`compute`, `grad_format`): the op
+dequantizes inside its forward and again inside its backward, and the dequantize nodes, now unused, are removed.
 
 Pattern: calls of the recipe's op whose weights are all `surogate::nf4_dequantize` outputs, or none of them (a
 projection left dense: kept as it is, the op then behaves as `surogate::lora_linear`). A mix cannot come from one
@@ -37,6 +37,8 @@ def _is_dequantize(node: object) -> bool:
 def configure_nf4_lora_linears(gm: fx.GraphModule, recipe) -> int:
     """Unwrap NF4-dequantized weights of every call of the recipe's op; returns calls changed."""
     calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is recipe.lora_linear]
+    options = dict(recipe.op_kwargs)
+    options = (options.get("compute", "bf16"), options.get("grad_format", "e5m2"))
     changed = 0
     for node in calls:
         weights = node.args[1]
@@ -47,7 +49,7 @@ def configure_nf4_lora_linears(gm: fx.GraphModule, recipe) -> int:
             raise RuntimeError(f"{node.format_node()}: mixes NF4-stored and dense base weights in one call")
         codes, absmax_q, factors, means = ([w.args[i] for w in weights] for i in range(4))
         # positional, so the autograd setup_context reads them at fixed positions on every torch version
-        node.args = (node.args[0], codes, *node.args[2:7], absmax_q, factors, means)
+        node.args = (node.args[0], codes, *node.args[2:7], absmax_q, factors, means, *options)
         node.kwargs = {}
         changed += 1
     if changed:
@@ -57,11 +59,15 @@ def configure_nf4_lora_linears(gm: fx.GraphModule, recipe) -> int:
     return changed
 
 
-def nf4_recipe_ops():
-    """The RecipeOps of the NF4 op family (qnf4 recipe; see ops/nf4.py)."""
+def nf4_recipe_ops(compute: str = "bf16", grad_format: str = "e5m2"):
+    """The RecipeOps of the NF4 op family for these options (qnf4 recipe; see ops/nf4.py): GEMMs in bf16 on the
+    dequantized weights, or in FP8 on e4m3 codes made from them (`grad_format`: dy's format in dX)."""
     from compile_passes.registry import RecipeOps
 
+    if compute not in ("bf16", "fp8"):
+        raise ValueError(f"compute={compute!r}: use bf16 or fp8")
     return RecipeOps(
         lora_linear=torch.ops.surogate.lora_linear_nf4.default,
+        op_kwargs=(("compute", compute), ("grad_format", grad_format)),
         graph_passes=(configure_nf4_lora_linears,),
     )

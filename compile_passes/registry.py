@@ -55,7 +55,7 @@ def _register_builtin_variants() -> None:
         from compile_passes.fp4_weights import fp4_recipe_ops
 
         register_recipe("fp4", fp4_recipe_ops())  # bf16 weights, emulated NVFP4 GEMMs
-        register_recipe("qfp4", fp4_recipe_ops(compute="bf16"))  # NVFP4-stored weights, bf16 GEMMs
+        register_recipe("qfp4", fp4_recipe_ops(compute="fp8"))  # NVFP4-stored weights, FP8 GEMMs
 
 
 def recipe_ops(name: str) -> RecipeOps:

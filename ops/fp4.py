@@ -6,8 +6,11 @@ Two recipes share this op family:
           forward, output gradient and weights in dX. Each frozen weight is quantized once, on first use, in both
           orientations, and the codes are cached (~1.1 bytes per weight for the two; see `_cached_fp4_weight`).
     qfp4  base weights are stored only in FP4 (`FP4LoRALinear`, made by `quantize_lora_base_fp4_`): 4.5 bits per
-          weight with nvfp4 (0.28x bf16), 4.25 with mxfp4 (0.27x); the bf16 copy is gone. compute: bf16 (default)
-          dequantizes inside the op, forward and dX; compute: fp4 quantizes activations and gradients as fp4 does.
+          weight with nvfp4 (0.28x bf16), 4.25 with mxfp4 (0.27x); the bf16 copy is gone. compute: fp8 (the
+          recipe's default) dequantizes inside the op, forward and dX, straight to e4m3 codes with one scale per
+          output row (`fp4_to_fp8`; the row scale is read off the stored block scales) and runs the FP8 GEMMs of
+          `ops.fp8` (as qfp8 on its stored codes); compute: bf16 dequantizes to bf16 operands instead; compute: fp4
+          quantizes activations and gradients as fp4 does.
 
 Formats (the element is always e2m1: values 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives; code = sign << 3 | index):
     nvfp4   one e4m3 scale per 16 consecutive elements of a row and one fp32 scale per tensor (NVIDIA's two-level
@@ -51,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from ops.fp8 import E4M3, FP8_MAX, GRAD_FORMATS, Fp8Weight, fp8_base_forward, fp8_base_grad_input
 from ops.lora_linear import _lora_backward, _lora_forward, _split_grads, frozen_concat
 from ops.quantized_lora_module import QuantizedLoRALinear
 
@@ -207,11 +211,17 @@ def dequantize_fp4_reference(
     global_scale: Tensor,  # [1] fp32
     fp4_format: str = "nvfp4",
     dtype: torch.dtype = torch.bfloat16,
+    row_scale: Tensor | None = None,  # [rows] fp32 multiplier per row (FP8 compute: 448 / row absmax)
 ) -> Tensor:  # [rows, cols] `dtype`: (e2m1 * block scale) * global in fp32, rounded once
     fmt = _format(fp4_format)
     values = _on("e2m1", codes.device)[_unpack(codes).long()].view(-1, fmt.block)
     out = values * _scale_values(block_scale, fmt.name).reshape(-1, 1) * global_scale.float()
-    return out.view(codes.shape[0], codes.shape[1] * 2).to(dtype)
+    out = out.view(codes.shape[0], codes.shape[1] * 2)
+    if row_scale is not None:
+        out = out * row_scale.float()[:, None]
+    if dtype in FP8_MAX:  # saturate: torch's cast would turn a value a rounding step past the maximum into NaN
+        out = out.clamp(-FP8_MAX[dtype], FP8_MAX[dtype])
+    return out.to(dtype)
 
 
 def _triton_dequantize_kernel():
@@ -220,8 +230,8 @@ def _triton_dequantize_kernel():
 
     @triton.jit
     def fp4_dequantize_kernel(
-        codes_ptr, scale_ptr, global_ptr, values_ptr, scale_table_ptr, out_ptr, numel,
-        BLOCK: tl.constexpr, ELEMS: tl.constexpr,
+        codes_ptr, scale_ptr, global_ptr, values_ptr, scale_table_ptr, row_ptr, out_ptr, numel, K,
+        BLOCK: tl.constexpr, ELEMS: tl.constexpr, HAS_ROW: tl.constexpr, FMAX: tl.constexpr,
     ):  # fmt: skip
         e = tl.program_id(0).to(tl.int64) * ELEMS + tl.arange(0, ELEMS)  # element indices (row-major)
         mask = e < numel
@@ -231,7 +241,12 @@ def _triton_dequantize_kernel():
         scale_byte = tl.load(scale_ptr + e // BLOCK, mask=mask, other=0).to(tl.int32)  # blocks tile each row
         scale = tl.load(scale_table_ptr + scale_byte, mask=mask, other=0.0)
         out = value * scale * tl.load(global_ptr)  # as the reference: (value * scale) * global, fp32
-        tl.store(out_ptr + e, out.to(out_ptr.dtype.element_ty), mask=mask)
+        if HAS_ROW:  # FP8 output: times the row's 448 / absmax, saturated, rounded to nearest even as torch does
+            out = out * tl.load(row_ptr + e // K, mask=mask, other=0.0)
+            out = tl.minimum(tl.maximum(out, -FMAX), FMAX).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+        else:
+            out = out.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + e, out, mask=mask)
 
     return fp4_dequantize_kernel
 
@@ -241,21 +256,26 @@ _KERNEL = None
 
 def dequantize_fp4_triton(
     codes: Tensor, block_scale: Tensor, global_scale: Tensor, fp4_format: str = "nvfp4",
-    dtype: torch.dtype = torch.bfloat16, elems: int = 2048,
+    dtype: torch.dtype = torch.bfloat16, row_scale: Tensor | None = None, out: Tensor | None = None,
+    elems: int = 2048,
 ) -> Tensor:  # fmt: skip
     """The fused kernel, one program per `elems` elements (CUDA, or CPU tensors under TRITON_INTERPRET=1 in tests).
-    Scale bytes are decoded through a 256-entry table, so the kernel needs no FP8 loads (any GPU, the interpreter)."""
+    Scale bytes are decoded through a 256-entry table, so the kernel needs no FP8 loads (any GPU, the interpreter).
+    `out`: a contiguous [rows, cols] tensor of `dtype` to write into (a row block of a group's buffer)."""
     global _KERNEL
     if _KERNEL is None:
         _KERNEL = _triton_dequantize_kernel()
     fmt = _format(fp4_format)
-    out = torch.empty(codes.shape[0], codes.shape[1] * 2, dtype=dtype, device=codes.device)
+    if out is None:
+        out = torch.empty(codes.shape[0], codes.shape[1] * 2, dtype=dtype, device=codes.device)
     numel = out.numel()
+    values = _on("e2m1", codes.device)
+    row = row_scale.float().contiguous() if row_scale is not None else values  # dummy pointer when unused
     if numel:
         _KERNEL[(-(-numel // elems),)](
-            codes.contiguous(), block_scale.contiguous().view(torch.uint8), global_scale.float(),
-            _on("e2m1", codes.device), _on(f"scale_{fmt.name}", codes.device), out, numel,
-            BLOCK=fmt.block, ELEMS=elems,
+            codes.contiguous(), block_scale.contiguous().view(torch.uint8), global_scale.float(), values,
+            _on(f"scale_{fmt.name}", codes.device), row, out, numel, out.shape[1],
+            BLOCK=fmt.block, ELEMS=elems, HAS_ROW=row_scale is not None, FMAX=FP8_MAX.get(dtype, 0.0),
         )  # fmt: skip
     return out
 
@@ -268,6 +288,34 @@ def dequantize_fp4(
     if codes.device.type == "cuda":
         return dequantize_fp4_triton(codes, block_scale, global_scale, fp4_format, dtype)
     return dequantize_fp4_reference(codes, block_scale, global_scale, fp4_format, dtype)
+
+
+def fp4_row_absmax(block_scale: Tensor, global_scale: Tensor, fp4_format: str) -> Tensor:
+    """[rows] fp32: the largest |dequantized weight| a row can hold (6, the largest e2m1, times its largest block
+    scale times the global scale), read off the stored scales without a pass over the weight."""
+    rows = block_scale.shape[0]
+    return (_scale_values(block_scale, fp4_format).view(rows, -1).amax(dim=1) * 6.0 * global_scale.float()).clamp_min(
+        1e-12
+    )
+
+
+def fp4_to_fp8(
+    codes: Sequence[Tensor], block_scales: Sequence[Tensor], global_scales: Sequence[Tensor], fp4_format: str
+) -> Fp8Weight:
+    """FP4-stored weights (a shared-input group: row blocks of one result) as e4m3 codes with one fp32 scale per
+    output row, the operand of the FP8 GEMMs (`precision.compute: fp8`, qfp4's default): one kernel per weight
+    writes its row block, the dense bf16 weight is never made."""
+    rows = [c.shape[0] for c in codes]
+    dense = torch.empty(sum(rows), codes[0].shape[1] * 2, dtype=E4M3, device=codes[0].device)
+    amax = torch.cat([fp4_row_absmax(b, g, fp4_format) for b, g in zip(block_scales, global_scales)])
+    inv = (FP8_MAX[E4M3] / amax).split(rows)
+    for dst, c, b, g, r in zip(dense.split(rows), codes, block_scales, global_scales, inv):
+        if c.device.type == "cuda":
+            dequantize_fp4_triton(c, b, g, fp4_format, E4M3, row_scale=r, out=dst)
+        else:
+            dst.copy_(dequantize_fp4_reference(c, b, g, fp4_format, E4M3, row_scale=r))
+    stats["fp4_dequantized"] += len(codes)
+    return Fp8Weight(dense, (amax / FP8_MAX[E4M3]).view(1, -1))
 
 
 def fake_quantize_fp4(x: Tensor, fp4_format: str = "nvfp4", stochastic: bool = False, dtype=None) -> Tensor:
@@ -354,16 +402,19 @@ class _Base:
     weights: Sequence[Tensor]  # bf16 [out_i, in], or stored codes [out_i, in/2] with `stored`
     stored: tuple[Sequence[Tensor], Sequence[Tensor]] | None  # (block scales, global scales) per weight
     fp4_format: str
-    compute: str  # "fp4": emulated FP4 GEMMs; "bf16": dequantized (stored) weights, bf16 operands
+    compute: str  # "fp4": emulated FP4 GEMMs; "bf16" / "fp8": stored weights dequantized to bf16 / e4m3 operands
     stochastic: bool
     hadamard: bool
+    grad_format: str = "e5m2"  # compute fp8: dy's format in the dX GEMM
 
     def check(self, in_features: int) -> None:
         block = _format(self.fp4_format).block
-        if self.compute not in ("fp4", "bf16"):
-            raise ValueError(f"compute={self.compute!r}: use fp4 or bf16")
+        if self.compute not in ("fp4", "bf16", "fp8"):
+            raise ValueError(f"compute={self.compute!r}: use fp4, bf16 or fp8")
         if self.stored is None and self.weights[0].dtype == torch.uint8:
             raise RuntimeError("surogate::lora_linear_fp4 got FP4 codes without their block scales")
+        if self.compute == "fp8" and self.stored is None:
+            raise ValueError("compute=fp8 runs on FP4-stored weights (qfp4); for bf16 weights use the fp8 recipe")
         if self.compute == "fp4" and (in_features % block or any(w.shape[0] % block for w in self.weights)):
             raise ValueError(f"{self.fp4_format} GEMMs need in and out features divisible by {block}")
 
@@ -392,6 +443,16 @@ class _Base:
         fwd = [_cached_fp4_weight(w, self.fp4_format, self.hadamard).fwd for w in self.weights]
         return self._rows(lambda i: dequantize_fp4(*fwd[i], self.fp4_format, dtype))
 
+    def fp8_weight(self) -> Fp8Weight:  # compute fp8: the stored weights as e4m3 row codes
+        return fp4_to_fp8(self.weights, *self.stored, self.fp4_format)
+
+    def linear(self, x2: Tensor) -> Tensor:
+        """The forward base GEMM x' W'^T [N, sum out] of x [N, in]."""
+        if self.compute == "fp8":
+            return fp8_base_forward(x2, self.fp8_weight())
+        xq = self.quantized_input(x2)
+        return F.linear(x2 if xq is None else xq, self.forward_weight(x2.dtype))
+
     def grad_weight_t(self, dtype: torch.dtype) -> Tensor:  # [in, sum out]: dX = dy' (W'')
         if self.compute == "bf16":
             return self.forward_weight(dtype).t()
@@ -415,6 +476,8 @@ class _Base:
 
     def grad_input(self, dy: Tensor) -> Tensor:
         """Base dX [N, in] from dy [N, sum out]: (dy R)_fp4 (W^T R)_fp4^T with fp4 compute, else dy W."""
+        if self.compute == "fp8":
+            return fp8_base_grad_input(dy, self.fp8_weight(), "fp8", GRAD_FORMATS[self.grad_format])
         w = self.grad_weight_t(dy.dtype)  # [in, sum out]
         if self.compute != "fp4":
             return torch.mm(dy, w.t())
@@ -496,13 +559,13 @@ def lora_linear_fp4_reference(
 
 _OPTIONS = (
     'Tensor[]? block_scales=None, Tensor[]? global_scales=None, str fp4_format="nvfp4", str compute="fp4", '
-    "bool stochastic_rounding=True, bool hadamard=True"
+    'bool stochastic_rounding=True, bool hadamard=True, str grad_format="e5m2"'
 )
 
 
-def _base(weights, block_scales, global_scales, fp4_format, compute, stochastic, hadamard) -> _Base:
+def _base(weights, block_scales, global_scales, fp4_format, compute, stochastic, hadamard, grad_format) -> _Base:
     stored = None if block_scales is None else (block_scales, global_scales)
-    return _Base(weights, stored, fp4_format, compute, stochastic, hadamard)
+    return _Base(weights, stored, fp4_format, compute, stochastic, hadamard, grad_format)
 
 
 def _in_features(weights, block_scales) -> int:
@@ -517,14 +580,12 @@ def _in_features(weights, block_scales) -> int:
 )
 def lora_linear_fp4(
     x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs, block_scales=None, global_scales=None,
-    fp4_format="nvfp4", compute="fp4", stochastic_rounding=True, hadamard=True,
+    fp4_format="nvfp4", compute="fp4", stochastic_rounding=True, hadamard=True, grad_format="e5m2",
 ):  # fmt: skip
     """Returns (y [..., sum out], xa [N, sum r]); `weights` are FP4 codes when `block_scales` are given."""
-    base = _base(weights, block_scales, global_scales, fp4_format, compute, stochastic_rounding, hadamard)
+    base = _base(weights, block_scales, global_scales, fp4_format, compute, stochastic_rounding, hadamard, grad_format)
     base.check(x.shape[-1])
-    w = base.forward_weight(x.dtype)
-    x_base = base.quantized_input(x.reshape(-1, x.shape[-1]))
-    return _lora_forward(x, [w], bias, lora_As, lora_Bs, scalings, lora_inputs, base_input=x_base)
+    return _lora_forward(x, [], bias, lora_As, lora_Bs, scalings, lora_inputs, base_linear=base.linear)
 
 
 @lora_linear_fp4.register_fake
@@ -539,16 +600,16 @@ def _(x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs, block_scales=No
     mutates_args=(),
     schema="(Tensor grad_y, Tensor[] lora_inputs, Tensor xa, Tensor[] weights, Tensor[]? block_scales, "
     "Tensor[]? global_scales, Tensor[] lora_As, Tensor[] lora_Bs, float[] scalings, bool shared_input, "
-    "bool needs_grad_x, str fp4_format, str compute, bool stochastic_rounding, bool hadamard) "
+    "bool needs_grad_x, str fp4_format, str compute, bool stochastic_rounding, bool hadamard, str grad_format) "
     "-> (Tensor, Tensor, Tensor, Tensor[])",
 )
 def lora_linear_fp4_grad(
     grad_y, lora_inputs, xa, weights, block_scales, global_scales, lora_As, lora_Bs, scalings, shared_input,
-    needs_grad_x, fp4_format, compute, stochastic_rounding, hadamard,
+    needs_grad_x, fp4_format, compute, stochastic_rounding, hadamard, grad_format,
 ):  # fmt: skip
     """(grad_x or empty, grad_A_cat, grad_B_full, grad_lora_inputs), as `surogate::lora_linear_grad`; the base dX
     runs through `_Base.grad_input` (FP4 operands with fp4 compute); dA and dB see the exact dy."""
-    base = _base(weights, block_scales, global_scales, fp4_format, compute, stochastic_rounding, hadamard)
+    base = _base(weights, block_scales, global_scales, fp4_format, compute, stochastic_rounding, hadamard, grad_format)
     width = grad_y.new_empty(0, _in_features(weights, block_scales))  # _lora_backward reads only its width
     return _lora_backward(
         grad_y, lora_inputs, xa, [width], lora_As, lora_Bs, scalings, shared_input, needs_grad_x,
@@ -567,7 +628,7 @@ def _(grad_y, lora_inputs, xa, weights, block_scales, global_scales, lora_As, lo
     return grad_x, grad_a, grad_b, [] if shared else [xl.new_empty(xl.shape) for xl in lora_inputs]
 
 
-_DEFAULTS = (None, None, "nvfp4", "fp4", True, True)  # the options, in schema order
+_DEFAULTS = (None, None, "nvfp4", "fp4", True, True, "e5m2")  # the options, in schema order
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -609,7 +670,7 @@ def _backward(ctx, grad_y, _grad_xa):
         grad_x, grad_lora_inputs = None, [None] * (0 if ctx.shared_input else k)
     # needs_input_grad has one entry per argument as called (trailing options equal to their defaults are dropped)
     stored = [[None] * n if ctx.has_stored else None] * 2
-    options = [*stored, None, None, None, None][: len(ctx.needs_input_grad) - 7]
+    options = [*stored, None, None, None, None, None][: len(ctx.needs_input_grad) - 7]
     return grad_x, [None] * n, None, grad_As, grad_Bs, None, grad_lora_inputs, *options
 
 

@@ -58,8 +58,11 @@ __all__ = [
     "GRAD_FORMATS",
     "FP8Embedding",
     "FP8LoRALinear",
+    "Fp8Weight",
     "dequantize",
     "dequantize_blockwise",
+    "fp8_base_forward",
+    "fp8_base_grad_input",
     "lora_linear_fp8",
     "lora_linear_fp8_reference",
     "quantize_blockwise",
@@ -280,14 +283,14 @@ def fp8_mm(
 
 
 @dataclass
-class _Fp8Weight:
+class Fp8Weight:
     codes: Tensor  # [out, in] e4m3 (forward operand: codes.t())
     scale: Tensor  # [1, out] fp32, per output row
     codes_t: Tensor | None = None  # [in, out] e4m3 (dX operand: codes_t.t()); None: transpose per backward
     scale_t: Tensor | None = None  # [1, in] fp32, per input column
 
 
-_WEIGHT_CACHE: dict[tuple, tuple[int, StorageWeakRef, _Fp8Weight]] = {}
+_WEIGHT_CACHE: dict[tuple, tuple[int, StorageWeakRef, Fp8Weight]] = {}
 _WEIGHT_LOCK = threading.Lock()
 
 
@@ -295,17 +298,17 @@ def _key(w: Tensor) -> tuple:
     return (w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype, w.device)
 
 
-def quantize_weight(w: Tensor, transposed: bool = True) -> _Fp8Weight:
+def quantize_weight(w: Tensor, transposed: bool = True) -> Fp8Weight:
     """Both orientations of a frozen [out, in] weight, each with its own absmax scales (rowwise e4m3)."""
     codes, scale = quantize_rows(w.detach(), E4M3)
-    fw = _Fp8Weight(codes, scale.view(1, -1))
+    fw = Fp8Weight(codes, scale.view(1, -1))
     if transposed:
         codes_t, scale_t = quantize_rows(w.detach().t().contiguous(), E4M3)
         fw.codes_t, fw.scale_t = codes_t, scale_t.view(1, -1)
     return fw
 
 
-def _cached_fp8_weight(weights: Sequence[Tensor]) -> _Fp8Weight:
+def _cached_fp8_weight(weights: Sequence[Tensor]) -> Fp8Weight:
     """The (concatenated) bf16 base weights quantized once; later calls hit the cache (fp8 recipe).
 
     Keyed on address, shape, stride, dtype and device, checked against a weak reference to the storage (a freed and
@@ -331,23 +334,27 @@ def clear_fp8_weight_cache() -> None:
         _WEIGHT_CACHE.clear()
 
 
-def _stored_fp8_weight(codes: Sequence[Tensor], scales: Sequence[Tensor]) -> _Fp8Weight:
+def _stored_fp8_weight(codes: Sequence[Tensor], scales: Sequence[Tensor]) -> Fp8Weight:
     """qfp8: the stored codes/scales (zero-copy views when a group was packed by `quantize_lora_base_`)."""
-    return _Fp8Weight(frozen_concat(codes), frozen_concat(scales).view(1, -1))
+    return Fp8Weight(frozen_concat(codes), frozen_concat(scales).view(1, -1))
 
 
-def _dequantized(fw: _Fp8Weight, dtype: torch.dtype) -> Tensor:
+def _dequantized(fw: Fp8Weight, dtype: torch.dtype) -> Tensor:
     return dequantize(fw.codes, fw.scale.view(-1), dtype)
 
 
-def _base_forward(x2: Tensor, fw: _Fp8Weight, compute: str) -> Tensor:
+def fp8_base_forward(x2: Tensor, fw: Fp8Weight, compute: str = "fp8") -> Tensor:
+    """x [N, in] @ W^T -> [N, out] in x.dtype: x quantized rowwise to e4m3, one FP8 GEMM (or bf16 on dequantized
+    codes with compute bf16). Also the base GEMM of the 4-bit storage recipes with FP8 compute (ops/nf4.py)."""
     if compute == "bf16":
         return x2 @ _dequantized(fw, x2.dtype).t()
     xq, xs = quantize_rows(x2, E4M3)
     return fp8_mm(xq, fw.codes.t(), xs, fw.scale, x2.dtype, fast_accum=True)
 
 
-def _base_grad_input(dy: Tensor, fw: _Fp8Weight, compute: str, grad_dtype: torch.dtype) -> Tensor:
+def fp8_base_grad_input(dy: Tensor, fw: Fp8Weight, compute: str, grad_dtype: torch.dtype) -> Tensor:
+    """dy [N, out] @ W -> [N, in]: dy quantized to `grad_dtype`, against W^T's own codes when cached, else against
+    the transposed row codes with W's row scales folded into dy."""
     if compute == "bf16":
         return dy @ _dequantized(fw, dy.dtype)
     if fw.codes_t is not None:
@@ -359,7 +366,7 @@ def _base_grad_input(dy: Tensor, fw: _Fp8Weight, compute: str, grad_dtype: torch
     return fp8_mm(dyq, transpose_codes(fw.codes).t(), dys, ones, dy.dtype, fast_accum=False)
 
 
-def _fp8_weight(weights: Sequence[Tensor], weight_scales: Sequence[Tensor] | None) -> _Fp8Weight:
+def _fp8_weight(weights: Sequence[Tensor], weight_scales: Sequence[Tensor] | None) -> Fp8Weight:
     if weight_scales is None:
         if weights[0].dtype in FP8_MAX:
             raise RuntimeError("surogate::lora_linear_fp8 got FP8 weight codes without weight_scales")
@@ -376,7 +383,7 @@ class _Fp8LinearReference(torch.autograd.Function):
     """x @ W^T with the op's quantization, in plain torch (fp32 matmuls of dequantized values)."""
 
     @staticmethod
-    def forward(ctx, x2: Tensor, fw: _Fp8Weight, grad_dtype: torch.dtype) -> Tensor:
+    def forward(ctx, x2: Tensor, fw: Fp8Weight, grad_dtype: torch.dtype) -> Tensor:
         ctx.fw, ctx.grad_dtype = fw, grad_dtype
         xq = dequantize(*quantize_rows_reference(x2, E4M3), torch.float32)
         return (xq @ dequantize(fw.codes, fw.scale.view(-1), torch.float32).t()).to(x2.dtype)
@@ -404,11 +411,11 @@ def lora_linear_fp8_reference(
 ) -> Tensor:
     """The op's arithmetic in plain torch: base GEMMs on rowwise-quantized operands, LoRA in x.dtype."""
     if weight_scale is None:
-        fw = _Fp8Weight(*(quantize_rows_reference(t, E4M3)[i] for t in (weight.detach(),) for i in (0, 1)))
+        fw = Fp8Weight(*(quantize_rows_reference(t, E4M3)[i] for t in (weight.detach(),) for i in (0, 1)))
         codes_t, scale_t = quantize_rows_reference(weight.detach().t().contiguous(), E4M3)
         fw.scale, fw.codes_t, fw.scale_t = fw.scale.view(1, -1), codes_t, scale_t.view(1, -1)
     else:
-        fw = _Fp8Weight(weight, weight_scale.view(1, -1))
+        fw = Fp8Weight(weight, weight_scale.view(1, -1))
     x2 = x.reshape(-1, x.shape[-1])
     base = _Fp8LinearReference.apply(x2, fw, GRAD_FORMATS[grad_format]).view(*x.shape[:-1], -1)
     return base + scaling * F.linear(F.linear(x, lora_A), lora_B)
@@ -426,7 +433,7 @@ def _fp8_forward(x, weights, weight_scales, bias, lora_As, lora_Bs, scalings, lo
     else:
         a_cat = lora_As[0] if len(lora_As) == 1 else torch.cat(lora_As, dim=0)
         xa = x2 @ a_cat.t()
-    y = _base_forward(x2, _fp8_weight(weights, weight_scales), compute)
+    y = fp8_base_forward(x2, _fp8_weight(weights, weight_scales), compute)
     if bias is not None:
         y += bias
     b_blk, alpha = _block_diag_B(lora_Bs, scalings)
@@ -472,7 +479,7 @@ def _fp8_backward(
         return grad_y.new_empty(0), [], grad_As, grad_Bs
     lead = grad_y.shape[:-1]
     fw = _fp8_weight(weights, weight_scales)
-    grad_x = _base_grad_input(dy, fw, compute, GRAD_FORMATS[fmt])  # [N, in]
+    grad_x = fp8_base_grad_input(dy, fw, compute, GRAD_FORMATS[fmt])  # [N, in]
     grad_lora_inputs: list[Tensor] = []
     if shared_input:
         a_cat = lora_As[0] if len(lora_As) == 1 else torch.cat(lora_As, dim=0)

@@ -226,12 +226,17 @@ def _lora_forward(
     lora_Bs: Sequence[Tensor],
     scalings: Sequence[float],
     lora_inputs: Sequence[Tensor],
-    base_input: Tensor | None = None,  # [..., in]: what the base GEMM reads, if not x (fp4: x quantized)
+    base_linear: Callable[[Tensor], Tensor] | None = None,  # x [N, in] -> fresh x W^T [N, sum out]; default bf16
 ) -> tuple[Tensor, Tensor]:
+    """`base_linear` replaces the base GEMM (fp8/fp4 operands of a stored weight); `weights` are then unused."""
     in_features = x.shape[-1]
     x2 = x.reshape(-1, in_features)
-    x_base = x2 if base_input is None else base_input.reshape(-1, in_features)
-    y = F.linear(x_base, weights[0] if len(weights) == 1 else frozen_concat(weights), bias)  # [N, sum out]
+    if base_linear is None:
+        y = F.linear(x2, weights[0] if len(weights) == 1 else frozen_concat(weights), bias)  # [N, sum out]
+    else:
+        y = base_linear(x2)
+        if bias is not None:
+            y += bias
     if len(lora_As) == 1:
         xl = lora_inputs[0].reshape(-1, in_features) if lora_inputs else x2
         xa = F.linear(xl, lora_As[0])  # [N, r]

@@ -13,11 +13,17 @@ This is torchao's NF4Tensor layout (quantized_data, quantized_scalers, quantizat
 plain tensors: a tensor subclass inside a compiled graph is fragile, plain tensors are graph inputs like any other.
 torchao is not needed at run time; the tests check our quantization and dequantization against it.
 
-Compute is bf16 (the recipe's `precision.compute: bf16`; there is no 4-bit tensor-core GEMM to run): the op
-dequantizes the stored codes to the activation dtype inside the forward and again in the backward (dX), runs the
-bf16 LoRA linear arithmetic of `ops.lora_linear` on that, and frees the dense weight. Nothing dense is saved between
-forward and backward, and no weight gradient is ever formed. A shared-input group (q/k/v, gate/up) dequantizes each
-member into its row block of one buffer, so the fused op runs one base GEMM per group.
+Compute (`precision.compute`; there is no 4-bit tensor-core GEMM to run):
+    bf16  the op dequantizes the stored codes to the activation dtype inside the forward and again in the backward
+          (dX), runs the bf16 LoRA linear arithmetic of `ops.lora_linear` on that, and frees the dense weight.
+    fp8   the op dequantizes straight to e4m3 codes with one fp32 scale per output row (`nf4_to_fp8`: the row scale
+          comes from the stored block absmax, so one kernel pass, 1 byte written per weight instead of 2) and runs
+          the base GEMMs on FP8 tensor cores exactly as qfp8 does with its stored codes (`ops.fp8`: activations e4m3
+          rowwise in the forward; dy in `fp8_grad_format` with the row scales folded in, against the transposed
+          codes, in dX). The weights see one more rounding (NF4 value -> e4m3, <= 2^-4 relative).
+Nothing dense is saved between forward and backward, and no weight gradient is ever formed. A shared-input group
+(q/k/v, gate/up) dequantizes each member into its row block of one buffer, so the fused op runs one base GEMM per
+group.
 
 Dequantization: on CUDA one fused Triton kernel (unpack, look up, undo the double quantization, scale, cast: one
 read of the codes, one write of the dense weight); elsewhere `dequantize_nf4_reference`, the same arithmetic in plain
@@ -36,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ops.fp8 import E4M3, FP8_MAX, GRAD_FORMATS, Fp8Weight, fp8_base_forward, fp8_base_grad_input
 from ops.lora_linear import _lora_backward, _lora_forward, _split_grads
 from ops.quantized_lora_module import QuantizedLoRALinear
 
@@ -51,6 +58,8 @@ __all__ = [
     "lora_linear_nf4_reference",
     "nf4_dequantize",
     "nf4_nbytes",
+    "nf4_row_absmax",
+    "nf4_to_fp8",
     "quantize_lora_base_nf4_",
     "quantize_nf4",
     "stats",
@@ -127,11 +136,17 @@ def dequantize_nf4_reference(
     mean: Tensor,  # [1] fp32
     dtype: torch.dtype = torch.bfloat16,
     codebook: Tensor | None = None,  # [16]; default NF4 (tests pass torchao's rounded table)
+    row_scale: Tensor | None = None,  # [out] fp32 multiplier per row (FP8 compute: 448 / row absmax)
 ) -> Tensor:  # [out, in] `dtype`, computed in fp32 and rounded once
     table = _nf4_table(codes.device) if codebook is None else codebook.to(codes.device, torch.float32)
     idx = torch.stack([codes >> 4, codes & 0xF], dim=-1).long()  # [out, in/2, 2]: high nibble first
     values = table[idx].view(-1, BLOCK) * _absmax(absmax_q, factor, mean)[:, None]
-    return values.view(codes.shape[0], codes.shape[1] * 2).to(dtype)
+    values = values.view(codes.shape[0], codes.shape[1] * 2)
+    if row_scale is not None:
+        values = values * row_scale.float()[:, None]
+    if dtype in FP8_MAX:  # saturate: torch's cast would turn a value a rounding step past the maximum into NaN
+        values = values.clamp(-FP8_MAX[dtype], FP8_MAX[dtype])
+    return values.to(dtype)
 
 
 def _triton_dequantize_kernel():
@@ -140,8 +155,8 @@ def _triton_dequantize_kernel():
 
     @triton.jit
     def nf4_dequantize_kernel(
-        codes_ptr, absmax_ptr, factor_ptr, mean_ptr, table_ptr, out_ptr, numel,
-        BLOCK: tl.constexpr, GROUP: tl.constexpr, ELEMS: tl.constexpr,
+        codes_ptr, absmax_ptr, factor_ptr, mean_ptr, table_ptr, row_ptr, out_ptr, numel, K,
+        BLOCK: tl.constexpr, GROUP: tl.constexpr, ELEMS: tl.constexpr, HAS_ROW: tl.constexpr, FMAX: tl.constexpr,
     ):  # fmt: skip
         e = tl.program_id(0).to(tl.int64) * ELEMS + tl.arange(0, ELEMS)  # element indices (row-major)
         mask = e < numel
@@ -152,7 +167,13 @@ def _triton_dequantize_kernel():
         q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.float32)
         f = tl.load(factor_ptr + block // GROUP, mask=mask, other=1.0)
         absmax = tl.math.div_rn(q, f) + tl.load(mean_ptr)  # as the reference: q / factor + mean, in fp32
-        tl.store(out_ptr + e, (value * absmax).to(out_ptr.dtype.element_ty), mask=mask)
+        out = value * absmax
+        if HAS_ROW:  # FP8 output: times the row's 448 / absmax, saturated, rounded to nearest even as torch does
+            out = out * tl.load(row_ptr + e // K, mask=mask, other=0.0)
+            out = tl.minimum(tl.maximum(out, -FMAX), FMAX).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+        else:
+            out = out.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + e, out, mask=mask)
 
     return nf4_dequantize_kernel
 
@@ -169,19 +190,23 @@ def _nf4_table(device: torch.device) -> Tensor:
 
 def dequantize_nf4_triton(
     codes: Tensor, absmax_q: Tensor, factor: Tensor, mean: Tensor, dtype: torch.dtype = torch.bfloat16,
-    codebook: Tensor | None = None, elems: int = 2048,
+    codebook: Tensor | None = None, row_scale: Tensor | None = None, out: Tensor | None = None, elems: int = 2048,
 ) -> Tensor:  # fmt: skip
-    """The fused kernel, one program per `elems` weights (CUDA, or CPU tensors under TRITON_INTERPRET=1 in tests)."""
+    """The fused kernel, one program per `elems` weights (CUDA, or CPU tensors under TRITON_INTERPRET=1 in tests).
+    `out`: a contiguous [out, in] tensor of `dtype` to write into (a row block of a group's buffer)."""
     global _KERNEL
     if _KERNEL is None:
         _KERNEL = _triton_dequantize_kernel()
     table = _nf4_table(codes.device) if codebook is None else codebook.to(codes.device, torch.float32)
-    out = torch.empty(codes.shape[0], codes.shape[1] * 2, dtype=dtype, device=codes.device)
+    if out is None:
+        out = torch.empty(codes.shape[0], codes.shape[1] * 2, dtype=dtype, device=codes.device)
     numel = out.numel()
+    row = row_scale.float().contiguous() if row_scale is not None else table  # dummy pointer when unused
     if numel:
         _KERNEL[(-(-numel // elems),)](
-            codes.contiguous(), absmax_q.contiguous(), factor.float().contiguous(), mean.float(), table, out, numel,
-            BLOCK=BLOCK, GROUP=SCALE_GROUP, ELEMS=elems,
+            codes.contiguous(), absmax_q.contiguous(), factor.float().contiguous(), mean.float(), table, row, out,
+            numel, out.shape[1], BLOCK=BLOCK, GROUP=SCALE_GROUP, ELEMS=elems, HAS_ROW=row_scale is not None,
+            FMAX=FP8_MAX.get(dtype, 0.0),
         )  # fmt: skip
     return out
 
@@ -193,11 +218,39 @@ def dequantize_nf4(
     mean: Tensor,  # [1] fp32
     dtype: torch.dtype = torch.bfloat16,
     codebook: Tensor | None = None,  # [16]; default NF4 (tests pass torchao's rounded table)
+    row_scale: Tensor | None = None,  # [out] fp32 multiplier per row, applied before the cast
 ) -> Tensor:  # [out, in] `dtype`
     """NF4 -> `dtype`: the Triton kernel on CUDA, the reference elsewhere (bit-identical results)."""
     if codes.device.type == "cuda":
-        return dequantize_nf4_triton(codes, absmax_q, factor, mean, dtype, codebook)
-    return dequantize_nf4_reference(codes, absmax_q, factor, mean, dtype, codebook)
+        return dequantize_nf4_triton(codes, absmax_q, factor, mean, dtype, codebook, row_scale)
+    return dequantize_nf4_reference(codes, absmax_q, factor, mean, dtype, codebook, row_scale)
+
+
+def nf4_row_absmax(absmax_q: Tensor, factor: Tensor, mean: Tensor, rows: int) -> Tensor:
+    """[rows] fp32: the largest |dequantized weight| a row can hold (its blocks' largest absmax; NF4 values are in
+    [-1, 1]). Needs whole blocks per row (in % 64 == 0)."""
+    return _absmax(absmax_q, factor, mean).view(rows, -1).abs().amax(dim=1).clamp_min(EPS)
+
+
+def nf4_to_fp8(
+    codes: Sequence[Tensor], absmax_q: Sequence[Tensor], factors: Sequence[Tensor], means: Sequence[Tensor]
+) -> Fp8Weight:
+    """NF4-stored weights (a shared-input group: row blocks of one result) as e4m3 codes with one fp32 scale per
+    output row, the operand of the FP8 GEMMs (`precision.compute: fp8`). One kernel per weight writes the codes
+    straight into its row block; the dense bf16 weight is never made. The row scale (row absmax / 448) comes from
+    the stored block absmax, so no pass over the weight is needed to find it."""
+    rows = [c.shape[0] for c in codes]
+    dense = torch.empty(sum(rows), codes[0].shape[1] * 2, dtype=E4M3, device=codes[0].device)
+    amax = torch.cat([nf4_row_absmax(a, f, m, r) for a, f, m, r in zip(absmax_q, factors, means, rows)])
+    for dst, c, a, f, m, inv in zip(
+        dense.split(rows), codes, absmax_q, factors, means, (FP8_MAX[E4M3] / amax).split(rows)
+    ):
+        if c.device.type == "cuda":
+            dequantize_nf4_triton(c, a, f, m, E4M3, row_scale=inv, out=dst)
+        else:
+            dst.copy_(dequantize_nf4_reference(c, a, f, m, E4M3, row_scale=inv))
+    stats["nf4_dequantized"] += len(codes)
+    return Fp8Weight(dense, (amax / FP8_MAX[E4M3]).view(1, -1))
 
 
 def nf4_nbytes(codes: Tensor, absmax_q: Tensor, factor: Tensor, mean: Tensor) -> int:
@@ -267,11 +320,22 @@ def _nf4_args(absmax_q, factors, means):
     "surogate::lora_linear_nf4",
     mutates_args=(),
     schema="(Tensor x, Tensor[] weights, Tensor? bias, Tensor[] lora_As, Tensor[] lora_Bs, float[] scalings, "
-    "Tensor[] lora_inputs, Tensor[]? absmax_q=None, Tensor[]? factors=None, Tensor[]? means=None) -> (Tensor, Tensor)",
+    "Tensor[] lora_inputs, Tensor[]? absmax_q=None, Tensor[]? factors=None, Tensor[]? means=None, "
+    'str compute="bf16", str grad_format="e5m2") -> (Tensor, Tensor)',
 )
-def lora_linear_nf4(x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs, absmax_q=None, factors=None, means=None):
-    """Returns (y [..., sum out], xa [N, sum r]); `weights` are NF4 codes when `absmax_q` etc. are given."""
-    w = _dense(weights, _nf4_args(absmax_q, factors, means), x.dtype)
+def lora_linear_nf4(
+    x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs, absmax_q=None, factors=None, means=None,
+    compute="bf16", grad_format="e5m2",
+):  # fmt: skip
+    """Returns (y [..., sum out], xa [N, sum r]); `weights` are NF4 codes when `absmax_q` etc. are given.
+    compute fp8: the stored weights become e4m3 row codes and the base GEMM runs on FP8 tensor cores."""
+    nf4 = _nf4_args(absmax_q, factors, means)
+    if compute == "fp8" and nf4 is not None:
+        fw = nf4_to_fp8(weights, *nf4)
+        return _lora_forward(
+            x, [], bias, lora_As, lora_Bs, scalings, lora_inputs, base_linear=lambda x2: fp8_base_forward(x2, fw)
+        )
+    w = _dense(weights, nf4, x.dtype)
     return _lora_forward(x, [w], bias, lora_As, lora_Bs, scalings, lora_inputs)
 
 
@@ -284,7 +348,7 @@ def _in_features(weights, absmax_q) -> int:
 
 
 @lora_linear_nf4.register_fake
-def _(x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs, absmax_q=None, factors=None, means=None):
+def _(x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs, absmax_q=None, factors=None, means=None, *options):
     n = x.numel() // x.shape[-1]
     out = _out_features(weights, absmax_q)
     return x.new_empty(*x.shape[:-1], out), x.new_empty(n, sum(a.shape[0] for a in lora_As))
@@ -294,15 +358,23 @@ def _(x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs, absmax_q=None, 
     "surogate::lora_linear_nf4_grad",
     mutates_args=(),
     schema="(Tensor grad_y, Tensor[] lora_inputs, Tensor xa, Tensor[] weights, Tensor[]? absmax_q, Tensor[]? factors, "
-    "Tensor[]? means, Tensor[] lora_As, Tensor[] lora_Bs, float[] scalings, bool shared_input, bool needs_grad_x) "
-    "-> (Tensor, Tensor, Tensor, Tensor[])",
+    "Tensor[]? means, Tensor[] lora_As, Tensor[] lora_Bs, float[] scalings, bool shared_input, bool needs_grad_x, "
+    "str compute, str grad_format) -> (Tensor, Tensor, Tensor, Tensor[])",
 )
 def lora_linear_nf4_grad(
-    grad_y, lora_inputs, xa, weights, absmax_q, factors, means, lora_As, lora_Bs, scalings, shared_input, needs_grad_x
-):
+    grad_y, lora_inputs, xa, weights, absmax_q, factors, means, lora_As, lora_Bs, scalings, shared_input, needs_grad_x,
+    compute, grad_format,
+):  # fmt: skip
     """(grad_x or empty, grad_A_cat, grad_B_full, grad_lora_inputs), as `surogate::lora_linear_grad`; the base
     weight is dequantized again here (only when dX is needed)."""
     nf4 = _nf4_args(absmax_q, factors, means)
+    if needs_grad_x and compute == "fp8" and nf4 is not None:
+        fw = nf4_to_fp8(weights, *nf4)
+        width = grad_y.new_empty(0, _in_features(weights, absmax_q))  # _lora_backward reads only its width
+        return _lora_backward(
+            grad_y, lora_inputs, xa, [width], lora_As, lora_Bs, scalings, shared_input, needs_grad_x,
+            base_grad_x=lambda dy: fp8_base_grad_input(dy, fw, "fp8", GRAD_FORMATS[grad_format]),
+        )  # fmt: skip
     if needs_grad_x:
         w = _dense(weights, nf4, grad_y.dtype)
     else:  # _lora_backward reads only the input width then
@@ -311,7 +383,7 @@ def lora_linear_nf4_grad(
 
 
 @lora_linear_nf4_grad.register_fake
-def _(grad_y, lora_inputs, xa, weights, absmax_q, factors, means, lora_As, lora_Bs, scalings, shared, needs_x):
+def _(grad_y, lora_inputs, xa, weights, absmax_q, factors, means, lora_As, lora_Bs, scalings, shared, needs_x, *o):
     d_in = _in_features(weights, absmax_q)
     rank = sum(a.shape[0] for a in lora_As)
     grad_a, grad_b = grad_y.new_empty(rank, d_in), grad_y.new_empty(grad_y.shape[-1], rank)
@@ -330,6 +402,8 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.n = len(weights)
     ctx.has_nf4 = nf4[0] is not None
     ctx.scalings = list(scalings)
+    ctx.compute = inputs[10] if len(inputs) > 10 else "bf16"
+    ctx.grad_format = inputs[11] if len(inputs) > 11 else "e5m2"
     ctx.ranks = [a.shape[0] for a in lora_As]
     ctx.outs = [b.shape[0] for b in lora_Bs]
     saved_inputs = [x] if ctx.shared_input else list(lora_inputs)
@@ -352,13 +426,13 @@ def _backward(ctx, grad_y, _grad_xa):
     needs_grad_x = ctx.needs_input_grad[0] or any(ctx.needs_input_grad[6])
     grad_x, grad_a, grad_b, grad_lora_inputs = lora_linear_nf4_grad(
         grad_y, lora_inputs, xa, weights, absmax_q, factors, means, lora_As, lora_Bs, ctx.scalings, ctx.shared_input,
-        needs_grad_x,
+        needs_grad_x, ctx.compute, ctx.grad_format,
     )  # fmt: skip
     grad_As, grad_Bs = _split_grads(grad_a, grad_b, ctx.ranks, ctx.outs)
     if not needs_grad_x:
         grad_x, grad_lora_inputs = None, [None] * (0 if ctx.shared_input else k)
     # needs_input_grad has one entry per argument as called (options left at their defaults are not passed)
-    options = [[None] * n if ctx.has_nf4 else None] * 3
+    options = [[None] * n if ctx.has_nf4 else None] * 3 + [None, None]
     return grad_x, [None] * n, None, grad_As, grad_Bs, None, grad_lora_inputs, *options[: len(ctx.needs_input_grad) - 7]
 
 

@@ -151,6 +151,11 @@ class TrainConfig:
     )
     use_passes: bool = opt(True, "compile with surogate's FX passes (fused LoRA ops) instead of plain Inductor")
     recompute: bool = opt(False, "activation checkpointing per decoder block (less memory, ~30% more compute)")
+    recompute_layers: int | None = opt(
+        None,
+        "with recompute=true: checkpoint only the first N decoder blocks (null = all); the others keep their "
+        "activations, so fewer is faster and takes more memory",
+    )
     cuda_graphs: str = opt(
         "auto",
         "replay each micro-step (forward + backward) from one CUDA graph: no per-kernel launch cost, the big win on "
@@ -211,6 +216,14 @@ def validate(cfg: TrainConfig) -> None:
     _require(bool(cfg.model), "model is empty: set model=<checkpoint dir> or a preset name such as model=tiny")
     _require(len(cfg.datasets) > 0, "datasets is empty: set datasets=<file.jsonl> (or a list [a.jsonl,b.jsonl])")
     _require(cfg.max_samples is None or cfg.max_samples >= 1, "max_samples must be >= 1 (or null for all samples)")
+    _require(
+        cfg.recompute_layers is None or cfg.recompute_layers >= 0,
+        f"recompute_layers={cfg.recompute_layers} must be >= 0 (or null: every block)",
+    )
+    _require(
+        cfg.recompute_layers is None or cfg.recompute,
+        "recompute_layers is set but recompute=false: set recompute=true (or recompute_layers=null)",
+    )
     _require(cfg.sequence_len >= 8, f"sequence_len={cfg.sequence_len} is too small: set it to at least 8 (e.g. 2048)")
     for name in (
         "per_device_train_batch_size",
@@ -251,12 +264,12 @@ def validate_precision(p: PrecisionConfig) -> None:
         f"precision.compute={p.compute!r} with fp8 weights: set compute to fp8 or bf16",
     )
     _require(
-        not (p.weights == "nf4" and p.compute != "bf16"),
-        f"precision.compute={p.compute!r} with nf4 weights: set compute to bf16 (NF4 is dequantized for bf16 GEMMs)",
+        not (p.weights == "nf4" and p.compute not in ("bf16", "fp8")),
+        f"precision.compute={p.compute!r} with nf4 weights: set compute to bf16 or fp8 (NF4 is dequantized for them)",
     )
     _require(
-        not (p.weights == "fp4" and p.compute not in ("fp4", "bf16")),
-        f"precision.compute={p.compute!r} with fp4 weights: set compute to bf16 (dequantized) or fp4 (emulated)",
+        not (p.weights == "fp4" and p.compute not in ("fp4", "bf16", "fp8")),
+        f"precision.compute={p.compute!r} with fp4 weights: set compute to fp8 or bf16 (dequantized) or fp4 (emulated)",
     )
     _require(
         not (p.compute == "fp4" and p.weights not in ("fp4", "bf16")),

@@ -99,7 +99,10 @@ def estimate_memory_gib(args: Any, cfg: Any, dtype_bytes: int) -> dict[str, floa
     moe_mlp = args.num_experts_per_tok * (2 * h + 3 * args.moe_intermediate_size) + args.num_experts if moe else 0
     per_token_all_layers = args.num_layers * attn + (args.num_layers - moe) * dense_mlp + moe * moe_mlp
     if getattr(cfg, "recompute", False):  # only block inputs are kept, plus one block's worth during its backward
-        act_elems = tokens * (args.num_layers * h + attn + max(dense_mlp, moe_mlp))
+        layers = args.num_layers
+        ckpt = layers if getattr(cfg, "recompute_layers", None) is None else min(cfg.recompute_layers, layers)
+        whole = per_token_all_layers * (layers - ckpt) / layers  # blocks left out of checkpointing keep everything
+        act_elems = tokens * (ckpt * h + whole + attn + max(dense_mlp, moe_mlp))
     else:
         act_elems = tokens * per_token_all_layers
     act_bytes = act_elems * dtype_bytes

@@ -43,7 +43,8 @@ def check_device_support(cfg: TrainConfig, device: torch.device, dtype: torch.dt
     if cfg.precision.uses_fp8 and cap < FP8_MIN_CAPABILITY:
         raise ConfigError(
             f"recipe={cfg.recipe} needs FP8 tensor cores (compute capability >= 8.9: L4, L40, H100, H200, B200); "
-            f"this GPU is {gpu}: use recipe=bf16 (and recompute=true or a smaller micro batch if memory is tight)"
+            f"this GPU is {gpu}: use recipe=bf16 (and recompute=true or a smaller micro batch if memory is tight), "
+            "or set precision.compute=bf16 with nf4/fp4 weights"
         )
     if dtype == torch.bfloat16 and cap < BF16_MIN_CAPABILITY:
         raise ConfigError(f"bf16 needs compute capability >= 8.0 (Ampere or newer); this GPU is {gpu}: set dtype=fp32")

@@ -161,6 +161,7 @@ _RESUME_FREE = {
     "compile",
     "use_passes",
     "recompute",
+    "recompute_layers",
     "cuda_graphs",
     "attn_backend",
     "shard_base_weights",
@@ -272,6 +273,7 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
         compile=plan.compile,
         use_passes=plan.use_passes,
         recompute=cfg.recompute,
+        recompute_layers=cfg.recompute_layers,
     )
     if world_size > 1:
         distributed.apply_fsdp(model, shard_base)  # after checkpointing and compile: torchtitan's order

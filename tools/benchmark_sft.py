@@ -19,6 +19,7 @@ from that file. On CPU a tiny model runs as a smoke test (`--model tiny --device
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import gc
 import json
@@ -94,6 +95,8 @@ def build_ours(
     shard="auto",
     check_eager=0,
     cuda_graphs="auto",
+    precision_overrides=(),
+    recompute_layers=None,
 ):
     """Our model as training runs it; returns (model, args, micro_step(batch, total_tokens): forward + backward)."""
     from surogate import distributed
@@ -114,10 +117,10 @@ def build_ours(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     # qfp8/qnf4: each block is quantized as it is loaded or initialized (surogate/models/quantized_load.py)
+    precision = with_overrides(resolve_precision(recipe), precision_overrides)
     model, args, _ = load_lora_model(
-        model_name, load_device, torch.bfloat16, lora, resolve_precision(recipe), attn_backend=attn_backend,
-        compute_device=device,
-    )  # fmt: skip
+        model_name, load_device, torch.bfloat16, lora, precision, attn_backend=attn_backend, compute_device=device
+    )
     model.load_info = {"load_peak_mem_gib": round(peak_mem_gib(device), 2)}  # the build's peak, before any step
     check = check_eager and not distributed.is_distributed()
     if check:  # nonzero B, so the LoRA branch matters in the comparison
@@ -126,7 +129,10 @@ def build_ours(
                 torch.nn.init.normal_(p, std=0.02)
         check_batch = random_batches(args.vocab_size, Setting(s.micro_batch, s.seq_len, 1), device, seed=123)[0]
         eager_loss = _mean_loss(model, check_batch)
-    parallelize(model, recipe=recipe, compile=compile, use_passes=passes, recompute=recompute)
+    parallelize(
+        model, recipe=recipe, precision=precision, compile=compile, use_passes=passes, recompute=recompute,
+        recompute_layers=recompute_layers,
+    )  # fmt: skip
     if check:
         compiled_loss = _mean_loss(model, check_batch)
         model.loss_check = {"eager_loss": round(eager_loss, 5), "compiled_loss": round(compiled_loss, 5)}
@@ -150,6 +156,27 @@ def build_ours(
         (loss_sum / total_tokens).backward()
 
     return model, args, micro_step
+
+
+def with_overrides(precision, overrides):
+    """The recipe's precision section with `--precision KEY=VALUE` overrides applied and validated."""
+    if not overrides:
+        return precision
+    from surogate.config import PrecisionConfig, validate_precision
+
+    if precision is None:
+        raise SystemExit("--precision needs a recipe with a recipes/NAME.yaml")
+    fields = {f.name: f for f in dataclasses.fields(PrecisionConfig)}
+    values = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key not in fields:
+            raise SystemExit(f"--precision {item}: unknown key; use one of {', '.join(fields)}")
+        kind = type(getattr(precision, key))
+        values[key] = value.lower() == "true" if kind is bool else kind(value)
+    precision = dataclasses.replace(precision, **values)
+    validate_precision(precision)
+    return precision
 
 
 def _mean_loss(model, batch) -> float:
@@ -276,6 +303,8 @@ def run_one(name: str, model_name: str, recipe: str, cli, device, s: Setting) ->
             cli.shard_base_weights,
             cli.check_eager,
             cli.cuda_graphs,
+            cli.precision,
+            cli.recompute_layers,
         )
     build_s = time.perf_counter() - t_build
     batches = random_batches(args.vocab_size, s, device, seed=rank)
@@ -292,6 +321,8 @@ def run_one(name: str, model_name: str, recipe: str, cli, device, s: Setting) ->
         "num_gpus": num_gpus,
         "shard_base": bool(getattr(model, "shard_base", False)),
         "recompute": bool(cli.recompute) and name == "ours",
+        **({"recompute_layers": cli.recompute_layers} if cli.recompute_layers is not None and name == "ours" else {}),
+        **({"precision": " ".join(cli.precision)} if cli.precision and name == "ours" else {}),
         "cuda_graphs": getattr(micro_step, "graphed", None) is not None,
         "compiled": name == "ours" and not cli.eager,
         "micro_batch": s.micro_batch,
@@ -331,7 +362,8 @@ def render_table(rows: list[dict]) -> str:
         if r.get("gpu", "cpu") == "cpu" or r.get("seq_len", 2048) != 2048:
             continue
         key = (r["gpu"], r.get("num_gpus", 1), r["model"], r["recipe"], r.get("framework", "surogate"))
-        key += (r.get("passes"), r["recompute"], r.get("shard_base", False))
+        key += (r.get("passes"), r["recompute"], r.get("recompute_layers"), r.get("shard_base", False))
+        key += (r.get("precision"),)
         latest[key] = r
     lines = [
         "| GPU | model | framework | recipe | passes | CUDA graph | recompute | tokens/s | peak GiB | MFU "
@@ -342,13 +374,23 @@ def render_table(rows: list[dict]) -> str:
         mfu = f"{100 * r['mfu']:.0f}%" if "mfu" in r else "—"
         gpus = r["gpu"] if r.get("num_gpus", 1) == 1 else f"{r['gpu']} x{r['num_gpus']}"
         lines.append(
-            f"| {gpus} | {r['model']} | {r.get('framework', 'surogate')} | {r['recipe']} | "
+            f"| {gpus} | {r['model']} | {r.get('framework', 'surogate')} | {_recipe_cell(r)} | "
             f"{'on' if r.get('passes') else 'off'} | {'on' if r.get('cuda_graphs') else 'off'} | "
-            f"{'on' if r['recompute'] else 'off'} | "
+            f"{_recompute_cell(r)} | "
             f"{r['tokens_per_sec'] / 1000:.1f}k | {r['peak_mem_gib']:.1f} | {mfu} | {r['compile_s']:.0f} | "
             f"{r['date']} |"
         )
     return "\n".join(lines)
+
+
+def _recipe_cell(r: dict) -> str:
+    return r["recipe"] + (f" ({r['precision']})" if r.get("precision") else "")
+
+
+def _recompute_cell(r: dict) -> str:
+    if not r["recompute"]:
+        return "off"
+    return "on" if r.get("recompute_layers") is None else f"{r['recompute_layers']} blocks"
 
 
 def update_readme() -> None:
@@ -368,6 +410,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-passes", action="store_true", help="our model compiled by Inductor alone, no custom ops")
     p.add_argument("--baseline", choices=["hf-peft", "unsloth"], default=None)
     p.add_argument("--recompute", action="store_true", help="activation checkpointing on every block")
+    p.add_argument(
+        "--recompute-layers", type=int, default=None, help="with recompute: checkpoint only the first N blocks"
+    )
+    p.add_argument(
+        "--precision", nargs="*", default=[], metavar="KEY=VALUE", help="override the recipes' precision section, "
+        "e.g. compute=fp8 (recorded with the row)",
+    )  # fmt: skip
     p.add_argument("--attn-backend", default="auto")
     p.add_argument("--check-eager", action="store_true", help="also report eager vs compiled loss on one batch")
     p.add_argument("--eager", action="store_true", help="no torch.compile at all (CPU smoke tests, or to compare)")
@@ -393,6 +442,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--readme", action="store_true", help="regenerate the README table from results.jsonl and exit")
     cli = p.parse_args(argv)
+    if cli.recompute_layers is not None:
+        cli.recompute = True
     if cli.readme:
         update_readme()
         return

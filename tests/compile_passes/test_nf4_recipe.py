@@ -85,6 +85,31 @@ def test_pass_hands_the_op_the_stored_tensors():
     calls = [n for n in gm.graph.nodes if n.target is NF4_OP]
     assert sorted(len(n.args[1]) for n in calls) == [1, 1, 2, 3]  # o, down; gate/up; q/k/v fused
     for node in calls:
-        assert len(node.args) == 10 and all(len(node.args[i]) == len(node.args[1]) for i in (7, 8, 9))
+        assert len(node.args) == 12 and all(len(node.args[i]) == len(node.args[1]) for i in (7, 8, 9))
+        assert node.args[10:] == ("bf16", "e5m2")  # the recipe's compute and dy format
         assert all(w.meta["example_value"].dtype == torch.uint8 for w in node.args[1])
     assert not any(n.target is torch.ops.surogate.nf4_dequantize.default for n in gm.graph.nodes)
+
+
+def test_fp8_compute_through_parallelize():
+    """precision.compute=fp8: the pass hands the op its options, the base GEMMs run in FP8 (counted), and the
+    compiled model stays within FP8 rounding of the eager NF4 model (bf16 arithmetic on the same NF4 weights)."""
+    from ops import fp8
+
+    torch._dynamo.reset()
+    p = dataclasses.replace(recipe_precision("qnf4"), compute="fp8", fp8_grad_format="e4m3")
+    assert p.uses_fp8
+    eager_model, args = _model(layers=2)
+    ids, pos, labels = random_batch(args)
+    parallelize(eager_model, recipe="qnf4", precision=p, compile=False)
+    eager = eager_model(ids, pos, labels)[0]
+    model, _ = _model(layers=2)
+    parallelize(model, recipe="qnf4", precision=p, compile=True)
+    before = fp8.stats["fp8_gemms"]
+    loss, _ = model(ids, pos, labels)
+    loss.backward()
+    # 4 calls per block, 2 blocks: 8 forward GEMMs and 7 dX (the first q/k/v input, the embedding, needs no grad)
+    assert fp8.stats["fp8_gemms"] - before == 8 + 7
+    assert abs(loss.item() - eager.item()) / eager.item() < 2e-2
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)

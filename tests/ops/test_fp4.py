@@ -288,6 +288,66 @@ def test_stored_fp4_bf16_compute_vs_dequantized_reference(fp4_format, dtype):
     assert rel(y, exact) < 0.15 and rel(_grads(y, x, As, Bs)[0], _grads(exact, x, As, Bs)[0]) < 0.15
 
 
+@pytest.mark.parametrize("fp4_format", FORMATS)
+def test_fp4_to_fp8_row_codes(fp4_format):
+    _, ws, _, _ = _inputs(*SHAPES[1])
+    stored = [quantize_fp4(w, fp4_format) for w in ws]
+    fw = fp4.fp4_to_fp8(*(list(t) for t in zip(*stored)), fp4_format)
+    assert fw.codes.dtype == torch.float8_e4m3fn and list(fw.codes.shape) == [256, 128]
+    deq = torch.cat([dequantize_fp4(*s, fp4_format, torch.float32) for s in stored])
+    # e2m1 times a block scale needs up to 5 significant bits; e4m3 keeps 4: <= 2^-4 per element
+    assert 0 < rel(fw.codes.float() * fw.scale.view(-1, 1), deq) < 0.04
+    assert fw.codes.float().abs().max() <= 448 and (fw.codes.float().abs().amax(dim=1) > 200).all()
+
+
+@pytest.mark.parametrize("fp4_format", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stored_fp4_fp8_compute(fp4_format, dtype):
+    from ops.fp8 import lora_linear_fp8_reference, stats
+
+    x, ws, As, Bs = _inputs(*SHAPES[1], dtype=dtype)
+    stored = [quantize_fp4(w, fp4_format) for w in ws]
+    codes, scales, globals_ = (list(t) for t in zip(*stored))
+    scalings = [2.0] * len(ws)
+    before = stats["fp8_gemms"]
+    y = OP(x, codes, None, As, Bs, scalings, [], scales, globals_, fp4_format, "fp8", True, True, "e4m3")[0]
+    grads = _grads(y, x, As, Bs)
+    assert stats["fp8_gemms"] == before + 2  # forward and dX ran as FP8 GEMMs
+    fw = fp4.fp4_to_fp8(codes, scales, globals_, fp4_format)
+    rows = [w.shape[0] for w in ws]
+    ref = torch.cat(
+        [
+            lora_linear_fp8_reference(x, c, a, b, 2.0, weight_scale=s, grad_format="e4m3")
+            for c, s, a, b in zip(fw.codes.split(rows), fw.scale.view(-1).split(rows), As, Bs)
+        ],
+        dim=-1,
+    )
+    tight = 1e-5 if dtype == torch.float32 else 2e-2
+    assert rel(y, ref) < tight
+    bf16 = OP(x, codes, None, As, Bs, scalings, [], scales, globals_, fp4_format, "bf16", True, True)[0]
+    want = _grads(bf16, x, As, Bs)
+    assert rel(y, bf16) < 6e-2 and rel(grads[0], want[0]) < 6e-2  # FP8 rounding of x, W and dy
+    for g_lora, w_lora in zip(grads[1:], want[1:]):  # dA, dB read the exact dy and x
+        assert rel(g_lora, w_lora) < tight
+
+
+def test_fp8_compute_needs_stored_weights():
+    x, ws, As, Bs = _inputs(*SHAPES[0])
+    with pytest.raises(ValueError, match="FP4-stored"):
+        OP(x, ws, None, As, Bs, [2.0], [], None, None, "nvfp4", "fp8", True, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fp4_format", FORMATS)
+def test_fp4_to_fp8_kernel_on_gpu(fp4_format):
+    stored = quantize_fp4(torch.randn(1024, 2048, device="cuda").bfloat16() * 0.02, fp4_format)
+    inv = 448.0 / fp4.fp4_row_absmax(stored[1], stored[2], fp4_format)
+    got = fp4.dequantize_fp4_triton(*stored, fp4_format, torch.float8_e4m3fn, row_scale=inv)
+    want = fp4.dequantize_fp4_reference(*stored, fp4_format, torch.float8_e4m3fn, row_scale=inv)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
 def test_stored_fp4_with_fp4_compute_vs_reference():
     x, ws, As, Bs = _inputs(*SHAPES[0])
     stored = quantize_fp4(ws[0], "nvfp4")

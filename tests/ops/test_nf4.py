@@ -217,3 +217,65 @@ def test_opcheck():
         torch.ops.surogate.nf4_dequantize.default, (codes, absmax_q, factor, mean, torch.bfloat16),
         test_utils=("test_schema", "test_faketensor"),
     )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ compute: fp8
+
+
+def _fp8_options(shape_seed=0, dtype=torch.float32):
+    x, ws, As, Bs = _inputs((2, 24), 128, [128, 64, 64], [8, 8, 8], dtype=dtype, seed=shape_seed)
+    return x, ws, As, Bs, [quantize_nf4(w) for w in ws]
+
+
+def test_nf4_to_fp8_row_codes():
+    _, ws, _, _, stored = _fp8_options()
+    fw = nf4.nf4_to_fp8(*(list(t) for t in zip(*stored)))
+    assert fw.codes.dtype == torch.float8_e4m3fn and list(fw.codes.shape) == [256, 128]
+    deq = torch.cat([dequantize_nf4(*s, torch.float32) for s in stored])
+    got = fw.codes.float() * fw.scale.view(-1, 1)
+    # one e4m3 rounding on top of NF4: <= 2^-4 per element, ~2% in norm; the row's largest weight maps near 448
+    assert 0 < rel(got, deq) < 0.04
+    assert (fw.codes.float().abs().amax(dim=1) > 300).all() and fw.codes.float().abs().max() <= 448
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_op_fp8_compute(dtype):
+    from ops.fp8 import lora_linear_fp8_reference, stats
+
+    x, ws, As, Bs, stored = _fp8_options(dtype=dtype)
+    codes, absmax_q, factors, means = (list(t) for t in zip(*stored))
+    scalings = [2.0] * 3
+    before = stats["fp8_gemms"]
+    y = OP(x, codes, None, As, Bs, scalings, [], absmax_q, factors, means, "fp8", "e4m3")[0]
+    grads = _grads(y, x, As, Bs)
+    assert stats["fp8_gemms"] == before + 2  # forward and dX ran as FP8 GEMMs
+    # against the qfp8 reference on the same e4m3 row codes: the same arithmetic (tight)
+    fw = nf4.nf4_to_fp8(codes, absmax_q, factors, means)
+    rows = [w.shape[0] for w in ws]
+    ref = torch.cat(
+        [
+            lora_linear_fp8_reference(x, c, a, b, 2.0, weight_scale=s, grad_format="e4m3")
+            for c, s, a, b in zip(fw.codes.split(rows), fw.scale.view(-1).split(rows), As, Bs)
+        ],
+        dim=-1,
+    )
+    tight = 1e-5 if dtype == torch.float32 else 2e-2
+    assert rel(y, ref) < tight
+    # against the bf16-compute op on the same NF4 weights: FP8 rounding of x, W and dy (<= 6e-2); dA and dB read
+    # the exact dy and x (the LoRA path stays in the activation dtype), so they agree to rounding
+    bf16 = OP(x, codes, None, As, Bs, scalings, [], absmax_q, factors, means)[0]
+    assert rel(y, bf16) < 6e-2
+    want = _grads(bf16, x, As, Bs)
+    assert rel(grads[0], want[0]) < 6e-2
+    for g_lora, w_lora in zip(grads[1:], want[1:]):
+        assert rel(g_lora, w_lora) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nf4_to_fp8_kernel_on_gpu():
+    stored = quantize_nf4(torch.randn(1024, 2048, device="cuda").bfloat16() * 0.02)
+    inv = 448.0 / nf4.nf4_row_absmax(*stored[1:], 1024)
+    got = nf4.dequantize_nf4_triton(*stored, torch.float8_e4m3fn, row_scale=inv)
+    want = nf4.dequantize_nf4_reference(*stored, torch.float8_e4m3fn, row_scale=inv)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
