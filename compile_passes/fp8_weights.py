@@ -66,7 +66,10 @@ def configure_fp8_lora_linears(gm: fx.GraphModule, recipe) -> int:
                 _check_frozen_input(node, w)
         # All options positional: the autograd setup_context then reads them at fixed positions on every torch
         # version (how keyword arguments reach it differs between versions).
-        node.args = (node.args[0], weights, *node.args[2:7], scales, options["grad_format"], options["compute"])
+        node.args = (
+            node.args[0], weights, *node.args[2:7], scales, options["grad_format"], options["compute"],
+            options.get("cache_transposed", True),
+        )  # fmt: skip
         node.kwargs = {}
     if calls:
         gm.graph.eliminate_dead_code()
@@ -75,8 +78,9 @@ def configure_fp8_lora_linears(gm: fx.GraphModule, recipe) -> int:
     return len(calls)
 
 
-def fp8_recipe_ops(grad_format: str = "e5m2", compute: str = "fp8"):
-    """The RecipeOps of the FP8 op family for these options (fp8 and qfp8 recipes; see ops/fp8.py)."""
+def fp8_recipe_ops(grad_format: str = "e5m2", compute: str = "fp8", cache_transposed: bool = True):
+    """The RecipeOps of the FP8 op family for these options (fp8 and qfp8 recipes; see ops/fp8.py).
+    `cache_transposed` (fp8 recipe): also cache each weight's transposed FP8 codes for dX."""
     from compile_passes.registry import RecipeOps
 
     if grad_format not in ops.fp8.GRAD_FORMATS:
@@ -85,6 +89,6 @@ def fp8_recipe_ops(grad_format: str = "e5m2", compute: str = "fp8"):
         raise ValueError(f"compute={compute!r}: use fp8 or bf16")
     return RecipeOps(
         lora_linear=torch.ops.surogate.lora_linear_fp8.default,
-        op_kwargs=(("grad_format", grad_format), ("compute", compute)),
+        op_kwargs=(("grad_format", grad_format), ("compute", compute), ("cache_transposed", bool(cache_transposed))),
         graph_passes=(configure_fp8_lora_linears,),
     )

@@ -17,7 +17,9 @@ Formats and scales (`scale` is always the *dequantization* multiplier, what `tor
 
 The dX GEMM `dx = dy W` needs W with `out` as the contiguous (K) axis, because Hopper FP8 GEMMs are TN only:
     fp8   caches a second orientation, W^T [in, out] e4m3 with one scale per input column (its own absmax: the
-          best accuracy for dX), so the backward does no layout work.
+          best accuracy for dX), so the backward does no layout work. With `cache_transposed=False` (the op
+          option; `precision.fp8_cache_transposed`, auto = off when the bf16 base is over a quarter of the GPU,
+          e.g. Qwen3-14B on 80 GB) only the row codes are cached and dX runs as qfp8's does, below.
     qfp8  keeps one copy (memory is the point of the recipe) and uses dy W = (dy diag(s)) C with C the row codes:
           the row scales s of W fold into dy before it is quantized (the quantize kernel takes a column
           multiplier), and C is transposed per backward (1 byte/param read + write, ~1-2% of a step).
@@ -308,22 +310,23 @@ def quantize_weight(w: Tensor, transposed: bool = True) -> Fp8Weight:
     return fw
 
 
-def _cached_fp8_weight(weights: Sequence[Tensor]) -> Fp8Weight:
-    """The (concatenated) bf16 base weights quantized once; later calls hit the cache (fp8 recipe).
+def _cached_fp8_weight(weights: Sequence[Tensor], transposed: bool = True) -> Fp8Weight:
+    """The (concatenated) bf16 base weights quantized once; later calls hit the cache (fp8 recipe). `transposed`:
+    also cache W^T's codes for dX (1 more byte per weight); without it dX runs as qfp8's does (transpose per call).
 
     Keyed on address, shape, stride, dtype and device, checked against a weak reference to the storage (a freed and
     reused address misses) and the version counter (an in-place write re-quantizes and *replaces* the entry, so a
     weight never has two cached copies; torch.compile's first run bumps parameter versions once).
     """
     w = frozen_concat(weights)
-    key = _key(w)
+    key = (*_key(w), transposed)
     with _WEIGHT_LOCK:
         hit = _WEIGHT_CACHE.get(key)
         if hit is not None and hit[0] == w._version and not hit[1].expired():
             return hit[2]
         for k in [k for k, (_, ref, _) in _WEIGHT_CACHE.items() if ref.expired()]:
             del _WEIGHT_CACHE[k]
-        fw = quantize_weight(w)
+        fw = quantize_weight(w, transposed)
         stats["weights_quantized"] += 1
         _WEIGHT_CACHE[key] = (w._version, StorageWeakRef(w.untyped_storage()), fw)
         return fw
@@ -366,11 +369,13 @@ def fp8_base_grad_input(dy: Tensor, fw: Fp8Weight, compute: str, grad_dtype: tor
     return fp8_mm(dyq, transpose_codes(fw.codes).t(), dys, ones, dy.dtype, fast_accum=False)
 
 
-def _fp8_weight(weights: Sequence[Tensor], weight_scales: Sequence[Tensor] | None) -> Fp8Weight:
+def _fp8_weight(
+    weights: Sequence[Tensor], weight_scales: Sequence[Tensor] | None, cache_transposed: bool = True
+) -> Fp8Weight:
     if weight_scales is None:
         if weights[0].dtype in FP8_MAX:
             raise RuntimeError("surogate::lora_linear_fp8 got FP8 weight codes without weight_scales")
-        return _cached_fp8_weight(weights)
+        return _cached_fp8_weight(weights, cache_transposed)
     return _stored_fp8_weight(weights, weight_scales)
 
 
@@ -426,14 +431,14 @@ def lora_linear_fp8_reference(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _fp8_forward(x, weights, weight_scales, bias, lora_As, lora_Bs, scalings, lora_inputs, compute):
+def _fp8_forward(x, weights, weight_scales, bias, lora_As, lora_Bs, scalings, lora_inputs, compute, cache_t=True):
     x2 = x.reshape(-1, x.shape[-1])
     if lora_inputs:
         xa = torch.cat([xl.reshape(-1, xl.shape[-1]) @ a.t() for xl, a in zip(lora_inputs, lora_As)], dim=1)
     else:
         a_cat = lora_As[0] if len(lora_As) == 1 else torch.cat(lora_As, dim=0)
         xa = x2 @ a_cat.t()
-    y = fp8_base_forward(x2, _fp8_weight(weights, weight_scales), compute)
+    y = fp8_base_forward(x2, _fp8_weight(weights, weight_scales, cache_t), compute)
     if bias is not None:
         y += bias
     b_blk, alpha = _block_diag_B(lora_Bs, scalings)
@@ -454,6 +459,7 @@ def _fp8_backward(
     needs_grad_x,
     fmt,
     compute,
+    cache_t=True,
 ):
     dy = grad_y.reshape(-1, grad_y.shape[-1])
     b_blk, alpha = _block_diag_B(lora_Bs, scalings)
@@ -478,7 +484,7 @@ def _fp8_backward(
     if not needs_grad_x:
         return grad_y.new_empty(0), [], grad_As, grad_Bs
     lead = grad_y.shape[:-1]
-    fw = _fp8_weight(weights, weight_scales)
+    fw = _fp8_weight(weights, weight_scales, cache_t)
     grad_x = fp8_base_grad_input(dy, fw, compute, GRAD_FORMATS[fmt])  # [N, in]
     grad_lora_inputs: list[Tensor] = []
     if shared_input:
@@ -489,13 +495,16 @@ def _fp8_backward(
     return grad_x.view(*lead, in_features), grad_lora_inputs, grad_As, grad_Bs
 
 
-_OPTIONS_DOC = 'Tensor[]? weight_scales=None, str grad_format="e5m2", str compute="fp8"'
+_OPTIONS_DOC = 'Tensor[]? weight_scales=None, str grad_format="e5m2", str compute="fp8", bool cache_transposed=True'
 
 
 def _lora_linear_fp8(
-    x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs, weight_scales=None, grad_format="e5m2", compute="fp8"
-):
-    return _fp8_forward(x, weights, weight_scales, bias, lora_As, lora_Bs, scalings, lora_inputs, compute)
+    x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs, weight_scales=None, grad_format="e5m2", compute="fp8",
+    cache_transposed=True,
+):  # fmt: skip
+    return _fp8_forward(
+        x, weights, weight_scales, bias, lora_As, lora_Bs, scalings, lora_inputs, compute, cache_transposed
+    )
 
 
 lora_linear_fp8 = torch.library.custom_op(
@@ -508,9 +517,7 @@ lora_linear_fp8 = torch.library.custom_op(
 
 
 @lora_linear_fp8.register_fake
-def _lora_linear_fp8_fake(
-    x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs, weight_scales=None, grad_format="e5m2", compute="fp8"
-):
+def _lora_linear_fp8_fake(x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs, *options):
     n = x.numel() // x.shape[-1]
     out = sum(w.shape[0] for w in weights)
     return x.new_empty(*x.shape[:-1], out), x.new_empty(n, sum(a.shape[0] for a in lora_As))
@@ -529,10 +536,11 @@ def _lora_linear_fp8_backward(
     needs_grad_x,
     fmt,
     compute,
+    cache_transposed,
 ):
     return _fp8_backward(
         grad_y, lora_inputs, xa, weights, weight_scales, lora_As, lora_Bs, scalings, shared_input, needs_grad_x, fmt,
-        compute,
+        compute, cache_transposed,
     )  # fmt: skip
 
 
@@ -542,12 +550,12 @@ lora_linear_fp8_backward = torch.library.custom_op(
     mutates_args=(),
     schema="(Tensor grad_y, Tensor[] lora_inputs, Tensor xa, Tensor[] weights, Tensor[]? weight_scales, "
     "Tensor[] lora_As, Tensor[] lora_Bs, float[] scalings, bool shared_input, bool needs_grad_x, str grad_format, "
-    "str compute) -> (Tensor, Tensor[], Tensor[], Tensor[])",
+    "str compute, bool cache_transposed) -> (Tensor, Tensor[], Tensor[], Tensor[])",
 )
 
 
 @lora_linear_fp8_backward.register_fake
-def _backward_fake(grad_y, lora_inputs, xa, weights, weight_scales, lora_As, lora_Bs, scalings, shared, needs_x, f, c):
+def _backward_fake(grad_y, lora_inputs, xa, weights, weight_scales, lora_As, lora_Bs, scalings, shared, needs_x, *o):
     grad_As = [a.new_empty(a.shape) for a in lora_As]
     grad_Bs = [b.new_empty(b.shape) for b in lora_Bs]
     if not needs_x:
@@ -558,7 +566,7 @@ def _backward_fake(grad_y, lora_inputs, xa, weights, weight_scales, lora_As, lor
 
 def _setup_context(ctx, inputs, output) -> None:
     x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs = inputs[:7]
-    opts = dict(zip(("weight_scales", "grad_format", "compute"), inputs[7:]))
+    opts = dict(zip(("weight_scales", "grad_format", "compute", "cache_transposed"), inputs[7:]))
     weight_scales = opts.get("weight_scales")
     if any(w.requires_grad for w in weights) or (bias is not None and bias.requires_grad):
         raise RuntimeError("surogate::lora_linear_fp8 never computes a base weight/bias gradient: freeze the base")
@@ -568,6 +576,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.scalings = list(scalings)
     ctx.grad_format = opts.get("grad_format", "e5m2")
     ctx.compute = opts.get("compute", "fp8")
+    ctx.cache_transposed = opts.get("cache_transposed", True)
     saved_inputs = [x] if ctx.shared_input else list(lora_inputs)
     ctx.n_inputs = len(saved_inputs)
     ctx.save_for_backward(output[1], *saved_inputs, *weights, *(weight_scales or []), *lora_As, *lora_Bs)
@@ -586,11 +595,11 @@ def _backward(ctx, grad_y, _grad_xa):
     # needs_input_grad has one entry per argument as called (options left at their defaults are not passed)
     grad_x, grad_lora_inputs, grad_As, grad_Bs = lora_linear_fp8_backward(
         grad_y, lora_inputs, xa, weights, scales, lora_As, lora_Bs, ctx.scalings, ctx.shared_input, needs_grad_x,
-        ctx.grad_format, ctx.compute,
+        ctx.grad_format, ctx.compute, ctx.cache_transposed,
     )  # fmt: skip
     if not needs_grad_x:
         grad_x, grad_lora_inputs = None, [None] * (0 if ctx.shared_input else k)
-    options = [[None] * n if ctx.has_scales else None, None, None][: len(ctx.needs_input_grad) - 7]
+    options = [[None] * n if ctx.has_scales else None, None, None, None][: len(ctx.needs_input_grad) - 7]
     return grad_x, [None] * n, None, grad_As, grad_Bs, None, grad_lora_inputs, *options
 
 

@@ -72,6 +72,12 @@ class PrecisionConfig:
     weights: str = opt("bf16", "storage format of the frozen base weights", WEIGHT_FORMATS)
     compute: str = opt("bf16", "input format of the GEMMs", COMPUTE_FORMATS)
     fp8_grad_format: str = opt("e5m2", "FP8 format of the output gradient in the dX GEMM (e5m2 = hybrid)", GRAD_FORMATS)
+    fp8_cache_transposed: str = opt(
+        "auto",
+        "fp8 recipe: also cache each frozen weight's transposed FP8 codes for the dX GEMM (+1 byte per weight, a "
+        "little faster); auto = when the bf16 base is at most a quarter of the GPU's memory",
+        ("auto", "true", "false"),
+    )
     fp4_format: str = opt(
         "nvfp4",
         "fp4 weights/compute: nvfp4 (e2m1, e4m3 scale per 16 + fp32 tensor scale) or mxfp4 (e2m1, power-of-two "

@@ -81,7 +81,7 @@ def quantized_blocks(precision, num_layers: int) -> list[bool]:
     return [first <= i < num_layers - last for i in range(num_layers)]
 
 
-def block_recipe(recipe: str, precision, quantized: bool):
+def block_recipe(recipe: str, precision, quantized: bool, cache_transposed: bool = True):
     """The recipe (registry name or RecipeOps with the configured options) of one block's compile backend."""
     if precision is None:
         return recipe
@@ -103,7 +103,25 @@ def block_recipe(recipe: str, precision, quantized: bool):
         )
     from compile_passes.fp8_weights import fp8_recipe_ops
 
-    return fp8_recipe_ops(precision.fp8_grad_format, precision.compute)
+    return fp8_recipe_ops(precision.fp8_grad_format, precision.compute, cache_transposed)
+
+
+# fp8 recipe, fp8_cache_transposed=auto: cache W^T's codes too while the bf16 base is at most this share of the GPU.
+# Both orientations cost as much as the bf16 weights themselves (1 + 1 byte): Qwen3-8B's 15 GiB of targeted weights
+# on an 80 GB H100 (19%) take them, Qwen3-14B's 27 GiB (35%) would then not fit its activations.
+FP8_TRANSPOSED_CACHE_SHARE = 0.25
+
+
+def fp8_cache_transposed(precision, model: nn.Module) -> bool:
+    """Whether the fp8 recipe caches each weight's transposed codes too (`precision.fp8_cache_transposed`)."""
+    setting = getattr(precision, "fp8_cache_transposed", "auto") if precision is not None else "auto"
+    if setting != "auto":
+        return setting == "true"
+    weights = [m.weight for m in model.modules() if hasattr(m, "lora_A") and getattr(m, "weight", None) is not None]
+    if not weights or weights[0].device.type != "cuda":
+        return True
+    base = sum(w.numel() * w.element_size() for w in weights)
+    return base <= FP8_TRANSPOSED_CACHE_SHARE * torch.cuda.get_device_properties(weights[0].device).total_memory
 
 
 def quantize_block_experts(block: nn.Module, weights: str) -> bool:
@@ -255,10 +273,16 @@ def parallelize(
         for i in range(len(layers) if recompute_layers is None else min(recompute_layers, len(layers))):
             layers[i] = checkpoint_wrapper(layers[i])
     if compile:
+        cache_t = True
+        if precision is not None and precision.weights == "bf16" and precision.compute == "fp8":
+            cache_t = fp8_cache_transposed(precision, model)
+            log.info("fp8: caching %s of each frozen weight", "both FP8 orientations" if cache_t else "the FP8 codes")
         backends = {}  # one backend per distinct block recipe (fp8 blocks share one: regional compilation)
         for i, block in enumerate(layers):
             if quantized[i] not in backends:
-                backends[quantized[i]] = compile_backend(block_recipe(recipe, precision, quantized[i]), use_passes)
+                backends[quantized[i]] = compile_backend(
+                    block_recipe(recipe, precision, quantized[i], cache_t), use_passes
+                )
             layers[i] = torch.compile(block, backend=backends[quantized[i]], fullgraph=True)
         model.compile_backends = backends  # inspectable: tests and benchmarks read each backend's stats
     checkpointed = (len(layers) if recompute_layers is None else min(recompute_layers, len(layers))) if recompute else 0

@@ -386,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help", "help") for a in argv):
         print(help_text(), end="")
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # force: a handler left by an earlier main() in this process (tests) may hold a stream that is closed by now
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
         cfg = load_config(argv)
         plan = preflight(cfg)

@@ -10,7 +10,7 @@ import torch
 from tiny_lora import random_batch, tiny_lora_model
 
 from ops import fp8
-from surogate.config import recipe_precision
+from surogate.config import ConfigError, load_config, recipe_precision
 from surogate.lora import LoRALinear
 from surogate.parallelize import parallelize, quantized_blocks
 
@@ -52,3 +52,14 @@ def test_fp8_op_in_exactly_the_configured_blocks(recipe):
     assert "configure_fp8_lora_linears" not in bf16.rewrites and quant.rewrites["configure_fp8_lora_linears"] == 4
     # the compiled FP8 model stays close to the eager model (qfp8: whose weights were already FP8-dequantized)
     assert abs(loss.item() - eager) / eager < 2e-2
+
+
+def test_transposed_cache_setting():
+    from surogate import parallelize as par
+
+    model, _ = tiny_lora_model(1)
+    p = recipe_precision("fp8")
+    assert par.fp8_cache_transposed(p, model)  # auto on CPU: cache both (no GPU memory to fit)
+    assert not par.fp8_cache_transposed(dataclasses.replace(p, fp8_cache_transposed="false"), model)
+    with pytest.raises(ConfigError, match="fp8_cache_transposed"):
+        load_config(["recipe=fp8", "precision.fp8_cache_transposed=maybe"])

@@ -230,6 +230,23 @@ def test_weight_quantized_once():
     assert fp8.stats["weights_quantized"] == 2 and len(fp8._WEIGHT_CACHE) == 1
 
 
+def test_row_codes_only_cache_matches_the_qfp8_arithmetic():
+    """cache_transposed=False: only W's row codes are cached and dX folds their scales into dy, exactly as the
+    qfp8 reference computes on the same codes."""
+    fp8.clear_fp8_weight_cache()
+    x, ws, As, Bs = _inputs((2, 8), 64, [32], [4])
+    y, _ = OP(x, ws, None, As, Bs, [2.0], [], None, "e5m2", "fp8", False)
+    (fw,) = [entry[2] for entry in fp8._WEIGHT_CACHE.values()]
+    assert fw.codes_t is None and fw.codes.dtype == torch.float8_e4m3fn
+    want = lora_linear_fp8_reference(x, fw.codes, As[0], Bs[0], 2.0, fw.scale.view(-1))
+    assert rel(y, want) < 1e-6
+    for got, ref in zip(_grads(y, x, As, Bs), _grads(want, x, As, Bs)):
+        assert rel(got, ref) < 1e-6
+    # and within FP8 error of the cached-both-orientations op (dX's weight rounding differs)
+    both, _ = OP(x, ws, None, As, Bs, [2.0], [])
+    assert rel(_grads(y, x, As, Bs)[0], _grads(both, x, As, Bs)[0]) < 6e-2
+
+
 def test_opcheck():
     x, ws, As, Bs = _inputs((2, 4), 32, [16], [2])
     torch.library.opcheck(OP, (x, ws, None, As, Bs, [2.0], []), test_utils=("test_schema", "test_faketensor"))
