@@ -300,7 +300,6 @@ def apply_fsdp(model: nn.Module) -> nn.Module:
     from ops.lora_linear import set_frozen_concat_cache
 
     set_frozen_concat_cache(False)  # FSDP re-gathers into fresh memory every step: a cache would only grow
-    device = next(p for p in model.parameters() if p.requires_grad).device
     device_type = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
@@ -308,8 +307,7 @@ def apply_fsdp(model: nn.Module) -> nn.Module:
     # Our blocks return views (reshapes) that nothing modifies in place (`x = x + ...` throughout the model), so
     # FSDP's warning about in-place ops on such views does not apply; silence just that message.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    if device.type == "cpu" and device_type == "cuda":
-        raise ValueError("apply_fsdp: the LoRA parameters are on the CPU but the process group is NCCL")
+    # The model was loaded on the CPU: each fully_shard moves its parameters' shards (and buffers) to the mesh's GPU.
     for block in model.model.layers:
         fully_shard(block, reshard_after_forward=True, **kw)
     if not model.args.tie_word_embeddings:
