@@ -165,7 +165,7 @@ class TrainConfig:
     cuda_graphs: str = opt(
         "auto",
         "replay each micro-step (forward + backward) from one CUDA graph: no per-kernel launch cost, the big win on "
-        "small models; auto = on for a single CUDA process",
+        "small models; auto = on with CUDA unless the base is sharded across ranks (FSDP)",
         ("auto", "true", "false"),
     )
     shard_base_weights: str = opt(

@@ -16,11 +16,14 @@ spans the whole step instead, captured with `torch.cuda.graph` as in PyTorch's w
    accumulation works because the captured backward adds into the existing `.grad` tensors in place: the
    optimizer must zero them in place (`zero_grad(set_to_none=False)`), never replace them.
 
-Requirements (all hold for surogate's model on one GPU): static shapes (packed rows are always [B, sequence_len];
-a batch of another shape runs eagerly), no host synchronization inside the step (so the loss computes every row
-instead of gathering labelled rows: `Qwen3ForCausalLM.select_loss_rows = False`), no collective communication
-(one process only). The graph keeps its activations in a private memory pool, so peak memory is that of an eager
-step.
+Requirements (all hold for surogate's model on one GPU, and on each rank of a data-parallel run with a replicated
+base): static shapes (packed rows are always [B, sequence_len]; a batch of another shape runs eagerly), no host
+synchronization inside the step (so the loss computes every row instead of gathering labelled rows:
+`Qwen3ForCausalLM.select_loss_rows = False`), no collective communication inside the step. Data parallel with a
+replicated base communicates only after the window (`surogate.distributed.reduce_gradients`: one all-reduce of the
+accumulated gradients, outside the graph); a sharded base (FSDP2) all-gathers and reduce-scatters inside every
+micro-step, so it runs without graphs. The graph keeps its activations in a private memory pool, so peak memory is
+that of an eager step.
 """
 
 from __future__ import annotations
@@ -35,11 +38,12 @@ __all__ = ["GraphedMicroStep", "cuda_graphs_enabled"]
 log = logging.getLogger(__name__)
 
 
-def cuda_graphs_enabled(setting: str, device: torch.device, world_size: int) -> bool:
-    """`cuda_graphs` auto|true|false -> whether to capture micro-steps (auto: one CUDA process)."""
-    possible = device.type == "cuda" and world_size == 1
+def cuda_graphs_enabled(setting: str, device: torch.device, shard_base: bool = False) -> bool:
+    """`cuda_graphs` auto|true|false -> whether to capture micro-steps (auto: on CUDA unless the frozen base is
+    sharded across ranks, where FSDP communicates inside every micro-step)."""
+    possible = device.type == "cuda" and not shard_base
     if setting == "true" and not possible:
-        why = "a CUDA device" if device.type != "cuda" else "a single process (not torchrun with several ranks)"
+        why = "a CUDA device" if device.type != "cuda" else "a replicated base (shard_base_weights=false)"
         raise ValueError(f"cuda_graphs=true needs {why}; set cuda_graphs=auto or false")
     return possible and setting != "false"
 

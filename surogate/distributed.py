@@ -1,44 +1,55 @@
-"""Data-parallel training on N GPUs (and nodes): torchrun, FSDP2, and the few collectives the trainer needs.
+"""Data-parallel training on N GPUs (and nodes): torchrun, and either replicated LoRA or FSDP2.
 
     torchrun --nproc-per-node N -m surogate.train ...        (docs/multi_gpu.md: two nodes, rendezvous)
 
 Same code on 1 GPU and N: without torchrun's environment (or with WORLD_SIZE=1) nothing here initializes a process
 group and every helper is the identity, so the single-GPU run is the N=1 case, not a separate trainer.
 
-Sharding. `apply_fsdp` runs after `surogate.parallelize` (activation checkpointing -> per-block compile ->
-fully_shard, torchtitan's order): `fully_shard` on every decoder block (the compiled module: FSDP's hooks run
-outside the compiled region, so our custom ops see plain, local, unsharded tensors inside it), then the input
-embedding, then the root. The final norm and the LM head stay with the root: the chunked loss reads
-`lm_head.weight` directly (no `lm_head` forward for FSDP to hook), and the root is not resharded after forward, so the
-weight stays gathered for the loss's backward. A tied embedding goes to the root too (one parameter, one unit).
+Two modes, chosen by whether the frozen base is sharded (`shard_base_weights`, `decide_shard_base`; printed at start):
 
-What is sharded. The LoRA parameters always are (they are what's trained; tiny). The frozen base follows
-`shard_base_weights`:
-    false   the base is replicated: passed to FSDP as `ignored_params`, so no all-gather ever touches it and the
-            packed q/k/v (gate/up) storage of `colocate_shared_input_weights` stays a zero-copy view. Fastest.
-    true    the base is sharded too (bf16, fp8 codes with qfp8 or NF4 codes with qnf4: FSDP shards parameters,
-            the small scale buffers stay replicated). Fits models that do not fit one GPU; the model is loaded on
-            the CPU and each `fully_shard` moves its block's shards to the GPU. FSDP all-gathers each group's
-            weights into separate allocations that are freed and re-made every step, so the fused q/k/v op cannot
-            find them adjacent;
-            the frozen-concat cache is switched off (`ops.lora_linear.set_frozen_concat_cache(False)`) and the
-            group is concatenated per call instead (a transient copy of one group, ~2% of a step for 8B), never a
-            cache that would miss and grow every step. The fp8 recipe (bf16 storage quantized once, cached by
-            address) cannot cache either, so it is refused with sharding: use qfp8.
+Replicated base (the default whenever the model fits one GPU): no FSDP at all. Every rank holds the whole model,
+base and LoRA, as plain tensors; `replicate_lora` broadcasts the LoRA parameters from rank 0 once after the build (the
+seeded init is the same on every rank already; the broadcast makes it certain). Micro-steps run exactly as on one
+GPU, so each can be replayed from one CUDA graph (surogate/cuda_graphs.py); gradients accumulate locally and, at the
+end of the window, `reduce_gradients` all-reduces them once: flattened into fp32 buckets (`BUCKET_BYTES`, one bucket
+for Qwen3-8B r16), summed, divided by the world size (the mean FSDP leaves, so the trainer normalizes the same way in
+both modes) and copied back into the same `.grad` tensors (a captured backward keeps adding into them). Why not FSDP
+here: FSDP on the replicated LoRA puts its hooks and collectives inside every micro-step, which a whole-micro-step
+CUDA graph cannot contain, and the graph is worth more than overlap. Why not overlap the all-reduce with the last
+backward (DDP's buckets): it is ~170 MB of fp32 for Qwen3-8B r16 on q,k,v,o,gate,up,down, ~1-2 ms on NVLink, about
+0.2% of a 1.1 s step; not overlapping it is deliberate, and keeps it outside the graph. The collective runs on the
+current stream's order (NCCL waits on it), so it follows a replay with no host sync. With NCCL the watchdog thread's
+event queries do not disturb a capture (torch >= 2.7 queries in thread-local capture mode, pytorch#148594).
+
+Sharded base (`shard_base_weights=true`, or auto when the base does not fit): FSDP2. `apply_fsdp` runs after
+`surogate.parallelize` (activation checkpointing -> per-block compile -> fully_shard, torchtitan's order):
+`fully_shard` on every decoder block (the compiled module: FSDP's hooks run outside the compiled region, so our
+custom ops see plain, local, unsharded tensors inside it), then the input embedding, then the root. The final norm
+and the LM head stay with the root: the chunked loss reads `lm_head.weight` directly (no `lm_head` forward for FSDP
+to hook), and the root is not resharded after forward, so the weight stays gathered for the loss's backward. A tied
+embedding goes to the root too (one parameter, one unit). Base and LoRA parameters are both sharded (bf16, fp8 codes
+with qfp8 or NF4 codes with qnf4: FSDP shards parameters, the small scale buffers stay replicated); the model is
+loaded on the CPU and each `fully_shard` moves its block's shards to the GPU. FSDP all-gathers each group's weights
+into separate allocations that are freed and re-made every step, so the fused q/k/v op cannot find them adjacent;
+the frozen-concat cache is switched off (`ops.lora_linear.set_frozen_concat_cache(False)`) and the group is
+concatenated per call instead (a transient copy of one group, ~2% of a step for 8B), never a cache that would miss
+and grow every step. The fp8 recipe (bf16 storage quantized once, cached by address) cannot cache either, so it is
+refused with sharding: use qfp8. No CUDA graphs in this mode (FSDP communicates inside the step).
+
     auto    replicate when the base fits (its bytes at most half the smallest free GPU memory of all ranks, the rest
-            left for activations), shard otherwise. The choice is printed at start.
+            left for activations), shard otherwise.
 
-Mixed precision: `MixedPrecisionPolicy(param_dtype=None, reduce_dtype=fp32)`. No cast at all-gather: LoRA masters
-are fp32 (the model casts A and B to the activation dtype itself, so compute is bf16 exactly as on one GPU) and the
-base keeps its storage dtype (a bf16 param_dtype would turn fp8 codes into bf16). Unsharded LoRA gradients are then
-fp32, so accumulating them over micro-steps without a reduction loses nothing; they are reduce-scattered in fp32.
+FSDP mixed precision: `MixedPrecisionPolicy(param_dtype=None, reduce_dtype=fp32)`. No cast at all-gather: LoRA
+masters are fp32 (the model casts A and B to the activation dtype itself, so compute is bf16 exactly as on one GPU)
+and the base keeps its storage dtype (a bf16 param_dtype would turn fp8 codes into bf16). Unsharded LoRA gradients
+are then fp32, so accumulating them over micro-steps without a reduction loses nothing; they are reduce-scattered in
+fp32. Non-final micro-steps of a window run with `set_requires_gradient_sync(False)` (gradients accumulate locally,
+no communication); the final micro-step's reduce-scatters overlap its backward.
 
-Gradients. Only LoRA gradients exist, so only they are reduced. Non-final micro-steps of a window run with
-`set_requires_gradient_sync(False)` (gradients accumulate locally, no communication); the final micro-step's
-reduce-scatters overlap its backward. FSDP averages over ranks (its default; a divide factor of 1 would need
-PREMUL_SUM, which gloo lacks), so the trainer divides by the window's token count summed over all ranks over the
-world size; that count (and the loss sum) is all-reduced asynchronously while the final backward runs, so the step
-is the single-process step over the global batch.
+Gradient scale, both modes: the ranks' gradients end up averaged (FSDP's default; a divide factor of 1 would need
+PREMUL_SUM, which gloo lacks; the replicated all-reduce divides its sum to match), so the trainer divides by the
+window's token count summed over all ranks over the world size. That count (and the loss sum) is all-reduced
+asynchronously, so the step is the single-process step over the global batch.
 """
 
 from __future__ import annotations
@@ -62,8 +73,12 @@ __all__ = [
     "barrier",
     "base_weight_bytes",
     "decide_shard_base",
+    "setup_data_parallel",
     "apply_fsdp",
+    "replicate_lora",
+    "uses_fsdp",
     "set_gradient_sync",
+    "reduce_gradients",
     "all_reduce_async",
     "clip_grad_norm_",
     "local_tensor",
@@ -76,6 +91,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 REPLICATE_FRACTION = 0.5  # auto: replicate the base when it takes at most this share of the free GPU memory
+BUCKET_BYTES = 256 * 2**20  # replicated LoRA: fp32 gradients per all-reduce (Qwen3-8B r16, all linears: ~170 MB)
 
 
 @dataclass
@@ -192,55 +208,121 @@ def decide_shard_base(setting: str, base_bytes: int, device: torch.device, recip
             f"(re-gathered every step) defeats: set shard_base_weights=false, or use recipe=q{p.compute} "
             f"({p.compute} storage, shards)"
         )
-    mode = "sharded across ranks" if shard else "replicated on every rank (no all-gathers)"
-    return shard, f"frozen base {gib:.1f} GiB {mode} ({why}); LoRA parameters sharded"
+    if shard:
+        how = "sharded across ranks (FSDP2: base and LoRA sharded, no CUDA graphs)"
+    else:
+        how = "replicated on every rank (no FSDP: LoRA replicated, one gradient all-reduce per optimizer step)"
+    return shard, f"frozen base {gib:.1f} GiB {how} ({why})"
+
+
+# ---------------------------------------------------------------------------------------------------- the two modes
+
+
+def setup_data_parallel(model: nn.Module, shard_base: bool) -> None:
+    """After `parallelize`: FSDP2 when the base is sharded, else replicated LoRA (no wrapping). Several ranks only."""
+    if shard_base:
+        apply_fsdp(model)
+    else:
+        replicate_lora(model)
+
+
+def uses_fsdp(model: nn.Module) -> bool:
+    """Whether FSDP manages the model (sharded base): its gradients are reduced inside the backward."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+# ---------------------------------------------------------------------------------------------------- replicated
+
+
+def _buckets(tensors: list[Tensor], cap_bytes: int = BUCKET_BYTES) -> list[list[Tensor]]:
+    """Consecutive groups of `tensors` of at most `cap_bytes` in fp32 each (a larger tensor gets its own group)."""
+    groups: list[list[Tensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if groups[-1] and size + 4 * t.numel() > cap_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += 4 * t.numel()
+    return [g for g in groups if g]
+
+
+def _flat_fp32(group: list[Tensor]) -> Tensor:
+    return torch.cat([t.detach().reshape(-1).to(torch.float32) for t in group])
+
+
+def _copy_back(flat: Tensor, group: list[Tensor]) -> None:
+    """`flat` (fp32) into the tensors it was flattened from, in place (a captured backward keeps their storage)."""
+    pieces = flat.split([t.numel() for t in group])
+    torch._foreach_copy_(group, [p.view(t.shape) for p, t in zip(pieces, group)])
+
+
+@torch.no_grad()
+def replicate_lora(model: nn.Module) -> None:
+    """Make every rank's trainable parameters rank 0's (one broadcast per bucket, once after the build)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for group in _buckets(params):
+        flat = _flat_fp32(group)
+        dist.broadcast(flat, src=0)
+        _copy_back(flat, group)
+
+
+@torch.no_grad()
+def reduce_gradients(model: nn.Module, params: list[nn.Parameter]) -> None:
+    """End of an accumulation window: average the replicated LoRA gradients over ranks (coalesced fp32 all-reduce).
+
+    Nothing to do on one process, nor under FSDP (its last backward reduce-scattered them already). A parameter
+    without a gradient gets zeros first, so every rank flattens the same layout."""
+    if not is_distributed() or uses_fsdp(model):
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    world = dist.get_world_size()
+    for group in _buckets(grads):
+        flat = _flat_fp32(group)
+        dist.all_reduce(flat)  # SUM: gloo has no AVG
+        flat.div_(world)  # the mean, as FSDP leaves it (the trainer divides by the global token count / world)
+        _copy_back(flat, group)
 
 
 # ---------------------------------------------------------------------------------------------------- FSDP2
 
 
-def apply_fsdp(model: nn.Module, shard_base: bool) -> nn.Module:
-    """fully_shard every decoder block, then the input embedding, then the root (after `parallelize`)."""
+def apply_fsdp(model: nn.Module) -> nn.Module:
+    """Sharded base: fully_shard every decoder block, then the input embedding, then the root (after `parallelize`)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if shard_base:
-        from ops.lora_linear import set_frozen_concat_cache
+    from ops.lora_linear import set_frozen_concat_cache
 
-        set_frozen_concat_cache(False)  # FSDP re-gathers into fresh memory every step: a cache would only grow
-    device = next(p for p in model.parameters() if p.requires_grad).device
+    set_frozen_concat_cache(False)  # FSDP re-gathers into fresh memory every step: a cache would only grow
     device_type = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
-    ignored = None if shard_base else {p for p in model.parameters() if not p.requires_grad}
-    kw = dict(mesh=mesh, mp_policy=mp, ignored_params=ignored)
+    kw = dict(mesh=mesh, mp_policy=mp)
     # Our blocks return views (reshapes) that nothing modifies in place (`x = x + ...` throughout the model), so
     # FSDP's warning about in-place ops on such views does not apply; silence just that message.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    if device.type == "cpu" and device_type == "cuda":
-        raise ValueError("apply_fsdp: the LoRA parameters are on the CPU but the process group is NCCL")
-    # Replicated base: only the (tiny) LoRA parameters are managed; keep them gathered from the first forward of a
-    # window to its last backward (one all-gather per block per optimizer step, not two per micro-step).
+    # The model was loaded on the CPU: each fully_shard moves its parameters' shards (and buffers) to the mesh's GPU.
     for block in model.model.layers:
-        fully_shard(block, reshard_after_forward=shard_base, **kw)
-    embed = model.model.embed_tokens
-    if shard_base and not model.args.tie_word_embeddings:
-        fully_shard(embed, reshard_after_forward=True, **kw)
+        fully_shard(block, reshard_after_forward=True, **kw)
+    if not model.args.tie_word_embeddings:
+        fully_shard(model.model.embed_tokens, reshard_after_forward=True, **kw)
     # The root keeps norm + LM head (+ a tied embedding) and stays gathered after forward: the loss's backward
     # reads lm_head.weight right away.
     fully_shard(model, reshard_after_forward=False, **kw)
-    model.fsdp_shard_base = shard_base  # read by set_gradient_sync
     return model
 
 
 def set_gradient_sync(model: nn.Module, sync: bool) -> None:
-    """Reduce gradients in this backward (the final micro-step of a window) or only accumulate them locally."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if isinstance(model, FSDPModule):
+    """FSDP: reduce gradients in this backward (the final micro-step of a window) or only accumulate them locally.
+    Replicated LoRA and one process: nothing (`reduce_gradients` runs once after the window)."""
+    if uses_fsdp(model):
         model.set_requires_gradient_sync(sync)
-        if not getattr(model, "fsdp_shard_base", True):  # replicated base: LoRA stays gathered until the last one
-            model.set_reshard_after_backward(sync)
 
 
 def all_reduce_async(t: Tensor):
@@ -260,10 +342,13 @@ def local_tensor(t: Tensor) -> Tensor:
 
 @torch.no_grad()
 def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> Tensor:
-    """`torch.nn.utils.clip_grad_norm_` for FSDP-sharded gradients: the squared norms of the local shards are
-    summed over ranks (one all-reduce of a scalar, on the device), then every shard is scaled by the same factor."""
+    """`torch.nn.utils.clip_grad_norm_`, also for FSDP-sharded gradients: the squared norms of the local shards are
+    summed over ranks (one all-reduce of a scalar, on the device), then every shard is scaled by the same factor.
+    Replicated gradients (one process, or after `reduce_gradients`) are whole on every rank: torch's own."""
+    from torch.distributed.tensor import DTensor
+
     grads = [p.grad for p in params if p.grad is not None]
-    if not is_distributed():
+    if not any(isinstance(g, DTensor) for g in grads):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     local = [local_tensor(g) for g in grads]
     norms = torch._foreach_norm(local, 2.0)

@@ -3,8 +3,8 @@
 Order matters for the user's time: everything that can be wrong in the configuration, the model directory or the
 data is checked first (`preflight`: no weights read, nothing written), and any problem is one line on stderr with exit
 code 2. Only then are the tokenizer, the packed data and the model built, LoRA applied, the blocks compiled
-(`surogate.parallelize`: activation checkpointing, then per-block compile), sharded with FSDP2 when launched by
-torchrun (`surogate.distributed`), and the trainer run.
+(`surogate.parallelize`: activation checkpointing, then per-block compile), made data parallel when launched by
+torchrun (`surogate.distributed`: replicated LoRA, or FSDP2 with a sharded base), and the trainer run.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def preflight(cfg: TrainConfig) -> Plan:
             log.warning("compile_passes backend not available (%s): compiling with plain Inductor", e)
             use_passes = False
     try:
-        graphs = cuda_graphs_enabled(cfg.cuda_graphs, device, int(os.environ.get("WORLD_SIZE", "1")))
+        graphs = cuda_graphs_enabled(cfg.cuda_graphs, device)  # asked again once the base's sharding is known
     except ValueError as e:
         raise ConfigError(str(e)) from None
     dataset = build_checked_dataset(cfg, data_cfg, tokenizer)  # last: the one check that reads every row
@@ -229,6 +229,7 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
         shard_base, shard_why = distributed.decide_shard_base(
             cfg.shard_base_weights, base_bytes, plan.device, cfg.precision
         )
+        plan.cuda_graphs = cuda_graphs_enabled(cfg.cuda_graphs, plan.device, shard_base)  # not with FSDP
     except ValueError as e:
         raise ConfigError(str(e)) from None
     load_device = torch.device("cpu") if shard_base else plan.device
@@ -276,7 +277,7 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
         recompute_layers=cfg.recompute_layers,
     )
     if world_size > 1:
-        distributed.apply_fsdp(model, shard_base)  # after checkpointing and compile: torchtitan's order
+        distributed.setup_data_parallel(model, shard_base)  # after checkpointing and compile: torchtitan's order
         if rank > 0:  # identical LoRA init on every rank (above); from here on each rank draws its own dropout
             torch.manual_seed(cfg.seed + rank)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -288,7 +289,9 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
             file=sys.stderr,
         )
         if world_size > 1:
-            print(f"data parallel: {world_size} ranks (FSDP2); {shard_why}", file=sys.stderr)
+            mode = "FSDP2" if shard_base else "replicated LoRA"
+            graphs = "on" if plan.cuda_graphs else "off"
+            print(f"data parallel: {world_size} ranks ({mode}); {shard_why}; CUDA graphs {graphs}", file=sys.stderr)
         from surogate.preflight import fp4_notice
 
         notice = fp4_notice(cfg, plan.device)

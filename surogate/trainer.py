@@ -12,10 +12,13 @@ No host synchronization inside a step: loss sums, token counts, grad norms and t
 The optimizer skips a non-finite step without asking the host: fused AdamW (CUDA) takes a `found_inf` tensor, the
 same protocol `torch.amp.GradScaler` uses, and undoes its step count. The host reads values only at logging steps.
 
-Distributed (torchrun, `surogate.distributed`): rank/world_size come from torch.distributed. Non-final micro-steps
-accumulate gradients locally (no communication); the final one reduce-scatters them during its backward, while the
-window's loss sum and token count are all-reduced asynchronously, so every rank divides by the global count: the
-step equals the single-process step over the global batch. 1 GPU is the N=1 case.
+Distributed (torchrun, `surogate.distributed`): rank/world_size come from torch.distributed. Micro-steps accumulate
+gradients locally (no communication). With a replicated base the micro-steps are exactly those of one GPU (CUDA
+graphs included) and the window's gradients are all-reduced once after it (`distributed.reduce_gradients`); with a
+sharded base (FSDP2) the final micro-step reduce-scatters them during its backward. Either way the window's loss sum
+and token count are all-reduced asynchronously and the gradients end up averaged over ranks, so every rank divides
+by the global count over the world size: the step equals the single-process step over the global batch. 1 GPU is the
+N=1 case.
 """
 
 from __future__ import annotations
@@ -139,9 +142,9 @@ class Trainer:
         for i, batch in enumerate(window):
             last = i == len(window) - 1
             real += _real_tokens(batch)
-            distributed.set_gradient_sync(self.model, last)  # reduce only in the window's final backward
+            distributed.set_gradient_sync(self.model, last)  # FSDP: reduce only in the window's final backward
             ids, pos, labels = (_to_device(batch[k], dev) for k in ("input_ids", "position_ids", "labels"))
-            if self.micro_step is not None:  # one process: forward + backward in one call, no communication
+            if self.micro_step is not None:  # forward + backward in one call (a CUDA graph), no communication
                 ls, nt = self.micro_step(ids, pos, labels)
                 loss_sum += ls
                 n_tok += nt
@@ -153,19 +156,24 @@ class Trainer:
                 totals = torch.stack([loss_sum.double(), n_tok.double()])
                 pending = distributed.all_reduce_async(totals)
             ls.backward()
+        if self.micro_step is not None and self.world_size > 1:  # graphed: after the last replay
+            totals = torch.stack([loss_sum.double(), n_tok.double()])
+            pending = distributed.all_reduce_async(totals)
+        distributed.reduce_gradients(self.model, self.params)  # replicated LoRA: the window's one all-reduce
         if pending is not None:
             pending.wait()
             loss_sum, n_tok = totals[0].float(), totals[1].round().long()
         grads = [distributed.local_tensor(p.grad) for p in self.params if p.grad is not None]
         if grads:  # 0 tokens -> 0/0 = NaN gradients -> the step is skipped in `apply`
-            # FSDP averaged the ranks' sums: divide by the mean token count per rank (N=1: the count itself).
+            # The ranks' sums were averaged (FSDP or reduce_gradients): divide by the mean token count per rank
+            # (N=1: the count itself).
             torch._foreach_div_(grads, n_tok.to(grads[0].dtype) / self.world_size)
         return loss_sum, n_tok, real
 
     def apply(self, loss_sum: torch.Tensor, n_tok: torch.Tensor) -> torch.Tensor:
         """Clip, step the optimizer unless the loss or gradient is non-finite, step the schedule. Returns grad norm."""
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = distributed.clip_grad_norm_(self.params, max_norm)  # torch's on one process
+        grad_norm = distributed.clip_grad_norm_(self.params, max_norm)  # torch's unless FSDP-sharded
         finite = torch.isfinite(grad_norm) & torch.isfinite(loss_sum) & (n_tok > 0)
         if self.optimizer.defaults.get("fused"):
             self.optimizer.found_inf = (~finite).float()  # read by fused AdamW (GradScaler's protocol): no sync

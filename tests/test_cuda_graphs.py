@@ -13,15 +13,16 @@ from surogate.train import preflight
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def test_auto_is_on_for_one_cuda_process_only():
-    assert cuda_graphs_enabled("auto", torch.device("cuda"), 1)
-    assert not cuda_graphs_enabled("auto", torch.device("cuda"), 2)
-    assert not cuda_graphs_enabled("auto", torch.device("cpu"), 1)
-    assert not cuda_graphs_enabled("false", torch.device("cuda"), 1)
+def test_auto_is_on_for_cuda_unless_the_base_is_sharded():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert cuda_graphs_enabled("auto", cuda)  # one process, or data parallel with a replicated base
+    assert not cuda_graphs_enabled("auto", cuda, shard_base=True)  # FSDP communicates inside the micro-step
+    assert not cuda_graphs_enabled("auto", cpu)
+    assert not cuda_graphs_enabled("false", cuda)
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        cuda_graphs_enabled("true", torch.device("cpu"), 1)
-    with pytest.raises(ValueError, match="single process"):
-        cuda_graphs_enabled("true", torch.device("cuda"), 4)
+        cuda_graphs_enabled("true", cpu)
+    with pytest.raises(ValueError, match="replicated base"):
+        cuda_graphs_enabled("true", cuda, shard_base=True)
 
 
 def test_forcing_graphs_on_cpu_is_a_config_error(tmp_path):

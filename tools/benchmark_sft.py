@@ -9,8 +9,10 @@ median over the measured steps. MFU (bf16 runs only, as torchtitan does: an fp8 
 flatter) counts matmul FLOPs of forward + dX (the base is frozen: no weight gradient), attention forward at 3.5x
 for forward + backward, against the bf16 GEMM rate measured on an H100 (796 TFLOP/s).
 
-Under torchrun (`torchrun --nproc-per-node N tools/benchmark_sft.py ...`) the model is sharded with FSDP2 exactly
-as in training (surogate/distributed.py; --shard-base-weights) and num_gpus is the world size.
+Under torchrun (`torchrun --nproc-per-node N tools/benchmark_sft.py ...`) the model is made data parallel exactly as
+in training (surogate/distributed.py): a replicated base keeps the LoRA replicated, replays micro-steps from CUDA
+graphs and all-reduces the gradients once per step; a sharded base (--shard-base-weights) uses FSDP2. num_gpus is the
+world size.
 
 Each run appends one JSON object to benchmarks/results.jsonl; `--readme` regenerates the README throughput table
 from that file. On CPU a tiny model runs as a smoke test (`--model tiny --device cpu --seq-len 128 ...`).
@@ -107,7 +109,7 @@ def build_ours(
     from surogate.parallelize import parallelize, resolve_precision
 
     shard_base = False
-    if distributed.is_distributed():  # torchrun: FSDP2 as in training (surogate/distributed.py)
+    if distributed.is_distributed():  # torchrun: as in training (surogate/distributed.py)
         nbytes = distributed.base_weight_bytes(PRESETS[model_name], torch.bfloat16)
         shard_base, why = distributed.decide_shard_base(shard, nbytes, device)
         if distributed.rank0():
@@ -137,10 +139,10 @@ def build_ours(
         compiled_loss = _mean_loss(model, check_batch)
         model.loss_check = {"eager_loss": round(eager_loss, 5), "compiled_loss": round(compiled_loss, 5)}
     if distributed.is_distributed():
-        distributed.apply_fsdp(model, shard_base)
+        distributed.setup_data_parallel(model, shard_base)  # replicated LoRA, or FSDP2 with a sharded base
     model.shard_base = shard_base
 
-    if cuda_graphs_enabled(cuda_graphs, device, 2 if distributed.is_distributed() else 1):
+    if cuda_graphs_enabled(cuda_graphs, device, shard_base):
         from surogate.cuda_graphs import GraphedMicroStep
 
         graphed = GraphedMicroStep(model)
@@ -209,13 +211,15 @@ def build_hf_peft(model_name: str, device, s: Setting):
 
 
 def optimizer_step(model, micro_step, batches, total_tokens: int, params, opt) -> None:
-    """One optimizer step as the trainer runs it: micro-steps, (graphed: divide the grads), clip, AdamW, zero."""
+    """One optimizer step as the trainer runs it: micro-steps, all-reduce (replicated LoRA), (graphed: divide the
+    grads), clip, AdamW, zero."""
     from surogate import distributed
 
     graphed = getattr(micro_step, "graphed", None) is not None
     for i, batch in enumerate(batches):
-        distributed.set_gradient_sync(model, i == len(batches) - 1)  # reduce in the last backward only
+        distributed.set_gradient_sync(model, i == len(batches) - 1)  # FSDP: reduce in the last backward only
         micro_step(batch, total_tokens)
+    distributed.reduce_gradients(model, params)  # replicated LoRA: one all-reduce per step (else nothing)
     if graphed:
         torch._foreach_div_([p.grad for p in params], float(total_tokens))
     distributed.clip_grad_norm_(params, 1.0)
@@ -424,7 +428,7 @@ def main(argv: list[str] | None = None) -> None:
         "--cuda-graphs",
         choices=["auto", "true", "false"],
         default="auto",
-        help="replay micro-steps from one CUDA graph, as training does (auto: one CUDA process)",
+        help="replay micro-steps from one CUDA graph, as training does (auto: CUDA, base not sharded)",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--micro-batch", type=int, default=2)
