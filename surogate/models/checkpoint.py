@@ -265,16 +265,30 @@ def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> 
 BlockHook = Callable[[int, nn.Module], None]
 
 
-def _random_init(model: Qwen3ForCausalLM, device: torch.device, dtype: torch.dtype, on_block: BlockHook | None) -> None:
+def _random_init(
+    model: Qwen3ForCausalLM,
+    device: torch.device,
+    dtype: torch.dtype,
+    on_block: BlockHook | None,
+    draw_device: torch.device | None = None,
+) -> None:
     """Materialize and initialize piece by piece (embedding, each block, final norm, LM head), handing each block to
     `on_block` before the next one exists. The pieces are `init_weights`' module order, so the random draws (and
-    the weights) equal a whole-model init."""
+    the weights) equal a whole-model init on the same device.
+
+    `draw_device`: where the numbers are drawn when that is not `device` (a sharded base is built on the CPU, but
+    torch draws CPU random numbers on one core, ~130M/s: Qwen3-32B would take over four minutes per rank; a GPU
+    draws a block in milliseconds and the copy to the CPU costs what the copy back to the GPU will)."""
     layers = model.model.layers
     pieces = [(None, model.model.embed_tokens), *enumerate(layers), (None, model.model.norm), (None, model.lm_head)]
+    draw = device if draw_device is None else draw_device
     for index, piece in pieces:
-        _materialize(piece, device, dtype)
+        _materialize(piece, draw, dtype)
         model.tie_weights()  # a tied LM head is the embedding, drawn again as `init_weights(model)` does
         init_weights(piece)
+        if draw != device:
+            piece.to(device)
+            model.tie_weights()
         if on_block is not None and index is not None:
             on_block(index, piece)
 
@@ -396,7 +410,9 @@ def load_model(
         args = path_or_preset if isinstance(path_or_preset, ModelArgs) else dataclasses.replace(PRESETS[path_or_preset])
         with torch.device("meta"):
             model = Qwen3ForCausalLM(args, backend)
-        _random_init(model, device, dtype, on_block)
+        gpu = compute_device is not None and torch.device(compute_device).type == "cuda" and torch.cuda.is_available()
+        draw = torch.device(compute_device) if gpu else None
+        _random_init(model, device, dtype, on_block, draw_device=draw)
         return model, args
 
     path = Path(path_or_preset)

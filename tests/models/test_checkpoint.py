@@ -46,6 +46,23 @@ def test_random_init_like_hf():
     assert torch.isfinite(model(ids, pos)).all()
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_random_init_drawn_elsewhere_lands_on_the_load_device(tied):
+    """A sharded base is built on the CPU but drawn on the GPU; here drawn on the CPU and moved to `meta` (the only
+    other device a CPU machine has): every piece, and what each block hook sees, is on the load device."""
+    from surogate.models.checkpoint import _random_init
+
+    args = dataclasses.replace(SMALL, tie_word_embeddings=tied)
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(args)
+    seen = []
+    _random_init(model, torch.device("meta"), torch.bfloat16, lambda i, b: seen.append(
+        {p.device.type for p in b.parameters()}), draw_device=torch.device("cpu"))  # fmt: skip
+    assert seen == [{"meta"}] * args.num_layers
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+
+
 def test_save_load_round_trip_and_transformers_reads_it(ckpt):
     path, model = ckpt
     assert not (path / "lm_head.weight").exists()
