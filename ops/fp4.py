@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from ops.fp8 import E4M3, FP8_MAX, GRAD_FORMATS, Fp8Weight, fp8_base_forward, fp8_base_grad_input
+from ops.fp8 import E4M3, FP8_MAX, GRAD_FORMATS, Fp8Weight, cast_rows, fp8_base_forward, fp8_base_grad_input, row_codes
 from ops.lora_linear import _lora_backward, _lora_forward, _split_grads, frozen_concat
 from ops.quantized_lora_module import QuantizedLoRALinear
 
@@ -216,12 +216,7 @@ def dequantize_fp4_reference(
     fmt = _format(fp4_format)
     values = _on("e2m1", codes.device)[_unpack(codes).long()].view(-1, fmt.block)
     out = values * _scale_values(block_scale, fmt.name).reshape(-1, 1) * global_scale.float()
-    out = out.view(codes.shape[0], codes.shape[1] * 2)
-    if row_scale is not None:
-        out = out * row_scale.float()[:, None]
-    if dtype in FP8_MAX:  # saturate: torch's cast would turn a value a rounding step past the maximum into NaN
-        out = out.clamp(-FP8_MAX[dtype], FP8_MAX[dtype])
-    return out.to(dtype)
+    return cast_rows(out.view(codes.shape[0], codes.shape[1] * 2), row_scale, dtype)
 
 
 def _triton_dequantize_kernel():
@@ -306,16 +301,17 @@ def fp4_to_fp8(
     output row, the operand of the FP8 GEMMs (`precision.compute: fp8`, qfp4's default): one kernel per weight
     writes its row block, the dense bf16 weight is never made."""
     rows = [c.shape[0] for c in codes]
-    dense = torch.empty(sum(rows), codes[0].shape[1] * 2, dtype=E4M3, device=codes[0].device)
     amax = torch.cat([fp4_row_absmax(b, g, fp4_format) for b, g in zip(block_scales, global_scales)])
-    inv = (FP8_MAX[E4M3] / amax).split(rows)
-    for dst, c, b, g, r in zip(dense.split(rows), codes, block_scales, global_scales, inv):
-        if c.device.type == "cuda":
-            dequantize_fp4_triton(c, b, g, fp4_format, E4M3, row_scale=r, out=dst)
+
+    def write(i: int, dst: Tensor, inv: Tensor) -> None:
+        stored = (codes[i], block_scales[i], global_scales[i], fp4_format, E4M3)
+        if dst.device.type == "cuda":
+            dequantize_fp4_triton(*stored, row_scale=inv, out=dst)
         else:
-            dst.copy_(dequantize_fp4_reference(c, b, g, fp4_format, E4M3, row_scale=r))
+            dst.copy_(dequantize_fp4_reference(*stored, row_scale=inv))
+
     stats["fp4_dequantized"] += len(codes)
-    return Fp8Weight(dense, (amax / FP8_MAX[E4M3]).view(1, -1))
+    return row_codes(amax, rows, codes[0].shape[1] * 2, write)
 
 
 def fake_quantize_fp4(x: Tensor, fp4_format: str = "nvfp4", stochastic: bool = False, dtype=None) -> Tensor:

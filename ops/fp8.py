@@ -42,7 +42,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +65,8 @@ __all__ = [
     "dequantize_blockwise",
     "fp8_base_forward",
     "fp8_base_grad_input",
+    "cast_rows",
+    "row_codes",
     "lora_linear_fp8",
     "lora_linear_fp8_reference",
     "quantize_blockwise",
@@ -367,6 +369,31 @@ def fp8_base_grad_input(dy: Tensor, fw: Fp8Weight, compute: str, grad_dtype: tor
     dyq, dys = quantize_rows(dy, grad_dtype, col_scale=fw.scale.view(-1))
     ones = torch.ones(1, fw.codes.shape[1], dtype=torch.float32, device=dy.device)
     return fp8_mm(dyq, transpose_codes(fw.codes).t(), dys, ones, dy.dtype, fast_accum=False)
+
+
+def cast_rows(values: Tensor, row_scale: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """fp32 [rows, cols] (a dequantized weight) times an optional per-row multiplier, saturated to `dtype`'s range
+    when that is FP8 (torch's cast would turn a value one rounding step past the maximum into NaN), rounded once.
+    The plain-torch end of the 4-bit dequantize references (ops/nf4.py, ops/fp4.py)."""
+    if row_scale is not None:
+        values = values * row_scale.float()[:, None]
+    if dtype in FP8_MAX:
+        values = values.clamp(-FP8_MAX[dtype], FP8_MAX[dtype])
+    return values.to(dtype)
+
+
+def row_codes(
+    row_absmax: Tensor, rows: Sequence[int], cols: int, write: Callable[[int, Tensor, Tensor], None]
+) -> Fp8Weight:
+    """The e4m3 row-code operand of a group of stored weights (row blocks of one [sum rows, cols] tensor) for the FP8
+    GEMMs: `write(i, dst, inv_scale)` dequantizes weight i into its row block `dst` times `inv_scale` (448 / row
+    absmax, per row); the scale handed to the GEMM is row absmax / 448. The 4-bit recipes read the row absmax off
+    their stored block scales, so this is one pass over the codes."""
+    fmax = FP8_MAX[E4M3]
+    codes = torch.empty(sum(rows), cols, dtype=E4M3, device=row_absmax.device)
+    for i, (dst, inv) in enumerate(zip(codes.split(rows), (fmax / row_absmax).split(rows))):
+        write(i, dst, inv)
+    return Fp8Weight(codes, (row_absmax / fmax).view(1, -1))
 
 
 def _fp8_weight(

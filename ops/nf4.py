@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ops.fp8 import E4M3, FP8_MAX, GRAD_FORMATS, Fp8Weight, fp8_base_forward, fp8_base_grad_input
+from ops.fp8 import E4M3, FP8_MAX, GRAD_FORMATS, Fp8Weight, cast_rows, fp8_base_forward, fp8_base_grad_input, row_codes
 from ops.lora_linear import _lora_backward, _lora_forward, _split_grads
 from ops.quantized_lora_module import QuantizedLoRALinear
 
@@ -141,12 +141,7 @@ def dequantize_nf4_reference(
     table = _nf4_table(codes.device) if codebook is None else codebook.to(codes.device, torch.float32)
     idx = torch.stack([codes >> 4, codes & 0xF], dim=-1).long()  # [out, in/2, 2]: high nibble first
     values = table[idx].view(-1, BLOCK) * _absmax(absmax_q, factor, mean)[:, None]
-    values = values.view(codes.shape[0], codes.shape[1] * 2)
-    if row_scale is not None:
-        values = values * row_scale.float()[:, None]
-    if dtype in FP8_MAX:  # saturate: torch's cast would turn a value a rounding step past the maximum into NaN
-        values = values.clamp(-FP8_MAX[dtype], FP8_MAX[dtype])
-    return values.to(dtype)
+    return cast_rows(values.view(codes.shape[0], codes.shape[1] * 2), row_scale, dtype)
 
 
 def _triton_dequantize_kernel():
@@ -240,17 +235,17 @@ def nf4_to_fp8(
     straight into its row block; the dense bf16 weight is never made. The row scale (row absmax / 448) comes from
     the stored block absmax, so no pass over the weight is needed to find it."""
     rows = [c.shape[0] for c in codes]
-    dense = torch.empty(sum(rows), codes[0].shape[1] * 2, dtype=E4M3, device=codes[0].device)
     amax = torch.cat([nf4_row_absmax(a, f, m, r) for a, f, m, r in zip(absmax_q, factors, means, rows)])
-    for dst, c, a, f, m, inv in zip(
-        dense.split(rows), codes, absmax_q, factors, means, (FP8_MAX[E4M3] / amax).split(rows)
-    ):
-        if c.device.type == "cuda":
-            dequantize_nf4_triton(c, a, f, m, E4M3, row_scale=inv, out=dst)
+
+    def write(i: int, dst: Tensor, inv: Tensor) -> None:
+        stored = (codes[i], absmax_q[i], factors[i], means[i])
+        if dst.device.type == "cuda":
+            dequantize_nf4_triton(*stored, E4M3, row_scale=inv, out=dst)
         else:
-            dst.copy_(dequantize_nf4_reference(c, a, f, m, E4M3, row_scale=inv))
+            dst.copy_(dequantize_nf4_reference(*stored, E4M3, row_scale=inv))
+
     stats["nf4_dequantized"] += len(codes)
-    return Fp8Weight(dense, (amax / FP8_MAX[E4M3]).view(1, -1))
+    return row_codes(amax, rows, codes[0].shape[1] * 2, write)
 
 
 def nf4_nbytes(codes: Tensor, absmax_q: Tensor, factor: Tensor, mean: Tensor) -> int:
