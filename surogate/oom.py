@@ -155,6 +155,11 @@ def oom_message(cfg: Any, args: Any, device: torch.device, dtype_bytes: int, ret
         options.append(f"a shorter sequence_len (now {cfg.sequence_len})")
     if not cfg.recompute:
         options.append("recompute=true (activation checkpointing: much less activation memory, ~30% slower)")
+    elif getattr(cfg, "recompute_layers", None) is not None:
+        options.append(
+            f"a larger recompute_layers (now {cfg.recompute_layers}; null checkpoints every block), each block "
+            "checkpointed frees its activations"
+        )
     smaller = _smaller_storage_recipe(cfg.recipe)
     if smaller is not None:
         options.append(f"recipe={smaller[0]} ({smaller[1]})")
