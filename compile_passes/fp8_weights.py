@@ -32,6 +32,15 @@ __all__ = ["configure_fp8_lora_linears", "fp8_recipe_ops"]
 log = logging.getLogger(__name__)
 
 DEQUANTIZE = torch.ops.surogate.fp8_dequantize.default
+BF16_OP = torch.ops.surogate.lora_linear.default
+
+
+def _too_small_for_fp8(weights: list, min_features: int) -> bool:
+    """Whether a call's GEMM has an input or (summed) output width under `min_features` (fp8_min_features): there
+    the per-call quantize of the activations costs about what the FP8 GEMM saves (Qwen3-0.6B, all widths 1024 on
+    one side: fp8 0.99x bf16 with every projection in FP8), so the call stays a bf16 GEMM."""
+    shapes = [w.meta["example_value"].shape for w in weights]
+    return min(shapes[0][1], sum(s[0] for s in shapes)) < min_features
 
 
 def _is_dequantize(node: object) -> bool:
@@ -53,6 +62,7 @@ def configure_fp8_lora_linears(gm: fx.GraphModule, recipe) -> int:
     """Set the recipe's options on every call of its op and unwrap dequantized weights; returns calls changed."""
     calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is recipe.lora_linear]
     options = dict(recipe.op_kwargs)
+    small = 0
     for node in calls:
         weights = node.args[1]
         scales = None
@@ -64,6 +74,11 @@ def configure_fp8_lora_linears(gm: fx.GraphModule, recipe) -> int:
         else:
             for w in weights:
                 _check_frozen_input(node, w)
+            if _too_small_for_fp8(weights, options.get("min_features", 0)):
+                node.target = BF16_OP  # same arguments: the bf16 op's schema is the op's without the options
+                node.args, node.kwargs = node.args[:7], {}
+                small += 1
+                continue
         # All options positional: the autograd setup_context then reads them at fixed positions on every torch
         # version (how keyword arguments reach it differs between versions).
         node.args = (
@@ -74,13 +89,21 @@ def configure_fp8_lora_linears(gm: fx.GraphModule, recipe) -> int:
     if calls:
         gm.graph.eliminate_dead_code()
         gm.recompile()
+    if small:
+        log.info(
+            "fp8: %d of %d LoRA linear calls per block are narrower than fp8_min_features=%d and run bf16 GEMMs",
+            small, len(calls), options["min_features"],
+        )  # fmt: skip
     log.debug("configure_fp8_lora_linears: %d calls", len(calls))
     return len(calls)
 
 
-def fp8_recipe_ops(grad_format: str = "e5m2", compute: str = "fp8", cache_transposed: bool = True):
+def fp8_recipe_ops(
+    grad_format: str = "e5m2", compute: str = "fp8", cache_transposed: bool = True, min_features: int = 0
+):
     """The RecipeOps of the FP8 op family for these options (fp8 and qfp8 recipes; see ops/fp8.py).
-    `cache_transposed` (fp8 recipe): also cache each weight's transposed FP8 codes for dX."""
+    `cache_transposed` (fp8 recipe): also cache each weight's transposed FP8 codes for dX. `min_features` (fp8
+    recipe; a pass option, not the op's): calls with a narrower input or output run the bf16 op instead."""
     from compile_passes.registry import RecipeOps
 
     if grad_format not in ops.fp8.GRAD_FORMATS:
@@ -89,6 +112,11 @@ def fp8_recipe_ops(grad_format: str = "e5m2", compute: str = "fp8", cache_transp
         raise ValueError(f"compute={compute!r}: use fp8 or bf16")
     return RecipeOps(
         lora_linear=torch.ops.surogate.lora_linear_fp8.default,
-        op_kwargs=(("grad_format", grad_format), ("compute", compute), ("cache_transposed", bool(cache_transposed))),
+        op_kwargs=(
+            ("grad_format", grad_format),
+            ("compute", compute),
+            ("cache_transposed", bool(cache_transposed)),
+            ("min_features", int(min_features)),
+        ),
         graph_passes=(configure_fp8_lora_linears,),
     )

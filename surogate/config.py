@@ -72,6 +72,11 @@ class PrecisionConfig:
     weights: str = opt("bf16", "storage format of the frozen base weights", WEIGHT_FORMATS)
     compute: str = opt("bf16", "input format of the GEMMs", COMPUTE_FORMATS)
     fp8_grad_format: str = opt("e5m2", "FP8 format of the output gradient in the dX GEMM (e5m2 = hybrid)", GRAD_FORMATS)
+    fp8_min_features: int = opt(
+        0,
+        "fp8 recipe: projections whose input or output width is below this run bf16 GEMMs (on small GEMMs quantizing "
+        "the activations costs what FP8 saves; recipes/fp8.yaml sets 2048)",
+    )
     fp8_cache_transposed: str = opt(
         "auto",
         "fp8 recipe: also cache each frozen weight's transposed FP8 codes for the dX GEMM (+1 byte per weight, a "

@@ -103,7 +103,7 @@ def block_recipe(recipe: str, precision, quantized: bool, cache_transposed: bool
         )
     from compile_passes.fp8_weights import fp8_recipe_ops
 
-    return fp8_recipe_ops(precision.fp8_grad_format, precision.compute, cache_transposed)
+    return fp8_recipe_ops(precision.fp8_grad_format, precision.compute, cache_transposed, precision.fp8_min_features)
 
 
 # fp8 recipe, fp8_cache_transposed=auto: cache W^T's codes too while the bf16 base is at most this share of the GPU.

@@ -1,9 +1,11 @@
 """CUDA-graph micro-steps: when they are on, and (GPU) that replaying equals running the step normally."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from surogate.config import ConfigError, load_config
+from surogate.config import ConfigError, load_config, recipe_precision
 from surogate.cuda_graphs import GraphedMicroStep, cuda_graphs_enabled
 from surogate.lora import LoRAConfig, apply_lora
 from surogate.models.checkpoint import load_model
@@ -39,7 +41,9 @@ def _tiny_lora_model(recipe: str):
     for name, p in model.named_parameters():
         if name.endswith("lora_B"):  # nonzero, so the LoRA branch and both LoRA gradients matter
             torch.nn.init.normal_(p, std=0.02)
-    parallelize(model, recipe=recipe, compile=True, use_passes=True)
+    # every projection in FP8 for fp8 too (the tiny model is narrower than the recipe's fp8_min_features)
+    precision = dataclasses.replace(recipe_precision(recipe), fp8_min_features=0)
+    parallelize(model, recipe=recipe, precision=precision, compile=True, use_passes=True)
     model.select_loss_rows = False  # both runs compute the loss the same way
     return model, args
 

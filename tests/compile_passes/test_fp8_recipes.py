@@ -34,6 +34,7 @@ def test_fp8_op_in_exactly_the_configured_blocks(recipe):
     ids, pos, labels = random_batch(args)
     eager = model(ids, pos, labels)[0].item()
     p = dataclasses.replace(recipe_precision(recipe), skip_quant_first_layers=1, skip_quant_last_layers=1)
+    p = dataclasses.replace(p, fp8_min_features=0)  # the tiny model's projections are all narrow
     parallelize(model, recipe=recipe, precision=p, compile=True)
     layers = [getattr(b, "_orig_mod", b) for b in model.model.layers]
     if recipe == "qfp8":
@@ -63,3 +64,18 @@ def test_transposed_cache_setting():
     assert not par.fp8_cache_transposed(dataclasses.replace(p, fp8_cache_transposed="false"), model)
     with pytest.raises(ConfigError, match="fp8_cache_transposed"):
         load_config(["recipe=fp8", "precision.fp8_cache_transposed=maybe"])
+
+
+def test_narrow_projections_stay_bf16():
+    """fp8_min_features: calls whose input or output is narrower run the bf16 op (no FP8 GEMM, no cached codes);
+    every call of the tiny model is 256 wide on its narrow side, so at 256 all four are FP8 and at 257 none is."""
+    for min_features, fp8_calls in ((256, 4), (257, 0)):
+        torch._dynamo.reset()
+        model, args = _model(layers=1)
+        p = dataclasses.replace(recipe_precision("fp8"), fp8_min_features=min_features)
+        parallelize(model, recipe="fp8", precision=p, compile=True)
+        fp8.stats.clear()
+        model(*random_batch(args))[0].backward()
+        assert fp8.stats["fp8_gemms"] == fp8_calls + (fp8_calls - 1 if fp8_calls else 0)  # no dX into the embedding
+        assert (fp8.stats["weights_quantized"] > 0) == (fp8_calls > 0)  # nothing is cached for the bf16 calls
+    assert recipe_precision("fp8").fp8_min_features == 2048 and recipe_precision("qfp8").fp8_min_features == 0
