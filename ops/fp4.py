@@ -371,7 +371,7 @@ _WEIGHT_LOCK = threading.Lock()
 
 
 def _cached_fp4_weight(w: Tensor, fp4_format: str, hadamard: bool) -> _Fp4Weight:
-    """A bf16 frozen weight quantized once (fp4 recipe); keyed and checked as `ops.fp8._cached_fp8_weight` (address,
+    """A bf16 frozen weight quantized once (fp4 recipe); keyed and checked as `ops.fp8.cached_fp8_weight` (address,
     shape, stride, dtype, device, format, a weak reference to the storage and the version counter)."""
     key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype, w.device, fp4_format, hadamard)
     with _WEIGHT_LOCK:

@@ -3,7 +3,7 @@
 Two recipes share this op family:
 
     fp8   base weights stay bf16 in memory; the op quantizes each (group of) frozen weight(s) to e4m3 once, on first
-          use, and caches the codes (see `_cached_fp8_weight`: keyed like `ops.lora_linear.frozen_concat`).
+          use, and caches the codes (see `cached_fp8_weight`: keyed like `ops.lora_linear.frozen_concat`).
     qfp8  base weights are stored only as e4m3 codes + one fp32 scale per output row (`FP8LoRALinear`, made by
           `quantize_lora_base_`); the bf16 copy is gone. The pass hands the op the codes and scales as graph inputs.
 
@@ -65,6 +65,7 @@ __all__ = [
     "dequantize_blockwise",
     "fp8_base_forward",
     "fp8_base_grad_input",
+    "cached_fp8_weight",
     "cast_rows",
     "row_codes",
     "lora_linear_fp8",
@@ -312,7 +313,7 @@ def quantize_weight(w: Tensor, transposed: bool = True) -> Fp8Weight:
     return fw
 
 
-def _cached_fp8_weight(weights: Sequence[Tensor], transposed: bool = True) -> Fp8Weight:
+def cached_fp8_weight(weights: Sequence[Tensor], transposed: bool = True) -> Fp8Weight:
     """The (concatenated) bf16 base weights quantized once; later calls hit the cache (fp8 recipe). `transposed`:
     also cache W^T's codes for dX (1 more byte per weight); without it dX runs as qfp8's does (transpose per call).
 
@@ -402,7 +403,7 @@ def _fp8_weight(
     if weight_scales is None:
         if weights[0].dtype in FP8_MAX:
             raise RuntimeError("surogate::lora_linear_fp8 got FP8 weight codes without weight_scales")
-        return _cached_fp8_weight(weights, cache_transposed)
+        return cached_fp8_weight(weights, cache_transposed)
     return _stored_fp8_weight(weights, weight_scales)
 
 

@@ -93,7 +93,9 @@ class PrecisionConfig:
     fp4_hadamard: bool = opt(True, "fp4 compute: random Hadamard transform (16-wide) on both dX GEMM inputs")
     skip_quant_first_layers: int = opt(0, "keep the first N decoder blocks in bf16 (quantized recipes)")
     skip_quant_last_layers: int = opt(0, "keep the last N decoder blocks in bf16 (quantized recipes)")
-    fp8_lm_head: bool = opt(False, "quantize the LM head too (not supported yet: the LM head stays bf16)")
+    fp8_lm_head: bool = opt(
+        False, "run the frozen LM head's GEMMs (logits and their dX) in FP8 too (needs FP8 tensor cores; any recipe)"
+    )
     quantize_embedding: bool = opt(False, "fp8 weights: store an untied input embedding in FP8 too (not nf4/fp4)")
 
     @property
@@ -103,7 +105,7 @@ class PrecisionConfig:
     @property
     def uses_fp8(self) -> bool:
         """Whether the recipe stores or computes anything in FP8 (needs FP8 tensor cores on a GPU)."""
-        return self.weights == "fp8" or self.compute == "fp8"
+        return self.weights == "fp8" or self.compute == "fp8" or self.fp8_lm_head
 
     @property
     def uses_fp4(self) -> bool:
@@ -266,10 +268,6 @@ def validate(cfg: TrainConfig) -> None:
 def validate_precision(p: PrecisionConfig) -> None:
     for name in ("skip_quant_first_layers", "skip_quant_last_layers"):
         _require(getattr(p, name) >= 0, f"precision.{name}={getattr(p, name)} must be >= 0")
-    _require(
-        not p.fp8_lm_head,
-        "precision.fp8_lm_head=true is not supported yet (the chunked LM-head loss reads a bf16 weight): set it false",
-    )
     _require(
         not (p.weights == "fp8" and p.compute not in ("fp8", "bf16")),
         f"precision.compute={p.compute!r} with fp8 weights: set compute to fp8 or bf16",

@@ -260,6 +260,8 @@ def parallelize(
     """
     layers = model.model.layers
     precision = resolve_precision(recipe, precision)
+    if precision is not None and precision.fp8_lm_head:
+        model.fp8_lm_head = True  # the chunked loss runs the LM head's GEMMs in FP8 (surogate/loss.py)
     quantized = quantized_blocks(precision, len(layers))
     stored = precision.weights if precision is not None and precision.weights != "bf16" else None
     if (compile and use_passes) or stored == "fp8":

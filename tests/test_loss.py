@@ -83,3 +83,41 @@ def test_compiles():
     loss.backward()
     assert abs(loss.item() - ref_loss.item()) / ref_loss.item() <= 1e-5
     assert _rel_err(hidden.grad, ref_dh) <= 1e-5
+
+
+@pytest.mark.parametrize("select_valid", [True, False])
+def test_fp8_head_matches_the_fp8_reference_and_stays_near_exact(select_valid):
+    """fp8=True: logits from e4m3 h and W (rowwise), grad_h from e5m2 dlogits and W^T's own e4m3 codes; against the
+    same quantize -> dequantize arithmetic in plain torch (tight) and the exact loss (FP8 tolerance)."""
+    from ops import fp8
+
+    fp8.clear_fp8_weight_cache()
+    hidden, weight, labels = _inputs(N=64, H=48, V=512, seed=3)
+    before = fp8.stats["fp8_gemms"]
+    loss, n = chunked_lm_loss(hidden, weight, labels, chunk_size=16, select_valid=select_valid, fp8=True)
+    loss.backward()
+    chunks = -(-(n.item() if select_valid else 64) // 16)
+    assert fp8.stats["fp8_gemms"] - before == 2 * chunks  # logits and grad_h of every chunk ran as FP8 GEMMs
+
+    def deq(t, fmt, dim_rows=True):
+        codes, scale = fp8.quantize_rows_reference(t if dim_rows else t.t().contiguous(), fmt)
+        out = codes.float() * scale
+        return out if dim_rows else out.t()
+
+    h = hidden.detach().clone().requires_grad_()
+    logits = deq(h.detach(), fp8.E4M3) @ deq(weight, fp8.E4M3).T
+    valid = labels != -100
+    ref = F.cross_entropy(logits[valid], labels[valid], reduction="sum")
+    dlogits = torch.softmax(logits, -1) - F.one_hot(labels.clamp_min(0), 512).float()
+    dlogits = dlogits * valid[:, None]
+    ref_dh = deq(dlogits, fp8.E5M2) @ deq(weight, fp8.E4M3, dim_rows=False)
+    assert _rel_err(loss, ref) < 1e-5 and _rel_err(hidden.grad, ref_dh) < 1e-5
+    exact_loss, exact_dh, _ = _reference(hidden, weight, labels)
+    assert torch.isfinite(hidden.grad).all()
+    assert 0 < _rel_err(loss, exact_loss) < 2e-2 and _rel_err(hidden.grad, exact_dh) < 0.1
+
+
+def test_fp8_head_refuses_a_trainable_head():
+    hidden, weight, labels = _inputs(weight_grad=True)
+    with pytest.raises(ValueError, match="frozen LM head"):
+        chunked_lm_loss(hidden, weight, labels, fp8=True)

@@ -294,6 +294,8 @@ class Qwen3ForCausalLM(nn.Module):
     # The loss skips the LM head on rows without a label (one host sync per forward: surogate/loss.py); False
     # computes every row instead, which CUDA graph capture needs (surogate/cuda_graphs.py sets it).
     select_loss_rows: bool = True
+    # The LM head's two GEMMs (logits, and their dX) in FP8 (`precision.fp8_lm_head`; set by surogate.parallelize).
+    fp8_lm_head: bool = False
 
     def __init__(self, args: ModelArgs, attn_backend: str = "sdpa"):
         super().__init__()
@@ -325,5 +327,6 @@ class Qwen3ForCausalLM(nn.Module):
         if type(self.lm_head) is not nn.Linear:
             raise ValueError("the chunked loss reads lm_head.weight directly: do not wrap lm_head (e.g. with LoRA)")
         return chunked_lm_loss(
-            h.flatten(0, 1), self.lm_head.weight, labels.flatten(), select_valid=self.select_loss_rows
-        )
+            h.flatten(0, 1), self.lm_head.weight, labels.flatten(), select_valid=self.select_loss_rows,
+            fp8=self.fp8_lm_head,
+        )  # fmt: skip

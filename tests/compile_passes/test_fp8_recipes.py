@@ -79,3 +79,19 @@ def test_narrow_projections_stay_bf16():
         assert fp8.stats["fp8_gemms"] == fp8_calls + (fp8_calls - 1 if fp8_calls else 0)  # no dX into the embedding
         assert (fp8.stats["weights_quantized"] > 0) == (fp8_calls > 0)  # nothing is cached for the bf16 calls
     assert recipe_precision("fp8").fp8_min_features == 2048 and recipe_precision("qfp8").fp8_min_features == 0
+
+
+def test_fp8_lm_head_through_config_and_parallelize():
+    cfg = load_config(["recipe=bf16", "precision.fp8_lm_head=true"])
+    assert cfg.precision.fp8_lm_head and cfg.precision.uses_fp8  # preflight then asks for FP8 tensor cores
+    torch._dynamo.reset()
+    model, args = _model(layers=1)
+    ids, pos, labels = random_batch(args)
+    reference = model(ids, pos, labels)[0].item()
+    parallelize(model, recipe="bf16", precision=cfg.precision, compile=False)
+    assert model.fp8_lm_head
+    fp8.stats.clear()
+    loss, _ = model(ids, pos, labels)
+    loss.backward()
+    assert fp8.stats["fp8_gemms"] == 2  # one chunk: logits and grad_h (the blocks stay bf16)
+    assert abs(loss.item() - reference) / reference < 2e-2
