@@ -5,7 +5,8 @@ any weights are read or anything is written. Each raises `ConfigError` with one 
     check_sequence_len     sequence_len against the model's max_position_embeddings
     check_lora_targets     lora_target_modules against the model: the router only on MoE models, and on MoE models
                            only targets whose LoRA a PEFT adapter can hold (surogate.export.moe_target_problem)
-    check_checkpoint_quantization  a pre-quantized (FP8) checkpoint against the recipe's weight storage
+    check_checkpoint_quantization  a pre-quantized (FP8, bitsandbytes NF4) checkpoint against the recipe's weight
+                           storage
     build_checked_dataset  the full data pipeline (every row, not only the first few that `validate_data` reads),
                            and at least one batch per epoch; the trainer reuses the result
 """
@@ -94,16 +95,29 @@ def check_lora_targets(cfg: TrainConfig, args: Any) -> None:
         raise ConfigError(problem)
 
 
+# quant_method -> (the checkpoint, its weight format, the storages that may hold its weights, the recipes to suggest).
+# A checkpoint is dequantized at load: bf16 storage keeps it exactly, its own format requantizes it to (nearly) the
+# same codes, a finer one rounds it once more; a coarser format or another 4-bit grid would round it a second time to
+# fewer levels, so that is refused.
+_REQUANTIZABLE = {
+    "fp8": ("an FP8", "FP8", ("bf16", "fp8"), "recipe=qfp8 (or bf16/fp8)"),
+    "bitsandbytes": ("a bitsandbytes NF4", "NF4", ("bf16", "fp8", "nf4"), "recipe=qnf4 (or bf16/fp8/qfp8)"),
+}
+
+
 def check_checkpoint_quantization(cfg: TrainConfig, quant: Any) -> None:
-    """An FP8 checkpoint (`quant`: a `CheckpointQuantization`, None for a plain one) is dequantized at load for
-    bf16 storage and requantized per row for fp8 storage; any other storage would quantize weights that were
-    already rounded to FP8 a second time, to a coarser format, so it is refused."""
-    if quant is None or cfg.precision.weights in ("bf16", "fp8"):
+    """A pre-quantized checkpoint (`quant`: a `CheckpointQuantization`, None for a plain one) against the recipe's
+    weight storage: FP8 loads into bf16 or fp8 storage (dequantized, or requantized per row), bitsandbytes NF4 into
+    bf16, fp8 or nf4 (qnf4 gets the checkpoint's codes back); any other storage is refused."""
+    if quant is None:
+        return
+    checkpoint, weight_format, storages, suggestion = _REQUANTIZABLE[quant.method]
+    if cfg.precision.weights in storages:
         return
     raise ConfigError(
-        f"model: {cfg.model} is an FP8 checkpoint (quantization_config.quant_method={quant.method}) and "
-        f"recipe={cfg.recipe} would quantize its FP8 weights again to {cfg.precision.weights}: use recipe=qfp8 "
-        "(or bf16/fp8), or the checkpoint's bf16 original"
+        f"model: {cfg.model} is {checkpoint} checkpoint (quantization_config.quant_method={quant.method}) and "
+        f"recipe={cfg.recipe} would quantize its {weight_format} weights again to {cfg.precision.weights}: use "
+        f"{suggestion}, or the checkpoint's bf16 original"
     )
 
 

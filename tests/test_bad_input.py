@@ -127,6 +127,7 @@ def test_pickle_only_checkpoint_is_refused(tmp_path, capsys):
 
 
 FP8_QUANT = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+BNB_QUANT = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False, "bnb_4bit_quant_type": "nf4"}
 
 
 @pytest.mark.parametrize(
@@ -136,8 +137,11 @@ FP8_QUANT = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic
         ({**FP8_QUANT, "weight_block_size": None}, "qfp8", "FP8 weight_block_size=None is not supported"),
         ({**FP8_QUANT, "activation_scheme": "static"}, "qfp8", "activation_scheme='static' is not supported"),
         (FP8_QUANT, "qnf4", "is an FP8 checkpoint (quantization_config.quant_method=fp8) and recipe=qnf4 would"),
+        ({**BNB_QUANT, "load_in_4bit": False, "load_in_8bit": True}, "bf16", "8-bit bitsandbytes checkpoints (load_in"),
+        ({**BNB_QUANT, "bnb_4bit_quant_type": "fp4"}, "qnf4", "bnb_4bit_quant_type='fp4' is not supported (only NF4)"),
+        (BNB_QUANT, "qfp4", "is a bitsandbytes NF4 checkpoint (quantization_config.quant_method=bitsandbytes) and"),
     ],
-    ids=["unknown-method", "per-tensor-fp8", "static-activations", "fp8-for-qnf4"],
+    ids=["unknown-method", "per-tensor-fp8", "static-activations", "fp8-for-qnf4", "bnb-8bit", "bnb-fp4", "bnb-qfp4"],
 )
 def test_quantized_checkpoint_refused(tmp_path, capsys, quant, recipe, needle):
     m = _model_dir(tmp_path / "m", quantization_config=quant)

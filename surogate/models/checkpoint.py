@@ -18,7 +18,12 @@ Fine-grained FP8 checkpoints (Qwen3-*-FP8; `quantization_config` {quant_method: 
 `weight` e4m3 [out, in] with `weight_scale_inv` fp32 [ceil(out/128), ceil(in/128)], one dequantization multiplier
 per tile) are dequantized to the target dtype tensor by tensor on the device. qfp8 then requantizes each block with
 one scale per row, the layout its op reads (a second e4m3 rounding; keeping the tile scales would need a
-block-scaled FP8 GEMM, which the qfp8 op does not have). Other `quant_method`s are refused by `inspect_checkpoint`.
+block-scaled FP8 GEMM, which the qfp8 op does not have).
+
+bitsandbytes 4-bit NF4 checkpoints (a `load_in_4bit` model saved by transformers: uint8 codes plus `absmax`,
+`quant_map`, optional nested absmax and a packed JSON state per Linear) are dequantized the same way, tensor by
+tensor (surogate/models/bnb_checkpoint.py); qnf4 requantizes them to the same codes. Other `quant_method`s, and
+8-bit or FP4 bitsandbytes checkpoints, are refused by `inspect_checkpoint`.
 
 Pickle checkpoints (`pytorch_model.bin`) can run code when loaded; they are refused unless `allow_pickle=True`,
 and then read with `torch.load(weights_only=True)`.
@@ -40,6 +45,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from surogate.attention import resolve_backend
+from surogate.models.bnb_checkpoint import (
+    BNB_BLOCK,
+    bnb_quantization_problem,
+    bnb_shape_problems,
+    is_bnb_companion,
+    read_bnb_state,
+    read_bnb_weight,
+)
 from surogate.models.moe import EXPERT_PROJS, GroupedExperts
 from surogate.models.presets import PRESETS
 from surogate.models.qwen3 import ModelArgs, Qwen3ForCausalLM, RMSNorm
@@ -68,8 +81,9 @@ FP8_BLOCK = 128
 class CheckpointQuantization:
     """How a pre-quantized checkpoint stores its linear weights (config.json's `quantization_config`)."""
 
-    method: str  # "fp8": Hugging Face fine-grained FP8 (e4m3 `weight` + fp32 `weight_scale_inv` per tile)
-    block_size: int = FP8_BLOCK  # tile edge of the block scales
+    method: str  # "fp8": Hugging Face fine-grained FP8 (e4m3 `weight` + fp32 `weight_scale_inv` per tile);
+    # "bitsandbytes": 4-bit NF4 (uint8 codes + per-64 absmax, optionally double-quantized)
+    block_size: int = FP8_BLOCK  # fp8: tile edge of the block scales; bitsandbytes: elements per absmax block
 
 
 def fp8_scale_shape(weight_shape: tuple[int, ...], block_size: int) -> tuple[int, int]:
@@ -78,20 +92,34 @@ def fp8_scale_shape(weight_shape: tuple[int, ...], block_size: int) -> tuple[int
     return -(-out // block_size), -(-inp // block_size)
 
 
+_SUPPORTED = (
+    "surogate loads bf16/fp16/fp32 checkpoints, Hugging Face fine-grained FP8 ones (quant_method fp8) and "
+    "bitsandbytes 4-bit NF4 ones (quant_method bitsandbytes)"
+)
+
+
 def checkpoint_quantization(cfg: dict, where: str = "config.json") -> CheckpointQuantization | None:
     """The checkpoint's weight quantization (None: plain bf16/fp16/fp32); ValueError for one we cannot load."""
     q = cfg.get("quantization_config")
     if not q:
         return None
     method = q.get("quant_method")
-    supported = "surogate loads bf16/fp16/fp32 checkpoints and Hugging Face fine-grained FP8 ones (quant_method fp8)"
-    if method != "fp8":
-        raise ValueError(f"{where}: quantization_config.quant_method={method!r} is not supported; {supported}")
+    if method == "fp8":
+        return _fp8_quantization(q, where)
+    if method == "bitsandbytes":
+        problem = bnb_quantization_problem(q)
+        if problem:
+            raise ValueError(f"{where}: {problem}")
+        return CheckpointQuantization("bitsandbytes", BNB_BLOCK)
+    raise ValueError(f"{where}: quantization_config.quant_method={method!r} is not supported; {_SUPPORTED}")
+
+
+def _fp8_quantization(q: dict, where: str) -> CheckpointQuantization:
     block = q.get("weight_block_size")
     if not block or len(block) != 2 or block[0] != block[1]:
         raise ValueError(
             f"{where}: FP8 weight_block_size={block!r} is not supported (per-tensor or non-square scales); "
-            f"{supported} with square block scales such as [128, 128]"
+            f"{_SUPPORTED} with square block scales such as [128, 128]"
         )
     if q.get("fmt", "e4m3") != "e4m3" or q.get("activation_scheme", "dynamic") != "dynamic":
         raise ValueError(
@@ -309,7 +337,12 @@ def _plan_load(
             continue  # tied: lm_head shares embed_tokens (some tied checkpoints still store a copy)
         if hf_name.endswith(FP8_SCALE_SUFFIX) and hf_name.removesuffix("_scale_inv") in reader:
             continue  # read with its weight
-        shape = reader.shape(hf_name)
+        if is_bnb_companion(hf_name, reader):
+            continue  # read with its weight
+        shape, problems = _dense_shape(reader, hf_name)
+        if problems:
+            wrong_shape += problems
+            continue
         for name, expert, half in _hf_to_ours(hf_name):
             want = expected.get(name)
             got = shape if half is None else (shape[0], shape[1] // 2, *shape[2:])
@@ -341,8 +374,21 @@ def _plan_load(
     return groups
 
 
+def _dense_shape(reader: _Reader, hf_name: str) -> tuple[tuple[int, ...], list[str]]:
+    """The shape a checkpoint tensor has once read (a bitsandbytes 4-bit weight: its dense shape, from its packed
+    state), and what disagrees with it among the tensors stored for it."""
+    state = read_bnb_state(reader, hf_name)
+    if state is None:
+        return reader.shape(hf_name), []
+    return state.shape, bnb_shape_problems(reader, hf_name, state)
+
+
 def _read_weight(reader: _Reader, hf_name: str, dtype: torch.dtype, block_size: int) -> torch.Tensor:
-    """One checkpoint tensor on the reader's device in `dtype`; FP8 codes with block scales are dequantized there."""
+    """One checkpoint tensor on the reader's device in `dtype`; FP8 codes with block scales and bitsandbytes NF4
+    codes are dequantized there."""
+    bnb_state = read_bnb_state(reader, hf_name)
+    if bnb_state is not None:
+        return read_bnb_weight(reader, hf_name, bnb_state, dtype)
     tensor = reader.get(hf_name)
     scale = hf_name.removesuffix("weight") + "weight_scale_inv"
     if hf_name.endswith(".weight") and scale in reader:
@@ -378,8 +424,9 @@ def read_quantization(path: str | Path) -> CheckpointQuantization | None:
 
 
 def _block_size(path: Path) -> int:
+    """The FP8 tile edge of the block scales (only fine-grained FP8 checkpoints have such scales)."""
     quant = read_quantization(path)
-    return quant.block_size if quant is not None else FP8_BLOCK
+    return quant.block_size if quant is not None and quant.method == "fp8" else FP8_BLOCK
 
 
 def load_model(
@@ -397,7 +444,8 @@ def load_model(
     presets: that block initialized), after the embedding, final norm and LM head. `on_block(index, block)` is called
     once each block is complete and before the next is read: a stream-quantizing loader converts the block there,
     so at most one block exists in `dtype` beside the converted ones (surogate/models/quantized_load.py).
-    Checkpoints in Hugging Face's fine-grained FP8 format are dequantized to `dtype` tensor by tensor on `device`.
+    Checkpoints in Hugging Face's fine-grained FP8 format or bitsandbytes' 4-bit NF4 format are dequantized to `dtype`
+    tensor by tensor on `device`.
 
     `compute_device` is where the model will run when that differs from where it is loaded (FSDP with a sharded
     base loads on the CPU and moves each rank's shards to its GPU): the attention backend is chosen for it.

@@ -2,11 +2,10 @@
 128 x 128 tile, `quantization_config.quant_method: fp8`): dequantized at load for bf16 storage, requantized per row
 for qfp8, and close to the bf16 model they were made from."""
 
-import json
-
 import pytest
 import torch
 import transformers
+from prequantized import is_quantized, save_shards, tiny_qwen3_config
 from safetensors.torch import load_file, save_file
 
 from ops.fp8 import FP8LoRALinear, dequantize_blockwise, quantize_blockwise
@@ -18,19 +17,6 @@ from surogate.parallelize import parallelize
 
 BLOCK = 128
 QUANT = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK]}
-PROJS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _hf_config():
-    # intermediate 320 and kv 128 rows: full and partial 128-tiles in both dimensions
-    return transformers.Qwen3Config(
-        vocab_size=384, hidden_size=256, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=64, tie_word_embeddings=False, max_position_embeddings=256,
-    )  # fmt: skip
-
-
-def _is_quantized(key: str) -> bool:
-    return key.startswith("model.layers.") and key.endswith(tuple(f"{p}.weight" for p in PROJS))
 
 
 @pytest.fixture(scope="module")
@@ -39,23 +25,19 @@ def fp8_ckpt(tmp_path_factory):
     a weight and its scales are read from different files."""
     path = tmp_path_factory.mktemp("fp8")
     torch.manual_seed(0)
-    hf = transformers.Qwen3ForCausalLM(_hf_config()).to(torch.bfloat16).eval()
+    # intermediate 320 and kv 128 rows: full and partial 128-tiles in both dimensions
+    hf = transformers.Qwen3ForCausalLM(tiny_qwen3_config(320)).to(torch.bfloat16).eval()
     hf.save_pretrained(path)
     state = load_file(path / "model.safetensors")
     (path / "model.safetensors").unlink()
     codes, scales = {}, {}
     for key, w in state.items():
-        if _is_quantized(key):
+        if is_quantized(key):
             codes[key], scales[key + "_scale_inv"] = quantize_blockwise(w, BLOCK)
         else:
             codes[key] = w
     shards = {"model-00001-of-00002.safetensors": codes, "model-00002-of-00002.safetensors": scales}
-    for name, tensors in shards.items():
-        save_file(tensors, path / name, {"format": "pt"})
-    weight_map = {k: name for name, tensors in shards.items() for k in tensors}
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "quantization_config": QUANT}))
+    save_shards(path, shards, QUANT)
     return path, hf
 
 
@@ -85,7 +67,7 @@ def test_bf16_load_dequantizes_and_matches_the_bf16_model(fp8_ckpt):
     scales = load_file(path / "model-00002-of-00002.safetensors")
     state = model.state_dict()
     for key in codes:
-        if _is_quantized(key):  # exactly the tile-scaled codes, rounded once to bf16
+        if is_quantized(key):  # exactly the tile-scaled codes, rounded once to bf16
             assert torch.equal(state[key], dequantize_blockwise(codes[key], scales[key + "_scale_inv"], BLOCK)), key
         else:
             assert torch.equal(state[key], codes[key]), key
