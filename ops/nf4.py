@@ -224,6 +224,8 @@ def dequantize_nf4(
 def nf4_row_absmax(absmax_q: Tensor, factor: Tensor, mean: Tensor, rows: int) -> Tensor:
     """[rows] fp32: the largest |dequantized weight| a row can hold (its blocks' largest absmax; NF4 values are in
     [-1, 1]). Needs whole blocks per row (in % 64 == 0)."""
+    if absmax_q.numel() % rows:
+        raise ValueError(f"NF4 with FP8 compute needs in_features divisible by {BLOCK}: set precision.compute=bf16")
     return _absmax(absmax_q, factor, mean).view(rows, -1).abs().amax(dim=1).clamp_min(EPS)
 
 

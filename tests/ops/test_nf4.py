@@ -279,3 +279,9 @@ def test_nf4_to_fp8_kernel_on_gpu():
     got = nf4.dequantize_nf4_triton(*stored, torch.float8_e4m3fn, row_scale=inv)
     want = nf4.dequantize_nf4_reference(*stored, torch.float8_e4m3fn, row_scale=inv)
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
+def test_fp8_compute_refuses_rows_that_split_a_block():
+    stored = quantize_nf4(torch.randn(64, 96))  # 96 inputs: blocks of 64 straddle rows
+    with pytest.raises(ValueError, match="divisible by 64"):
+        nf4.nf4_to_fp8(*([t] for t in stored))
