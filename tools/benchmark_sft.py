@@ -394,7 +394,7 @@ def _recipe_cell(r: dict) -> str:
 def _recompute_cell(r: dict) -> str:
     if not r["recompute"]:
         return "off"
-    return "on" if r.get("recompute_layers") is None else f"{r['recompute_layers']} blocks"
+    return "on" if r.get("recompute_layers") is None else f"first {r['recompute_layers']} blocks"
 
 
 def update_readme() -> None:

@@ -41,3 +41,26 @@ def test_table_keeps_the_latest_row_per_setting(bench):
     row.update(tokens_per_sec=1000.0, peak_mem_gib=1.0, compile_s=3.0, date="2026-01-01")
     table = bench.render_table([row, {**row, "tokens_per_sec": 2000.0, "date": "2026-01-02"}])
     assert "2.0k" in table and "1.0k" not in table and "2026-01-02" in table
+
+
+def test_precision_overrides_and_partial_recompute_are_recorded(bench, capsys):
+    bench.main(
+        ["--model", "tiny", "--device", "cpu", "--eager", "--seq-len", "64", "--micro-batch", "1", "--grad-accum", "1",
+         "--warmup", "1", "--steps", "1", "--no-record", "--recipe", "qnf4", "--precision", "compute=fp8",
+         "--recompute-layers", "1"]
+    )  # fmt: skip
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert row["recompute"] and row["recompute_layers"] == 1 and row["precision"] == "compute=fp8"
+    table = bench.render_table([{**row, "gpu": "NVIDIA H100", "seq_len": 2048}])
+    assert "qnf4 (compute=fp8)" in table and "first 1 blocks" in table
+
+
+def test_precision_override_types_and_errors(bench):
+    from surogate.config import ConfigError, recipe_precision
+
+    p = bench.with_overrides(recipe_precision("fp8"), ["fp8_min_features=0", "fp8_lm_head=true"])
+    assert p.fp8_min_features == 0 and p.fp8_lm_head is True
+    with pytest.raises(SystemExit, match="unknown key"):
+        bench.with_overrides(recipe_precision("fp8"), ["fp8_speed=11"])
+    with pytest.raises(ConfigError, match="nf4 weights"):
+        bench.with_overrides(recipe_precision("qnf4"), ["compute=fp4"])
