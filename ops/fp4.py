@@ -44,7 +44,6 @@ torchao is not needed; the tests check our quantizers against torchao's `nvfp4_q
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -52,10 +51,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.multiprocessing.reductions import StorageWeakRef
 
 from ops.fp8 import E4M3, FP8_MAX, GRAD_FORMATS, Fp8Weight, cast_rows, fp8_base_forward, fp8_base_grad_input, row_codes
-from ops.lora_linear import _lora_backward, _lora_forward, _split_grads, frozen_concat
+from ops.lora_linear import FrozenWeightCache, _lora_backward, _lora_forward, _split_grads, frozen_concat
 from ops.quantized_lora_module import QuantizedLoRALinear
 
 __all__ = [
@@ -366,29 +364,21 @@ def quantize_weight_fp4(w: Tensor, fp4_format: str, hadamard: bool) -> _Fp4Weigh
     return _Fp4Weight(quantize_fp4(w, fp4_format), quantize_fp4(wt, fp4_format))
 
 
-_WEIGHT_CACHE: dict[tuple, tuple[int, StorageWeakRef, _Fp4Weight]] = {}
-_WEIGHT_LOCK = threading.Lock()
+WEIGHT_CACHE = FrozenWeightCache()  # fp4 recipe: each frozen bf16 weight quantized once, per format
 
 
 def _cached_fp4_weight(w: Tensor, fp4_format: str, hadamard: bool) -> _Fp4Weight:
-    """A bf16 frozen weight quantized once (fp4 recipe); keyed and checked as `ops.fp8.cached_fp8_weight` (address,
-    shape, stride, dtype, device, format, a weak reference to the storage and the version counter)."""
-    key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype, w.device, fp4_format, hadamard)
-    with _WEIGHT_LOCK:
-        hit = _WEIGHT_CACHE.get(key)
-        if hit is not None and hit[0] == w._version and not hit[1].expired():
-            return hit[2]
-        for k in [k for k, (_, ref, _) in _WEIGHT_CACHE.items() if ref.expired()]:
-            del _WEIGHT_CACHE[k]
-        fw = quantize_weight_fp4(w, fp4_format, hadamard)
+    """A bf16 frozen weight quantized once (fp4 recipe; keying: `ops.lora_linear.FrozenWeightCache`)."""
+
+    def quantize() -> _Fp4Weight:
         stats["weights_quantized"] += 1
-        _WEIGHT_CACHE[key] = (w._version, StorageWeakRef(w.untyped_storage()), fw)
-        return fw
+        return quantize_weight_fp4(w, fp4_format, hadamard)
+
+    return WEIGHT_CACHE.get(w, (fp4_format, hadamard), quantize)
 
 
 def clear_fp4_weight_cache() -> None:
-    with _WEIGHT_LOCK:
-        _WEIGHT_CACHE.clear()
+    WEIGHT_CACHE.clear()
 
 
 @dataclass

@@ -40,7 +40,6 @@ References: `lora_linear_fp8_reference` (plain torch, differentiable: quantize -
 from __future__ import annotations
 
 import os
-import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,9 +47,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.multiprocessing.reductions import StorageWeakRef
 
-from ops.lora_linear import _block_diag_B, frozen_concat
+from ops.lora_linear import FrozenWeightCache, _block_diag_B, frozen_concat
 from ops.quantized_lora_module import QuantizedLoRALinear
 
 __all__ = [
@@ -295,12 +293,7 @@ class Fp8Weight:
     scale_t: Tensor | None = None  # [1, in] fp32, per input column
 
 
-_WEIGHT_CACHE: dict[tuple, tuple[int, StorageWeakRef, Fp8Weight]] = {}
-_WEIGHT_LOCK = threading.Lock()
-
-
-def _key(w: Tensor) -> tuple:
-    return (w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype, w.device)
+WEIGHT_CACHE = FrozenWeightCache()  # fp8 recipe: each frozen bf16 weight (group) quantized once
 
 
 def quantize_weight(w: Tensor, transposed: bool = True) -> Fp8Weight:
@@ -317,27 +310,19 @@ def cached_fp8_weight(weights: Sequence[Tensor], transposed: bool = True) -> Fp8
     """The (concatenated) bf16 base weights quantized once; later calls hit the cache (fp8 recipe). `transposed`:
     also cache W^T's codes for dX (1 more byte per weight); without it dX runs as qfp8's does (transpose per call).
 
-    Keyed on address, shape, stride, dtype and device, checked against a weak reference to the storage (a freed and
-    reused address misses) and the version counter (an in-place write re-quantizes and *replaces* the entry, so a
-    weight never has two cached copies; torch.compile's first run bumps parameter versions once).
+    See `ops.lora_linear.FrozenWeightCache` for the keying (an in-place write re-quantizes).
     """
     w = frozen_concat(weights)
-    key = (*_key(w), transposed)
-    with _WEIGHT_LOCK:
-        hit = _WEIGHT_CACHE.get(key)
-        if hit is not None and hit[0] == w._version and not hit[1].expired():
-            return hit[2]
-        for k in [k for k, (_, ref, _) in _WEIGHT_CACHE.items() if ref.expired()]:
-            del _WEIGHT_CACHE[k]
-        fw = quantize_weight(w, transposed)
+
+    def quantize() -> Fp8Weight:
         stats["weights_quantized"] += 1
-        _WEIGHT_CACHE[key] = (w._version, StorageWeakRef(w.untyped_storage()), fw)
-        return fw
+        return quantize_weight(w, transposed)
+
+    return WEIGHT_CACHE.get(w, (transposed,), quantize)
 
 
 def clear_fp8_weight_cache() -> None:
-    with _WEIGHT_LOCK:
-        _WEIGHT_CACHE.clear()
+    WEIGHT_CACHE.clear()
 
 
 def _stored_fp8_weight(codes: Sequence[Tensor], scales: Sequence[Tensor]) -> Fp8Weight:

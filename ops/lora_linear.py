@@ -44,6 +44,7 @@ from torch import Tensor
 from torch.multiprocessing.reductions import StorageWeakRef
 
 __all__ = [
+    "FrozenWeightCache",
     "lora_linear",
     "lora_linear_reference",
     "frozen_concat",
@@ -185,6 +186,43 @@ def _drop_dead_entries() -> None:
 def clear_frozen_concat_cache() -> None:
     with _CONCAT_LOCK:
         _CONCAT_CACHE.clear()
+
+
+class FrozenWeightCache:
+    """Values made once from a frozen weight (the fp8 and fp4 recipes' quantized codes), one entry per weight.
+
+    Keyed on the weight's address, shape, stride, dtype and device plus the caller's options, and checked against a
+    weak reference to the storage (a freed and reused address misses) and the version counter: an in-place write
+    re-makes the value and *replaces* the entry, so a weight never has two cached copies (torch.compile's first run
+    bumps parameter versions once). Entries of freed weights are dropped on the next miss.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, tuple[int, StorageWeakRef, object]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, w: Tensor, options: tuple, make: Callable[[], object]) -> object:
+        key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype, w.device, *options)
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None and hit[0] == w._version and not hit[1].expired():
+                return hit[2]
+            for k in [k for k, (_, ref, _) in self._entries.items() if ref.expired()]:
+                del self._entries[k]
+            value = make()
+            self._entries[key] = (w._version, StorageWeakRef(w.untyped_storage()), value)
+            return value
+
+    def values(self) -> list:
+        with self._lock:
+            return [entry[2] for entry in self._entries.values()]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
 
 
 # ----------------------------------------------------------------------------------------------------------------

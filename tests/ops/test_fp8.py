@@ -227,7 +227,7 @@ def test_weight_quantized_once():
     assert fp8.stats["weights_quantized"] == 1 and fp8.stats["fp8_gemms"] == 6
     ws[0].mul_(2)  # an in-place write (version bump) re-quantizes, replacing the entry
     OP(x, ws, None, As, Bs, [1.0], [])
-    assert fp8.stats["weights_quantized"] == 2 and len(fp8._WEIGHT_CACHE) == 1
+    assert fp8.stats["weights_quantized"] == 2 and len(fp8.WEIGHT_CACHE) == 1
 
 
 def test_row_codes_only_cache_matches_the_qfp8_arithmetic():
@@ -236,7 +236,7 @@ def test_row_codes_only_cache_matches_the_qfp8_arithmetic():
     fp8.clear_fp8_weight_cache()
     x, ws, As, Bs = _inputs((2, 8), 64, [32], [4])
     y, _ = OP(x, ws, None, As, Bs, [2.0], [], None, "e5m2", "fp8", False)
-    (fw,) = [entry[2] for entry in fp8._WEIGHT_CACHE.values()]
+    (fw,) = fp8.WEIGHT_CACHE.values()
     assert fw.codes_t is None and fw.codes.dtype == torch.float8_e4m3fn
     want = lora_linear_fp8_reference(x, fw.codes, As[0], Bs[0], 2.0, fw.scale.view(-1))
     assert rel(y, want) < 1e-6
