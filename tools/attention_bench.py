@@ -4,8 +4,9 @@
 
 Rows are the standard benchmark's (micro batch 2 x 2048); `--docs N` splits each row into N equal documents
 (document-causal mask). SDPA rows ignore documents (plain causal): they are the dense ceiling to compare against,
-not an equivalent. TFLOP/s counts causal attention (half of 4*S*S*D per head forward, 2.5x that for backward),
-for one document per row.
+not an equivalent. The varlen rows mask documents as flex does, through FlashAttention's and cuDNN's cu_seqlens
+kernels (k/v expanded to the query heads beforehand). TFLOP/s counts causal attention (half of 4*S*S*D per head
+forward, 2.5x that for backward), for one document per row.
 """
 
 from __future__ import annotations
@@ -40,6 +41,60 @@ def fwd_bwd(attn, q, k, v):
         out.backward(torch.ones_like(out))
 
     return run
+
+
+def cu_seqlens(pos: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Document boundaries of packed rows (position_ids restart at 0) as cumulative lengths over the flattened batch,
+    int32 [docs + 1], and the longest document."""
+    flat = pos.flatten()
+    starts = torch.nonzero(flat == 0).flatten()
+    ends = torch.cat([starts[1:], starts.new_tensor([flat.numel()])])
+    cu = torch.cat([starts.new_zeros(1), ends]).to(torch.int32)
+    return cu, int((ends - starts).max())
+
+
+class _CudnnVarlen(torch.autograd.Function):
+    """Document-causal attention through cuDNN's ragged (cu_seqlens) path: q, k, v packed as [tokens, heads, D]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, max_len):
+        out, lse, cu_q, cu_k, mq, mk, seed, offset, _ = torch.ops.aten._cudnn_attention_forward(
+            q, k, v, None, cu, cu, max_len, max_len, True, 0.0, True
+        )
+        ctx.save_for_backward(q, k, v, out, lse, seed, offset, cu_q, cu_k)
+        ctx.max = (mq, mk)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, seed, offset, cu_q, cu_k = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
+            grad.contiguous(), q, k, v, out, lse, seed, offset, torch.empty(0, device=q.device), cu_q, cu_k,
+            *ctx.max, 0.0, True,
+        )  # fmt: skip
+        return dq, dk, dv, None, None
+
+
+def add_varlen_rows(add, q, k, v, pos) -> None:
+    """Document-causal attention without flex: FlashAttention's and cuDNN's cu_seqlens kernels (rows that error on
+    this torch build say so). k and v are expanded to the query heads outside the timed region, so the rows time the
+    kernels alone."""
+    import inspect
+
+    from torch.nn.attention import varlen
+
+    B, H, S, D = q.shape
+    cu, max_len = cu_seqlens(pos)
+    rep = H // k.shape[1]
+
+    def packed(t):  # [B, H, S, D] -> [B*S, H, D], a leaf so its gradient is the kernel's own
+        return t.detach().transpose(1, 2).reshape(B * S, t.shape[1], D).contiguous().requires_grad_()
+
+    qp, kp, vp = packed(q), packed(k.repeat_interleave(rep, 1)), packed(v.repeat_interleave(rep, 1))
+    params = inspect.signature(varlen.varlen_attn).parameters
+    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    add("varlen flash (document-causal)", lambda *_: varlen.varlen_attn(qp, kp, vp, cu, cu, max_len, max_len, **causal))
+    add("varlen cudnn (document-causal)", lambda *_: _CudnnVarlen.apply(qp, kp, vp, cu, max_len))
 
 
 def main() -> None:
@@ -97,6 +152,7 @@ def main() -> None:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
         add(name, sdpa)
+    add_varlen_rows(add, q, k, v, pos)
     print(f"\n{cli.model}: B={B} S={S} Hq={a.num_heads} Hkv={a.num_kv_heads} D={D} docs/row={cli.docs}")
     print(f"{'variant':<70} {'ms':>8} {'TFLOP/s':>8}")
     for name, ms, tf in rows:
