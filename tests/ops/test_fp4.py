@@ -11,6 +11,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from lora_cases import lora_grads as _grads
+from lora_cases import lora_inputs as _inputs
+from lora_cases import rel
 
 from ops import fp4
 from ops.fp4 import dequantize_fp4, fake_quantize_fp4, lora_linear_fp4_reference, quantize_fp4
@@ -20,11 +23,6 @@ OP = torch.ops.surogate.lora_linear_fp4.default
 FORMATS = ["nvfp4", "mxfp4"]
 # e2m1 (OCP MX spec, table 5): sign, 2 exponent bits (bias 1), 1 mantissa bit; written out independently.
 E2M1_POSITIVE = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert torch.isfinite(a).all()
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _torchao_mx():
@@ -208,20 +206,6 @@ def test_op_on_gpu_matches_cpu(fp4_format):
 
 # (leading dims, in, outs per projection, ranks): a single projection and a q/k/v-like group
 SHAPES = [((3, 16), 64, [64], [4]), ((2, 24), 128, [128, 64, 64], [8, 8, 8])]
-
-
-def _inputs(lead, d_in, outs, ranks, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*lead, d_in, generator=g).to(dtype).requires_grad_()
-    ws = [(torch.randn(o, d_in, generator=g) / d_in**0.5).to(dtype) for o in outs]
-    As = [(torch.randn(r, d_in, generator=g) / d_in**0.5).to(dtype).requires_grad_() for r in ranks]
-    Bs = [(torch.randn(o, r, generator=g) * 0.5).to(dtype).requires_grad_() for o, r in zip(outs, ranks)]
-    return x, ws, As, Bs
-
-
-def _grads(y, x, As, Bs, seed=1):
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.dtype)
-    return torch.autograd.grad(y, [x, *As, *Bs], dy, retain_graph=True)
 
 
 def _reference(x, ws, As, Bs, scalings, fp4_format, compute="fp4", hadamard=True):

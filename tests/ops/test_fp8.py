@@ -10,6 +10,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from lora_cases import lora_grads as _grads
+from lora_cases import lora_inputs as _inputs
+from lora_cases import rel
 
 from ops import fp8
 from ops.fp8 import (
@@ -29,11 +32,6 @@ from ops.lora_linear import lora_linear_reference
 OP = torch.ops.surogate.lora_linear_fp8.default
 TOL = 6e-2  # relative error (Frobenius) vs the unquantized bf16/fp32 LoRA linear
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert torch.isfinite(a).all()
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 # ------------------------------------------------------------------------------------------------ quantization
@@ -144,21 +142,6 @@ def test_triton_transpose_on_gpu():
 
 # (leading dims, in, outs per projection, ranks): a single projection and a q/k/v-like group
 SHAPES = [((3, 16), 64, [48], [4]), ((2, 24), 96, [96, 32, 32], [8, 8, 8])]
-
-
-def _inputs(lead, d_in, outs, ranks, dtype=torch.float32, device="cpu", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*lead, d_in, generator=g).to(device, dtype).requires_grad_()
-    ws = [(torch.randn(o, d_in, generator=g) / d_in**0.5).to(device, dtype) for o in outs]
-    As = [(torch.randn(r, d_in, generator=g) / d_in**0.5).to(device, dtype).requires_grad_() for r in ranks]
-    Bs = [(torch.randn(o, r, generator=g) * 0.5).to(device, dtype).requires_grad_() for o, r in zip(outs, ranks)]
-    return x, ws, As, Bs
-
-
-def _grads(y, x, As, Bs, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    dy = torch.randn(y.shape, generator=g).to(y.device, y.dtype)
-    return torch.autograd.grad(y, [x, *As, *Bs], dy, retain_graph=True)
 
 
 def _check_against_exact(lead, d_in, outs, ranks, stored: bool, grad_format="e5m2", compute="fp8", device="cpu"):

@@ -11,6 +11,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from lora_cases import lora_grads as _grads
+from lora_cases import lora_inputs as _inputs
+from lora_cases import rel
 
 from ops import nf4
 from ops.lora_linear import lora_linear_reference
@@ -28,11 +31,6 @@ TORCHAO_NF4 = torch.tensor(
     [-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0, 0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626,
      0.7230, 1.0]
 )  # fmt: skip
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert torch.isfinite(a).all()
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _torchao():
@@ -133,20 +131,6 @@ def test_triton_dequantize_on_gpu():
 
 # (leading dims, in, outs per projection, ranks): a single projection and a q/k/v-like group
 SHAPES = [((3, 16), 64, [48], [4]), ((2, 24), 128, [128, 64, 64], [8, 8, 8])]
-
-
-def _inputs(lead, d_in, outs, ranks, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*lead, d_in, generator=g).to(dtype).requires_grad_()
-    ws = [(torch.randn(o, d_in, generator=g) / d_in**0.5).to(dtype) for o in outs]
-    As = [(torch.randn(r, d_in, generator=g) / d_in**0.5).to(dtype).requires_grad_() for r in ranks]
-    Bs = [(torch.randn(o, r, generator=g) * 0.5).to(dtype).requires_grad_() for o, r in zip(outs, ranks)]
-    return x, ws, As, Bs
-
-
-def _grads(y, x, As, Bs, seed=1):
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.dtype)
-    return torch.autograd.grad(y, [x, *As, *Bs], dy, retain_graph=True)
 
 
 def _call(x, stored, As, Bs, scalings, lora_inputs=()):

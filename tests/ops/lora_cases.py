@@ -1,0 +1,26 @@
+"""Shared by the op tests: random LoRA-linear inputs (a single projection or a shared-input group), gradients of an
+output against a fixed random upstream gradient, and the relative error that refuses NaN."""
+
+import torch
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert torch.isfinite(a).all()
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def lora_inputs(lead, d_in, outs, ranks, dtype=torch.float32, device="cpu", seed=0):
+    """x [*lead, d_in] and, per projection, a frozen weight [out, d_in], A [r, d_in] and B [out, r] (B nonzero)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, d_in, generator=g).to(device, dtype).requires_grad_()
+    ws = [(torch.randn(o, d_in, generator=g) / d_in**0.5).to(device, dtype) for o in outs]
+    As = [(torch.randn(r, d_in, generator=g) / d_in**0.5).to(device, dtype).requires_grad_() for r in ranks]
+    Bs = [(torch.randn(o, r, generator=g) * 0.5).to(device, dtype).requires_grad_() for o, r in zip(outs, ranks)]
+    return x, ws, As, Bs
+
+
+def lora_grads(y, x, As, Bs, seed=1):
+    """(dx, dA..., dB...) of y against a seeded random upstream gradient (drawn on the CPU: the same on any device)."""
+    g = torch.Generator().manual_seed(seed)
+    dy = torch.randn(y.shape, generator=g).to(y.device, y.dtype)
+    return torch.autograd.grad(y, [x, *As, *Bs], dy, retain_graph=True)
