@@ -52,7 +52,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ops.fp8 import E4M3, FP8_MAX, GRAD_FORMATS, Fp8Weight, cast_rows, fp8_base_forward, fp8_base_grad_input, row_codes
+from ops.fp8 import (
+    E4M3,
+    FP8_MAX,
+    GRAD_FORMATS,
+    Fp8Weight,
+    cached_row_absmax,
+    cast_rows,
+    fp8_base_forward,
+    fp8_base_grad_input,
+    row_codes,
+)
 from ops.lora_linear import FrozenWeightCache, _lora_backward, _lora_forward, _split_grads, frozen_concat
 from ops.quantized_lora_module import QuantizedLoRALinear
 
@@ -299,7 +309,10 @@ def fp4_to_fp8(
     output row, the operand of the FP8 GEMMs (`precision.compute: fp8`, qfp4's default): one kernel per weight
     writes its row block, the dense bf16 weight is never made."""
     rows = [c.shape[0] for c in codes]
-    amax = torch.cat([fp4_row_absmax(b, g, fp4_format) for b, g in zip(block_scales, global_scales)])
+    amax = cached_row_absmax(
+        [*block_scales, *global_scales],
+        lambda: torch.cat([fp4_row_absmax(b, g, fp4_format) for b, g in zip(block_scales, global_scales)]),
+    )
 
     def write(i: int, dst: Tensor, inv: Tensor) -> None:
         stored = (codes[i], block_scales[i], global_scales[i], fp4_format, E4M3)

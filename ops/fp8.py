@@ -64,6 +64,7 @@ __all__ = [
     "fp8_base_forward",
     "fp8_base_grad_input",
     "cached_fp8_weight",
+    "cached_row_absmax",
     "cast_rows",
     "row_codes",
     "lora_linear_fp8",
@@ -322,7 +323,9 @@ def cached_fp8_weight(weights: Sequence[Tensor], transposed: bool = True) -> Fp8
 
 
 def clear_fp8_weight_cache() -> None:
+    """Drop the cached FP8 codes of bf16 weights and the cached row absmax of 4-bit stored weights."""
     WEIGHT_CACHE.clear()
+    ROW_ABSMAX_CACHE.clear()
 
 
 def _stored_fp8_weight(codes: Sequence[Tensor], scales: Sequence[Tensor]) -> Fp8Weight:
@@ -366,6 +369,21 @@ def cast_rows(values: Tensor, row_scale: Tensor | None, dtype: torch.dtype) -> T
     if dtype in FP8_MAX:
         values = values.clamp(-FP8_MAX[dtype], FP8_MAX[dtype])
     return values.to(dtype)
+
+
+ROW_ABSMAX_CACHE = FrozenWeightCache()  # 4-bit storage with FP8 compute: each group's row absmax, made once
+
+
+def cached_row_absmax(scales: Sequence[Tensor], make: Callable[[], Tensor]) -> Tensor:
+    """A group's row absmax (`make()`), computed once from its stored scale tensors and then cached.
+
+    It depends only on the frozen scales, and making it is a gather, a cast and a reduction over 1/16 to 1/64 of
+    the weight's size: on Qwen3-8B qfp4 with recompute that was ~40 ms of a 1.3 s step when done on every
+    forward, recompute and backward. Keyed on the first scale tensor; the others' addresses and version counters
+    ride along as options, so an in-place write to any of them (load_state_dict) makes it anew. The scales are
+    module buffers, which FSDP leaves unsharded, so their addresses are stable in every mode."""
+    first, *rest = scales
+    return ROW_ABSMAX_CACHE.get(first, tuple((t.data_ptr(), t._version) for t in rest), make)
 
 
 def row_codes(

@@ -42,7 +42,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ops.fp8 import E4M3, FP8_MAX, GRAD_FORMATS, Fp8Weight, cast_rows, fp8_base_forward, fp8_base_grad_input, row_codes
+from ops.fp8 import (
+    E4M3,
+    FP8_MAX,
+    GRAD_FORMATS,
+    Fp8Weight,
+    cached_row_absmax,
+    cast_rows,
+    fp8_base_forward,
+    fp8_base_grad_input,
+    row_codes,
+)
 from ops.lora_linear import _lora_backward, _lora_forward, _split_grads
 from ops.quantized_lora_module import QuantizedLoRALinear
 
@@ -237,7 +247,10 @@ def nf4_to_fp8(
     straight into its row block; the dense bf16 weight is never made. The row scale (row absmax / 448) comes from
     the stored block absmax, so no pass over the weight is needed to find it."""
     rows = [c.shape[0] for c in codes]
-    amax = torch.cat([nf4_row_absmax(a, f, m, r) for a, f, m, r in zip(absmax_q, factors, means, rows)])
+    amax = cached_row_absmax(
+        [*absmax_q, *factors, *means],
+        lambda: torch.cat([nf4_row_absmax(a, f, m, r) for a, f, m, r in zip(absmax_q, factors, means, rows)]),
+    )
 
     def write(i: int, dst: Tensor, inv: Tensor) -> None:
         stored = (codes[i], absmax_q[i], factors[i], means[i])

@@ -222,6 +222,28 @@ def test_nf4_to_fp8_row_codes():
     assert (fw.codes.float().abs().amax(dim=1) > 300).all() and fw.codes.float().abs().max() <= 448
 
 
+def test_nf4_to_fp8_row_absmax_made_once_and_remade_after_a_write():
+    from ops.fp8 import ROW_ABSMAX_CACHE, clear_fp8_weight_cache
+
+    clear_fp8_weight_cache()
+    _, ws, _, _, stored = _fp8_options()
+    codes, absmax_q, factors, means = (list(t) for t in zip(*stored))
+    first = nf4.nf4_to_fp8(codes, absmax_q, factors, means)
+    assert len(ROW_ABSMAX_CACHE) == 1
+    again = nf4.nf4_to_fp8(codes, absmax_q, factors, means)
+    assert torch.equal(again.scale, first.scale) and len(ROW_ABSMAX_CACHE) == 1
+    # an in-place write to any scale tensor of the group (here the last weight's factors) is seen
+    factors[2].mul_(0.5)  # a smaller factor: larger block absmax for that weight
+    remade = nf4.nf4_to_fp8(codes, absmax_q, factors, means)
+    rows = [w.shape[0] for w in ws]
+    old, new = first.scale.view(-1).split(rows), remade.scale.view(-1).split(rows)
+    assert torch.equal(old[0], new[0]) and not torch.equal(old[2], new[2])
+    fresh = torch.cat([nf4.nf4_row_absmax(a, f, m, r) for a, f, m, r in zip(absmax_q, factors, means, rows)])
+    assert torch.allclose(remade.scale.view(-1) * 448.0, fresh)
+    clear_fp8_weight_cache()
+    assert len(ROW_ABSMAX_CACHE) == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_op_fp8_compute(dtype):
     from ops.fp8 import lora_linear_fp8_reference, stats
