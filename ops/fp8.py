@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ops.lora_linear import FrozenWeightCache, _block_diag_B, frozen_concat
+from ops.lora_linear import FrozenWeightCache, _block_diag_B, add_low_rank_, frozen_concat
 from ops.quantized_lora_module import QuantizedLoRALinear
 
 __all__ = [
@@ -473,7 +473,7 @@ def _fp8_forward(x, weights, weight_scales, bias, lora_As, lora_Bs, scalings, lo
     if bias is not None:
         y += bias
     b_blk, alpha = _block_diag_B(lora_Bs, scalings)
-    y.addmm_(xa, b_blk.t(), alpha=alpha)
+    add_low_rank_(y, xa, b_blk.t(), alpha)
     return y.view(*x.shape[:-1], y.shape[-1]), xa
 
 
@@ -520,7 +520,7 @@ def _fp8_backward(
     grad_lora_inputs: list[Tensor] = []
     if shared_input:
         a_cat = lora_As[0] if len(lora_As) == 1 else torch.cat(lora_As, dim=0)
-        grad_x.addmm_(dxa, a_cat)
+        add_low_rank_(grad_x, dxa, a_cat)
     else:
         grad_lora_inputs = [(d @ a).view(*lead, in_features) for d, a in zip(dxa.split(ranks, dim=1), lora_As)]
     return grad_x.view(*lead, in_features), grad_lora_inputs, grad_As, grad_Bs

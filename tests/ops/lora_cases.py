@@ -1,5 +1,10 @@
 """Shared by the op tests: random LoRA-linear inputs (a single projection or a shared-input group), gradients of an
-output against a fixed random upstream gradient, and the relative error that refuses NaN."""
+output against a fixed random upstream gradient, the relative error that refuses NaN, and a runner for Triton
+kernels under the interpreter."""
+
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -24,3 +29,11 @@ def lora_grads(y, x, As, Bs, seed=1):
     g = torch.Generator().manual_seed(seed)
     dy = torch.randn(y.shape, generator=g).to(y.device, y.dtype)
     return torch.autograd.grad(y, [x, *As, *Bs], dy, retain_graph=True)
+
+
+def run_interpreted(code: str) -> None:
+    """Run `code` in a fresh process with TRITON_INTERPRET=1 (Triton kernels on CPU tensors); it prints ok."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

@@ -3,16 +3,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 from lora_cases import lora_grads as _grads
 from lora_cases import lora_inputs as _inputs
 from lora_cases import rel
+from lora_cases import run_interpreted as _run_interpreted
 
 from ops import fp8
 from ops.fp8 import (
@@ -100,14 +97,6 @@ for rows, cols, dtype, col, block in [(5, 300, E4M3, False, 128), (3, 1000, E5M2
     assert diff.float().mean().item() < 0.05
 print("ok")
 """
-
-
-def _run_interpreted(code: str) -> None:
-    """Run `code` in a fresh process with TRITON_INTERPRET=1 (Triton kernels on CPU tensors); it prints ok."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 
 def test_triton_quantize_kernel_matches_reference_interpreted():
