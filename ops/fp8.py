@@ -182,7 +182,10 @@ _KERNEL = None
 def quantize_rows_triton(
     x: Tensor, dtype: torch.dtype = E4M3, col_scale: Tensor | None = None, block: int = 2048
 ) -> tuple[Tensor, Tensor]:
-    """The fused kernel: one program per row (CUDA, or CPU tensors under TRITON_INTERPRET=1 in tests)."""
+    """The fused kernel: one program per row (CUDA, or CPU tensors under TRITON_INTERPRET=1 in tests).
+
+    Rows over 8192 wide get 16 warps: on an H100 (4096 rows, TB/s of bf16 read + fp8 written) 8 warps reach 2.3 /
+    1.8 at 12288 / 24576 wide, 16 warps 2.7 / 2.6; at 4096-6144 wide 8 warps are best (2.5)."""
     global _KERNEL
     if _KERNEL is None:
         _KERNEL = _triton_quantize_kernel()
@@ -196,7 +199,7 @@ def quantize_rows_triton(
     if rows:
         _KERNEL[(rows,)](
             x, col, codes, scale, k, x.stride(0), codes.stride(0),
-            FMAX=FP8_MAX[dtype], HAS_COL=col_scale is not None, BLOCK=block, num_warps=8,
+            FMAX=FP8_MAX[dtype], HAS_COL=col_scale is not None, BLOCK=block, num_warps=8 if k <= 8192 else 16,
         )  # fmt: skip
     return codes, scale
 
