@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ops.lora_linear import FrozenWeightCache, _block_diag_B, add_low_rank_, frozen_concat
+from ops.lora_linear import FrozenWeightCache, _lora_backward, _lora_forward, _split_grads, frozen_concat
 from ops.quantized_lora_module import QuantizedLoRALinear
 
 __all__ = [
@@ -465,70 +465,6 @@ def lora_linear_fp8_reference(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _fp8_forward(x, weights, weight_scales, bias, lora_As, lora_Bs, scalings, lora_inputs, compute, cache_t=True):
-    x2 = x.reshape(-1, x.shape[-1])
-    if lora_inputs:
-        xa = torch.cat([xl.reshape(-1, xl.shape[-1]) @ a.t() for xl, a in zip(lora_inputs, lora_As)], dim=1)
-    else:
-        a_cat = lora_As[0] if len(lora_As) == 1 else torch.cat(lora_As, dim=0)
-        xa = x2 @ a_cat.t()
-    y = fp8_base_forward(x2, _fp8_weight(weights, weight_scales, cache_t), compute)
-    if bias is not None:
-        y += bias
-    b_blk, alpha = _block_diag_B(lora_Bs, scalings)
-    add_low_rank_(y, xa, b_blk.t(), alpha)
-    return y.view(*x.shape[:-1], y.shape[-1]), xa
-
-
-def _fp8_backward(
-    grad_y,
-    lora_inputs,
-    xa,
-    weights,
-    weight_scales,
-    lora_As,
-    lora_Bs,
-    scalings,
-    shared_input,
-    needs_grad_x,
-    fmt,
-    compute,
-    cache_t=True,
-):
-    dy = grad_y.reshape(-1, grad_y.shape[-1])
-    b_blk, alpha = _block_diag_B(lora_Bs, scalings)
-    dxa = dy @ b_blk
-    if alpha != 1.0:
-        dxa.mul_(alpha)
-    ranks = [a.shape[0] for a in lora_As]
-    outs = [b.shape[0] for b in lora_Bs]
-    grad_Bs = [
-        (dy_i.t() @ xa_i).mul_(s).to(b.dtype)
-        for dy_i, xa_i, b, s in zip(dy.split(outs, dim=1), xa.split(ranks, dim=1), lora_Bs, scalings)
-    ]
-    in_features = weights[0].shape[1]
-    if shared_input:
-        grad_a_cat = dxa.t() @ lora_inputs[0].reshape(-1, in_features)
-        grad_As = [g.to(a.dtype, copy=True) for g, a in zip(grad_a_cat.split(ranks, dim=0), lora_As)]
-    else:
-        grad_As = [
-            (dxa_i.t() @ xl.reshape(-1, in_features)).to(a.dtype)
-            for dxa_i, xl, a in zip(dxa.split(ranks, dim=1), lora_inputs, lora_As)
-        ]
-    if not needs_grad_x:
-        return grad_y.new_empty(0), [], grad_As, grad_Bs
-    lead = grad_y.shape[:-1]
-    fw = _fp8_weight(weights, weight_scales, cache_t)
-    grad_x = fp8_base_grad_input(dy, fw, compute, GRAD_FORMATS[fmt])  # [N, in]
-    grad_lora_inputs: list[Tensor] = []
-    if shared_input:
-        a_cat = lora_As[0] if len(lora_As) == 1 else torch.cat(lora_As, dim=0)
-        add_low_rank_(grad_x, dxa, a_cat)
-    else:
-        grad_lora_inputs = [(d @ a).view(*lead, in_features) for d, a in zip(dxa.split(ranks, dim=1), lora_As)]
-    return grad_x.view(*lead, in_features), grad_lora_inputs, grad_As, grad_Bs
-
-
 _OPTIONS_DOC = 'Tensor[]? weight_scales=None, str grad_format="e5m2", str compute="fp8", bool cache_transposed=True'
 
 
@@ -536,8 +472,10 @@ def _lora_linear_fp8(
     x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs, weight_scales=None, grad_format="e5m2", compute="fp8",
     cache_transposed=True,
 ):  # fmt: skip
-    return _fp8_forward(
-        x, weights, weight_scales, bias, lora_As, lora_Bs, scalings, lora_inputs, compute, cache_transposed
+    """Returns (y [..., sum out], xa [N, sum r]): `lora_linear`'s LoRA path around the FP8 base GEMM."""
+    fw = _fp8_weight(weights, weight_scales, cache_transposed)
+    return _lora_forward(
+        x, [], bias, lora_As, lora_Bs, scalings, lora_inputs, base_linear=lambda x2: fp8_base_forward(x2, fw, compute)
     )
 
 
@@ -558,24 +496,17 @@ def _lora_linear_fp8_fake(x, weights, bias, lora_As, lora_Bs, scalings, lora_inp
 
 
 def _lora_linear_fp8_backward(
-    grad_y,
-    lora_inputs,
-    xa,
-    weights,
-    weight_scales,
-    lora_As,
-    lora_Bs,
-    scalings,
-    shared_input,
-    needs_grad_x,
-    fmt,
-    compute,
-    cache_transposed,
-):
-    return _fp8_backward(
-        grad_y, lora_inputs, xa, weights, weight_scales, lora_As, lora_Bs, scalings, shared_input, needs_grad_x, fmt,
-        compute, cache_transposed,
-    )  # fmt: skip
+    grad_y, lora_inputs, xa, weights, weight_scales, lora_As, lora_Bs, scalings, shared_input, needs_grad_x, fmt,
+    compute, cache_transposed,
+):  # fmt: skip
+    """(grad_x or empty, grad_A_cat, grad_B_full, grad_lora_inputs), as `surogate::lora_linear_grad`, with the base
+    dX on FP8 tensor cores."""
+    width = grad_y.new_empty(0, weights[0].shape[1])  # _lora_backward reads only the input width of `weights`
+    lora_args = (grad_y, lora_inputs, xa, [width], lora_As, lora_Bs, scalings, shared_input, needs_grad_x)
+    if not needs_grad_x:
+        return _lora_backward(*lora_args)
+    fw = _fp8_weight(weights, weight_scales, cache_transposed)
+    return _lora_backward(*lora_args, base_grad_x=lambda dy: fp8_base_grad_input(dy, fw, compute, GRAD_FORMATS[fmt]))
 
 
 lora_linear_fp8_backward = torch.library.custom_op(
@@ -584,18 +515,18 @@ lora_linear_fp8_backward = torch.library.custom_op(
     mutates_args=(),
     schema="(Tensor grad_y, Tensor[] lora_inputs, Tensor xa, Tensor[] weights, Tensor[]? weight_scales, "
     "Tensor[] lora_As, Tensor[] lora_Bs, float[] scalings, bool shared_input, bool needs_grad_x, str grad_format, "
-    "str compute, bool cache_transposed) -> (Tensor, Tensor[], Tensor[], Tensor[])",
+    "str compute, bool cache_transposed) -> (Tensor, Tensor, Tensor, Tensor[])",
 )
 
 
 @lora_linear_fp8_backward.register_fake
 def _backward_fake(grad_y, lora_inputs, xa, weights, weight_scales, lora_As, lora_Bs, scalings, shared, needs_x, *o):
-    grad_As = [a.new_empty(a.shape) for a in lora_As]
-    grad_Bs = [b.new_empty(b.shape) for b in lora_Bs]
+    d_in, rank = weights[0].shape[1], sum(a.shape[0] for a in lora_As)
+    grad_a, grad_b = grad_y.new_empty(rank, d_in), grad_y.new_empty(grad_y.shape[-1], rank)
     if not needs_x:
-        return grad_y.new_empty(0), [], grad_As, grad_Bs
-    grad_x = grad_y.new_empty(*grad_y.shape[:-1], weights[0].shape[1])
-    return grad_x, [] if shared else [xl.new_empty(xl.shape) for xl in lora_inputs], grad_As, grad_Bs
+        return grad_y.new_empty(0), grad_a, grad_b, []
+    grad_x = grad_y.new_empty(*grad_y.shape[:-1], d_in)
+    return grad_x, grad_a, grad_b, [] if shared else [xl.new_empty(xl.shape) for xl in lora_inputs]
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -611,6 +542,8 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.grad_format = opts.get("grad_format", "e5m2")
     ctx.compute = opts.get("compute", "fp8")
     ctx.cache_transposed = opts.get("cache_transposed", True)
+    ctx.ranks = [a.shape[0] for a in lora_As]
+    ctx.outs = [b.shape[0] for b in lora_Bs]
     saved_inputs = [x] if ctx.shared_input else list(lora_inputs)
     ctx.n_inputs = len(saved_inputs)
     ctx.save_for_backward(output[1], *saved_inputs, *weights, *(weight_scales or []), *lora_As, *lora_Bs)
@@ -627,10 +560,11 @@ def _backward(ctx, grad_y, _grad_xa):
     lora_As, lora_Bs = saved[:n], saved[n:]
     needs_grad_x = ctx.needs_input_grad[0] or any(ctx.needs_input_grad[6])
     # needs_input_grad has one entry per argument as called (options left at their defaults are not passed)
-    grad_x, grad_lora_inputs, grad_As, grad_Bs = lora_linear_fp8_backward(
+    grad_x, grad_a, grad_b, grad_lora_inputs = lora_linear_fp8_backward(
         grad_y, lora_inputs, xa, weights, scales, lora_As, lora_Bs, ctx.scalings, ctx.shared_input, needs_grad_x,
         ctx.grad_format, ctx.compute, ctx.cache_transposed,
     )  # fmt: skip
+    grad_As, grad_Bs = _split_grads(grad_a, grad_b, ctx.ranks, ctx.outs)
     if not needs_grad_x:
         grad_x, grad_lora_inputs = None, [None] * (0 if ctx.shared_input else k)
     options = [[None] * n if ctx.has_scales else None, None, None, None][: len(ctx.needs_input_grad) - 7]
