@@ -233,17 +233,11 @@ def _triton_dequantize_kernel():
 
     @triton.jit
     def fp4_dequantize_kernel(
-        codes_ptr, scale_ptr, global_ptr, values_ptr, scale_table_ptr, row_ptr, out_ptr, R, K, stride_out,
-        BLOCK: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, HAS_ROW: tl.constexpr, FMAX: tl.constexpr,
-        TRANSPOSED: tl.constexpr,
+        codes_ptr, scale_ptr, global_ptr, values_ptr, scale_table_ptr, row_ptr, out_ptr, numel, K,
+        BLOCK: tl.constexpr, ELEMS: tl.constexpr, HAS_ROW: tl.constexpr, FMAX: tl.constexpr,
     ):  # fmt: skip
-        # One [BR, BC] tile of the [R, K] weight. Flat element indices only ever divide by powers of two (shifts);
-        # the row comes from the tile, not from dividing by K (a 64-bit division per element made the 1-D version
-        # of this kernel run at half the memory bandwidth).
-        rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
-        cols = tl.program_id(1) * BC + tl.arange(0, BC)
-        mask = (rows[:, None] < R) & (cols[None, :] < K)
-        e = rows[:, None] * K + cols[None, :]  # row-major element index
+        e = tl.program_id(0).to(tl.int64) * ELEMS + tl.arange(0, ELEMS)  # element indices (row-major)
+        mask = e < numel
         byte = tl.load(codes_ptr + e // 2, mask=mask, other=0).to(tl.int32)
         code = (byte >> ((e % 2) * 4).to(tl.int32)) & 0xF  # even element: low nibble
         value = tl.load(values_ptr + code, mask=mask, other=0.0)
@@ -251,14 +245,11 @@ def _triton_dequantize_kernel():
         scale = tl.load(scale_table_ptr + scale_byte, mask=mask, other=0.0)
         out = value * scale * tl.load(global_ptr)  # as the reference: (value * scale) * global, fp32
         if HAS_ROW:  # FP8 output: times the row's 448 / absmax, saturated, rounded to nearest even as torch does
-            out = out * tl.load(row_ptr + rows, mask=rows < R, other=0.0)[:, None]
+            out = out * tl.load(row_ptr + e // K, mask=mask, other=0.0)
             out = tl.minimum(tl.maximum(out, -FMAX), FMAX).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
         else:
             out = out.to(out_ptr.dtype.element_ty)
-        if TRANSPOSED:  # out is [K, R]-shaped: the dX GEMM's operand, written without a separate transpose pass
-            tl.store(out_ptr + cols[:, None] * stride_out + rows[None, :], tl.trans(out), mask=tl.trans(mask))
-        else:
-            tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], out, mask=mask)
+        tl.store(out_ptr + e, out, mask=mask)
 
     return fp4_dequantize_kernel
 
@@ -269,29 +260,25 @@ _KERNEL = None
 def dequantize_fp4_triton(
     codes: Tensor, block_scale: Tensor, global_scale: Tensor, fp4_format: str = "nvfp4",
     dtype: torch.dtype = torch.bfloat16, row_scale: Tensor | None = None, out: Tensor | None = None,
-    transposed: bool = False, tile: tuple[int, int] = (32, 128),
+    elems: int = 2048,
 ) -> Tensor:  # fmt: skip
-    """The fused kernel, one program per `tile` of the weight (CUDA, or CPU tensors under TRITON_INTERPRET=1 in
-    tests). Scale bytes are decoded through a 256-entry table, so the kernel needs no FP8 loads (any GPU, the
-    interpreter). Returns [rows, cols], or its transpose [cols, rows] with `transposed` (written in that layout).
-    `out`: a tensor of that shape and `dtype` with unit stride along its last dimension to write into (a row block
-    of a group's buffer, or a column block of the transposed one)."""
+    """The fused kernel, one program per `elems` elements (CUDA, or CPU tensors under TRITON_INTERPRET=1 in tests).
+    Scale bytes are decoded through a 256-entry table, so the kernel needs no FP8 loads (any GPU, the interpreter).
+    `out`: a contiguous [rows, cols] tensor of `dtype` to write into (a row block of a group's buffer)."""
     global _KERNEL
     if _KERNEL is None:
         _KERNEL = _triton_dequantize_kernel()
     fmt = _format(fp4_format)
-    rows, cols = codes.shape[0], codes.shape[1] * 2
     if out is None:
-        out = torch.empty(*((cols, rows) if transposed else (rows, cols)), dtype=dtype, device=codes.device)
+        out = torch.empty(codes.shape[0], codes.shape[1] * 2, dtype=dtype, device=codes.device)
+    numel = out.numel()
     values = _on("e2m1", codes.device)
     row = row_scale.float().contiguous() if row_scale is not None else values  # dummy pointer when unused
-    br, bc = tile
-    if rows and cols:
-        _KERNEL[(-(-rows // br), -(-cols // bc))](
+    if numel:
+        _KERNEL[(-(-numel // elems),)](
             codes.contiguous(), block_scale.contiguous().view(torch.uint8), global_scale.float(), values,
-            _on(f"scale_{fmt.name}", codes.device), row, out, rows, cols, out.stride(0),
-            BLOCK=fmt.block, BR=br, BC=bc, HAS_ROW=row_scale is not None, FMAX=FP8_MAX.get(dtype, 0.0),
-            TRANSPOSED=transposed, num_warps=4,
+            _on(f"scale_{fmt.name}", codes.device), row, out, numel, out.shape[1],
+            BLOCK=fmt.block, ELEMS=elems, HAS_ROW=row_scale is not None, FMAX=FP8_MAX.get(dtype, 0.0),
         )  # fmt: skip
     return out
 
@@ -316,16 +303,11 @@ def fp4_row_absmax(block_scale: Tensor, global_scale: Tensor, fp4_format: str) -
 
 
 def fp4_to_fp8(
-    codes: Sequence[Tensor],
-    block_scales: Sequence[Tensor],
-    global_scales: Sequence[Tensor],
-    fp4_format: str,
-    transposed: bool = False,
+    codes: Sequence[Tensor], block_scales: Sequence[Tensor], global_scales: Sequence[Tensor], fp4_format: str
 ) -> Fp8Weight:
     """FP4-stored weights (a shared-input group: row blocks of one result) as e4m3 codes with one fp32 scale per
     output row, the operand of the FP8 GEMMs (`precision.compute: fp8`, qfp4's default): one kernel per weight
-    writes its row block, the dense bf16 weight is never made. `transposed`: laid out for the dX GEMM
-    (see `ops.fp8.row_codes`)."""
+    writes its row block, the dense bf16 weight is never made."""
     rows = [c.shape[0] for c in codes]
     amax = cached_row_absmax(
         [*block_scales, *global_scales],
@@ -335,13 +317,12 @@ def fp4_to_fp8(
     def write(i: int, dst: Tensor, inv: Tensor) -> None:
         stored = (codes[i], block_scales[i], global_scales[i], fp4_format, E4M3)
         if dst.device.type == "cuda":
-            dequantize_fp4_triton(*stored, row_scale=inv, out=dst, transposed=transposed)
+            dequantize_fp4_triton(*stored, row_scale=inv, out=dst)
         else:
-            dense = dequantize_fp4_reference(*stored, row_scale=inv)
-            dst.copy_(dense.t() if transposed else dense)
+            dst.copy_(dequantize_fp4_reference(*stored, row_scale=inv))
 
     stats["fp4_dequantized"] += len(codes)
-    return row_codes(amax, rows, codes[0].shape[1] * 2, write, transposed)
+    return row_codes(amax, rows, codes[0].shape[1] * 2, write)
 
 
 def fake_quantize_fp4(x: Tensor, fp4_format: str = "nvfp4", stochastic: bool = False, dtype=None) -> Tensor:
@@ -461,8 +442,8 @@ class _Base:
         fwd = [_cached_fp4_weight(w, self.fp4_format, self.hadamard).fwd for w in self.weights]
         return self._rows(lambda i: dequantize_fp4(*fwd[i], self.fp4_format, dtype))
 
-    def fp8_weight(self, transposed: bool = False) -> Fp8Weight:  # compute fp8: the weights as e4m3 row codes
-        return fp4_to_fp8(self.weights, *self.stored, self.fp4_format, transposed)
+    def fp8_weight(self) -> Fp8Weight:  # compute fp8: the stored weights as e4m3 row codes
+        return fp4_to_fp8(self.weights, *self.stored, self.fp4_format)
 
     def linear(self, x2: Tensor) -> Tensor:
         """The forward base GEMM x' W'^T [N, sum out] of x [N, in]."""
@@ -495,7 +476,7 @@ class _Base:
     def grad_input(self, dy: Tensor) -> Tensor:
         """Base dX [N, in] from dy [N, sum out]: (dy R)_fp4 (W^T R)_fp4^T with fp4 compute, else dy W."""
         if self.compute == "fp8":
-            return fp8_base_grad_input(dy, self.fp8_weight(transposed=True), "fp8", GRAD_FORMATS[self.grad_format])
+            return fp8_base_grad_input(dy, self.fp8_weight(), "fp8", GRAD_FORMATS[self.grad_format])
         w = self.grad_weight_t(dy.dtype)  # [in, sum out]
         if self.compute != "fp4":
             return torch.mm(dy, w.t())

@@ -357,12 +357,10 @@ def fp8_base_grad_input(dy: Tensor, fw: Fp8Weight, compute: str, grad_dtype: tor
     if fw.codes_t is not None:
         dyq, dys = quantize_rows(dy, grad_dtype)
         return fp8_mm(dyq, fw.codes_t.t(), dys, fw.scale_t, dy.dtype, fast_accum=False)
-    # dy W = (dy diag(s)) C: fold W's row scales into dy, quantize, GEMM against the transposed row codes (made in
-    # that layout by the 4-bit dequantize kernels: `row_codes(transposed=True)`; transposed here for qfp8).
+    # dy W = (dy diag(s)) C: fold W's row scales into dy, quantize, GEMM against the transposed row codes.
     dyq, dys = quantize_rows(dy, grad_dtype, col_scale=fw.scale.view(-1))
     ones = torch.ones(1, fw.codes.shape[1], dtype=torch.float32, device=dy.device)
-    codes_t = fw.codes.t() if fw.codes.t().is_contiguous() else transpose_codes(fw.codes)
-    return fp8_mm(dyq, codes_t.t(), dys, ones, dy.dtype, fast_accum=False)
+    return fp8_mm(dyq, transpose_codes(fw.codes).t(), dys, ones, dy.dtype, fast_accum=False)
 
 
 def cast_rows(values: Tensor, row_scale: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -392,27 +390,17 @@ def cached_row_absmax(scales: Sequence[Tensor], make: Callable[[], Tensor]) -> T
 
 
 def row_codes(
-    row_absmax: Tensor,
-    rows: Sequence[int],
-    cols: int,
-    write: Callable[[int, Tensor, Tensor], None],
-    transposed: bool = False,
+    row_absmax: Tensor, rows: Sequence[int], cols: int, write: Callable[[int, Tensor, Tensor], None]
 ) -> Fp8Weight:
     """The e4m3 row-code operand of a group of stored weights (row blocks of one [sum rows, cols] tensor) for the FP8
-    GEMMs: `write(i, dst, inv_scale)` dequantizes weight i into its block `dst` times `inv_scale` (448 / row
+    GEMMs: `write(i, dst, inv_scale)` dequantizes weight i into its row block `dst` times `inv_scale` (448 / row
     absmax, per row); the scale handed to the GEMM is row absmax / 448. The 4-bit recipes read the row absmax off
-    their stored block scales, so this is one pass over the codes.
-
-    `transposed` (the backward's dX operand): the codes are laid out as [cols, sum rows], `dst` is weight i's column
-    block [cols, rows_i], and the returned `codes` is the [sum rows, cols] view of that storage, whose `.t()` is the
-    contiguous operand `fp8_base_grad_input` needs (no transpose pass)."""
+    their stored block scales, so this is one pass over the codes."""
     fmax = FP8_MAX[E4M3]
-    shape = (cols, sum(rows)) if transposed else (sum(rows), cols)
-    codes = torch.empty(shape, dtype=E4M3, device=row_absmax.device)
-    blocks = codes.split(rows, dim=1) if transposed else codes.split(rows)
-    for i, (dst, inv) in enumerate(zip(blocks, (fmax / row_absmax).split(rows))):
+    codes = torch.empty(sum(rows), cols, dtype=E4M3, device=row_absmax.device)
+    for i, (dst, inv) in enumerate(zip(codes.split(rows), (fmax / row_absmax).split(rows))):
         write(i, dst, inv)
-    return Fp8Weight(codes.t() if transposed else codes, (row_absmax / fmax).view(1, -1))
+    return Fp8Weight(codes, (row_absmax / fmax).view(1, -1))
 
 
 def _fp8_weight(

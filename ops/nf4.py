@@ -160,16 +160,11 @@ def _triton_dequantize_kernel():
 
     @triton.jit
     def nf4_dequantize_kernel(
-        codes_ptr, absmax_ptr, factor_ptr, mean_ptr, table_ptr, row_ptr, out_ptr, R, K, stride_out,
-        BLOCK: tl.constexpr, GROUP: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, HAS_ROW: tl.constexpr,
-        FMAX: tl.constexpr, TRANSPOSED: tl.constexpr,
+        codes_ptr, absmax_ptr, factor_ptr, mean_ptr, table_ptr, row_ptr, out_ptr, numel, K,
+        BLOCK: tl.constexpr, GROUP: tl.constexpr, ELEMS: tl.constexpr, HAS_ROW: tl.constexpr, FMAX: tl.constexpr,
     ):  # fmt: skip
-        # One [BR, BC] tile of the [R, K] weight; flat element indices only ever divide by powers of two (see the
-        # FP4 kernel in ops/fp4.py: the row comes from the tile, not from a 64-bit division by K per element).
-        rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
-        cols = tl.program_id(1) * BC + tl.arange(0, BC)
-        mask = (rows[:, None] < R) & (cols[None, :] < K)
-        e = rows[:, None] * K + cols[None, :]  # row-major element index (blocks may straddle rows)
+        e = tl.program_id(0).to(tl.int64) * ELEMS + tl.arange(0, ELEMS)  # element indices (row-major)
+        mask = e < numel
         byte = tl.load(codes_ptr + e // 2, mask=mask, other=0).to(tl.int32)
         code = (byte >> ((1 - e % 2) * 4).to(tl.int32)) & 0xF  # even element: high nibble
         value = tl.load(table_ptr + code, mask=mask, other=0.0)
@@ -179,14 +174,11 @@ def _triton_dequantize_kernel():
         absmax = tl.math.div_rn(q, f) + tl.load(mean_ptr)  # as the reference: q / factor + mean, in fp32
         out = value * absmax
         if HAS_ROW:  # FP8 output: times the row's 448 / absmax, saturated, rounded to nearest even as torch does
-            out = out * tl.load(row_ptr + rows, mask=rows < R, other=0.0)[:, None]
+            out = out * tl.load(row_ptr + e // K, mask=mask, other=0.0)
             out = tl.minimum(tl.maximum(out, -FMAX), FMAX).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
         else:
             out = out.to(out_ptr.dtype.element_ty)
-        if TRANSPOSED:  # out is [K, R]-shaped: the dX GEMM's operand, written without a separate transpose pass
-            tl.store(out_ptr + cols[:, None] * stride_out + rows[None, :], tl.trans(out), mask=tl.trans(mask))
-        else:
-            tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], out, mask=mask)
+        tl.store(out_ptr + e, out, mask=mask)
 
     return nf4_dequantize_kernel
 
@@ -203,27 +195,23 @@ def _nf4_table(device: torch.device) -> Tensor:
 
 def dequantize_nf4_triton(
     codes: Tensor, absmax_q: Tensor, factor: Tensor, mean: Tensor, dtype: torch.dtype = torch.bfloat16,
-    codebook: Tensor | None = None, row_scale: Tensor | None = None, out: Tensor | None = None,
-    transposed: bool = False, tile: tuple[int, int] = (32, 128),
+    codebook: Tensor | None = None, row_scale: Tensor | None = None, out: Tensor | None = None, elems: int = 2048,
 ) -> Tensor:  # fmt: skip
-    """The fused kernel, one program per `tile` of the weight (CUDA, or CPU tensors under TRITON_INTERPRET=1 in
-    tests). Returns [out, in], or its transpose [in, out] with `transposed` (written in that layout). `out`: a
-    tensor of that shape and `dtype` with unit stride along its last dimension to write into (a row block of a
-    group's buffer, or a column block of the transposed one)."""
+    """The fused kernel, one program per `elems` weights (CUDA, or CPU tensors under TRITON_INTERPRET=1 in tests).
+    `out`: a contiguous [out, in] tensor of `dtype` to write into (a row block of a group's buffer)."""
     global _KERNEL
     if _KERNEL is None:
         _KERNEL = _triton_dequantize_kernel()
     table = _nf4_table(codes.device) if codebook is None else codebook.to(codes.device, torch.float32)
-    rows, cols = codes.shape[0], codes.shape[1] * 2
     if out is None:
-        out = torch.empty(*((cols, rows) if transposed else (rows, cols)), dtype=dtype, device=codes.device)
+        out = torch.empty(codes.shape[0], codes.shape[1] * 2, dtype=dtype, device=codes.device)
+    numel = out.numel()
     row = row_scale.float().contiguous() if row_scale is not None else table  # dummy pointer when unused
-    br, bc = tile
-    if rows and cols:
-        _KERNEL[(-(-rows // br), -(-cols // bc))](
+    if numel:
+        _KERNEL[(-(-numel // elems),)](
             codes.contiguous(), absmax_q.contiguous(), factor.float().contiguous(), mean.float(), table, row, out,
-            rows, cols, out.stride(0), BLOCK=BLOCK, GROUP=SCALE_GROUP, BR=br, BC=bc, HAS_ROW=row_scale is not None,
-            FMAX=FP8_MAX.get(dtype, 0.0), TRANSPOSED=transposed, num_warps=4,
+            numel, out.shape[1], BLOCK=BLOCK, GROUP=SCALE_GROUP, ELEMS=elems, HAS_ROW=row_scale is not None,
+            FMAX=FP8_MAX.get(dtype, 0.0),
         )  # fmt: skip
     return out
 
@@ -252,17 +240,12 @@ def nf4_row_absmax(absmax_q: Tensor, factor: Tensor, mean: Tensor, rows: int) ->
 
 
 def nf4_to_fp8(
-    codes: Sequence[Tensor],
-    absmax_q: Sequence[Tensor],
-    factors: Sequence[Tensor],
-    means: Sequence[Tensor],
-    transposed: bool = False,
+    codes: Sequence[Tensor], absmax_q: Sequence[Tensor], factors: Sequence[Tensor], means: Sequence[Tensor]
 ) -> Fp8Weight:
     """NF4-stored weights (a shared-input group: row blocks of one result) as e4m3 codes with one fp32 scale per
     output row, the operand of the FP8 GEMMs (`precision.compute: fp8`). One kernel per weight writes the codes
     straight into its row block; the dense bf16 weight is never made. The row scale (row absmax / 448) comes from
-    the stored block absmax, so no pass over the weight is needed to find it. `transposed`: laid out for the dX
-    GEMM (see `ops.fp8.row_codes`)."""
+    the stored block absmax, so no pass over the weight is needed to find it."""
     rows = [c.shape[0] for c in codes]
     amax = cached_row_absmax(
         [*absmax_q, *factors, *means],
@@ -272,13 +255,12 @@ def nf4_to_fp8(
     def write(i: int, dst: Tensor, inv: Tensor) -> None:
         stored = (codes[i], absmax_q[i], factors[i], means[i])
         if dst.device.type == "cuda":
-            dequantize_nf4_triton(*stored, E4M3, row_scale=inv, out=dst, transposed=transposed)
+            dequantize_nf4_triton(*stored, E4M3, row_scale=inv, out=dst)
         else:
-            dense = dequantize_nf4_reference(*stored, E4M3, row_scale=inv)
-            dst.copy_(dense.t() if transposed else dense)
+            dst.copy_(dequantize_nf4_reference(*stored, E4M3, row_scale=inv))
 
     stats["nf4_dequantized"] += len(codes)
-    return row_codes(amax, rows, codes[0].shape[1] * 2, write, transposed)
+    return row_codes(amax, rows, codes[0].shape[1] * 2, write)
 
 
 def nf4_nbytes(codes: Tensor, absmax_q: Tensor, factor: Tensor, mean: Tensor) -> int:
@@ -397,7 +379,7 @@ def lora_linear_nf4_grad(
     weight is dequantized again here (only when dX is needed)."""
     nf4 = _nf4_args(absmax_q, factors, means)
     if needs_grad_x and compute == "fp8" and nf4 is not None:
-        fw = nf4_to_fp8(weights, *nf4, transposed=True)
+        fw = nf4_to_fp8(weights, *nf4)
         width = grad_y.new_empty(0, _in_features(weights, absmax_q))  # _lora_backward reads only its width
         return _lora_backward(
             grad_y, lora_inputs, xa, [width], lora_As, lora_Bs, scalings, shared_input, needs_grad_x,
