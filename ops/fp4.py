@@ -63,7 +63,14 @@ from ops.fp8 import (
     fp8_base_grad_input,
     row_codes,
 )
-from ops.lora_linear import FrozenWeightCache, _lora_backward, _lora_forward, _split_grads, frozen_concat
+from ops.lora_linear import (
+    FrozenWeightCache,
+    _lora_backward,
+    _lora_forward,
+    _split_grads,
+    frozen_concat,
+    lora_grad_fake,
+)
 from ops.quantized_lora_module import QuantizedLoRALinear
 
 __all__ = [
@@ -618,13 +625,7 @@ def lora_linear_fp4_grad(
 
 @lora_linear_fp4_grad.register_fake
 def _(grad_y, lora_inputs, xa, weights, block_scales, global_scales, lora_As, lora_Bs, scalings, shared, needs_x, *o):
-    d_in = _in_features(weights, block_scales)
-    rank = sum(a.shape[0] for a in lora_As)
-    grad_a, grad_b = grad_y.new_empty(rank, d_in), grad_y.new_empty(grad_y.shape[-1], rank)
-    if not needs_x:
-        return grad_y.new_empty(0), grad_a, grad_b, []
-    grad_x = grad_y.new_empty(*grad_y.shape[:-1], d_in)
-    return grad_x, grad_a, grad_b, [] if shared else [xl.new_empty(xl.shape) for xl in lora_inputs]
+    return lora_grad_fake(grad_y, lora_inputs, lora_As, _in_features(weights, block_scales), shared, needs_x)
 
 
 _DEFAULTS = (None, None, "nvfp4", "fp4", True, True, "e5m2")  # the options, in schema order

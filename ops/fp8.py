@@ -48,7 +48,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ops.lora_linear import FrozenWeightCache, _lora_backward, _lora_forward, _split_grads, frozen_concat
+from ops.lora_linear import (
+    FrozenWeightCache,
+    _lora_backward,
+    _lora_forward,
+    _split_grads,
+    frozen_concat,
+    lora_grad_fake,
+)
 from ops.quantized_lora_module import QuantizedLoRALinear
 
 __all__ = [
@@ -521,12 +528,7 @@ lora_linear_fp8_backward = torch.library.custom_op(
 
 @lora_linear_fp8_backward.register_fake
 def _backward_fake(grad_y, lora_inputs, xa, weights, weight_scales, lora_As, lora_Bs, scalings, shared, needs_x, *o):
-    d_in, rank = weights[0].shape[1], sum(a.shape[0] for a in lora_As)
-    grad_a, grad_b = grad_y.new_empty(rank, d_in), grad_y.new_empty(grad_y.shape[-1], rank)
-    if not needs_x:
-        return grad_y.new_empty(0), grad_a, grad_b, []
-    grad_x = grad_y.new_empty(*grad_y.shape[:-1], d_in)
-    return grad_x, grad_a, grad_b, [] if shared else [xl.new_empty(xl.shape) for xl in lora_inputs]
+    return lora_grad_fake(grad_y, lora_inputs, lora_As, weights[0].shape[1], shared, needs_x)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -501,16 +501,27 @@ def lora_linear_grad(
     return _lora_backward(grad_y, lora_inputs, xa, weights, lora_As, lora_Bs, scalings, shared_input, needs_grad_x)
 
 
-@lora_linear_grad.register_fake
-def _lora_linear_backward_fake(grad_y, lora_inputs, xa, weights, lora_As, lora_Bs, scalings, shared_input, needs_x):
+def lora_grad_fake(
+    grad_y: Tensor,
+    lora_inputs: Sequence[Tensor],
+    lora_As: Sequence[Tensor],
+    in_features: int,
+    shared: bool,
+    needs_x: bool,
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """The outputs' shapes of every LoRA-linear backward op (this one and the fp8/nf4/fp4 variants): grad_x or an
+    empty tensor, grad_A_cat [sum r, in], grad_B_full [sum out, sum r], grad_lora_inputs."""
     rank = sum(a.shape[0] for a in lora_As)
-    grad_a = grad_y.new_empty(rank, weights[0].shape[1])
-    grad_b = grad_y.new_empty(grad_y.shape[-1], rank)
+    grad_a, grad_b = grad_y.new_empty(rank, in_features), grad_y.new_empty(grad_y.shape[-1], rank)
     if not needs_x:
         return grad_y.new_empty(0), grad_a, grad_b, []
-    grad_x = grad_y.new_empty(*grad_y.shape[:-1], weights[0].shape[1])
-    grad_lora_inputs = [] if shared_input else [xl.new_empty(xl.shape) for xl in lora_inputs]
-    return grad_x, grad_a, grad_b, grad_lora_inputs
+    grad_x = grad_y.new_empty(*grad_y.shape[:-1], in_features)
+    return grad_x, grad_a, grad_b, [] if shared else [xl.new_empty(xl.shape) for xl in lora_inputs]
+
+
+@lora_linear_grad.register_fake
+def _lora_linear_backward_fake(grad_y, lora_inputs, xa, weights, lora_As, lora_Bs, scalings, shared_input, needs_x):
+    return lora_grad_fake(grad_y, lora_inputs, lora_As, weights[0].shape[1], shared_input, needs_x)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -1,12 +1,9 @@
 """Quantized expert stacks (ops/quantized_experts.py): storage formats against ops/fp8.py and ops/nf4.py, the grouped
 GEMM op forward and dX against the plain-torch references, what autograd keeps, the FP8 Triton dequantization."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from lora_cases import run_interpreted
 
 from ops import fp8, nf4
 from ops import quantized_experts as qe
@@ -161,10 +158,7 @@ print("ok")
 
 def test_fp8_triton_dequantize_matches_reference_interpreted():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, cwd=root, capture_output=True, text=True)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    run_interpreted(_INTERPRETED)
 
 
 @pytest.mark.gpu
