@@ -37,3 +37,15 @@ def run_interpreted(code: str) -> None:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def row_codes_reference(x, fw, rows, As, Bs, scaling: float, grad_format: str = "e4m3"):
+    """The qfp8 reference on a group's e4m3 row codes (`fw`, as the 4-bit recipes' FP8 compute makes them): each
+    projection's row block through `lora_linear_fp8_reference`, outputs concatenated. Same arithmetic as the op."""
+    from ops.fp8 import lora_linear_fp8_reference
+
+    blocks = zip(fw.codes.split(rows), fw.scale.view(-1).split(rows), As, Bs)
+    outs = [
+        lora_linear_fp8_reference(x, c, a, b, scaling, weight_scale=s, grad_format=grad_format) for c, s, a, b in blocks
+    ]
+    return torch.cat(outs, dim=-1)

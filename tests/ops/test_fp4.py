@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from lora_cases import lora_grads as _grads
 from lora_cases import lora_inputs as _inputs
-from lora_cases import rel
+from lora_cases import rel, row_codes_reference
 
 from ops import fp4
 from ops.fp4 import dequantize_fp4, fake_quantize_fp4, lora_linear_fp4_reference, quantize_fp4
@@ -287,7 +287,7 @@ def test_fp4_to_fp8_row_codes(fp4_format):
 @pytest.mark.parametrize("fp4_format", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_stored_fp4_fp8_compute(fp4_format, dtype):
-    from ops.fp8 import lora_linear_fp8_reference, stats
+    from ops.fp8 import stats
 
     x, ws, As, Bs = _inputs(*SHAPES[1], dtype=dtype)
     stored = [quantize_fp4(w, fp4_format) for w in ws]
@@ -298,14 +298,7 @@ def test_stored_fp4_fp8_compute(fp4_format, dtype):
     grads = _grads(y, x, As, Bs)
     assert stats["fp8_gemms"] == before + 2  # forward and dX ran as FP8 GEMMs
     fw = fp4.fp4_to_fp8(codes, scales, globals_, fp4_format)
-    rows = [w.shape[0] for w in ws]
-    ref = torch.cat(
-        [
-            lora_linear_fp8_reference(x, c, a, b, 2.0, weight_scale=s, grad_format="e4m3")
-            for c, s, a, b in zip(fw.codes.split(rows), fw.scale.view(-1).split(rows), As, Bs)
-        ],
-        dim=-1,
-    )
+    ref = row_codes_reference(x, fw, [w.shape[0] for w in ws], As, Bs, 2.0)
     tight = 1e-5 if dtype == torch.float32 else 2e-2
     assert rel(y, ref) < tight
     bf16 = OP(x, codes, None, As, Bs, scalings, [], scales, globals_, fp4_format, "bf16", True, True)[0]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from lora_cases import lora_grads as _grads
 from lora_cases import lora_inputs as _inputs
-from lora_cases import rel
+from lora_cases import rel, row_codes_reference
 
 from ops import nf4
 from ops.lora_linear import lora_linear_reference
@@ -246,7 +246,7 @@ def test_nf4_to_fp8_row_absmax_made_once_and_remade_after_a_write():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_op_fp8_compute(dtype):
-    from ops.fp8 import lora_linear_fp8_reference, stats
+    from ops.fp8 import stats
 
     x, ws, As, Bs, stored = _fp8_options(dtype=dtype)
     codes, absmax_q, factors, means = (list(t) for t in zip(*stored))
@@ -257,14 +257,7 @@ def test_op_fp8_compute(dtype):
     assert stats["fp8_gemms"] == before + 2  # forward and dX ran as FP8 GEMMs
     # against the qfp8 reference on the same e4m3 row codes: the same arithmetic (tight)
     fw = nf4.nf4_to_fp8(codes, absmax_q, factors, means)
-    rows = [w.shape[0] for w in ws]
-    ref = torch.cat(
-        [
-            lora_linear_fp8_reference(x, c, a, b, 2.0, weight_scale=s, grad_format="e4m3")
-            for c, s, a, b in zip(fw.codes.split(rows), fw.scale.view(-1).split(rows), As, Bs)
-        ],
-        dim=-1,
-    )
+    ref = row_codes_reference(x, fw, [w.shape[0] for w in ws], As, Bs, 2.0)
     tight = 1e-5 if dtype == torch.float32 else 2e-2
     assert rel(y, ref) < tight
     # against the bf16-compute op on the same NF4 weights: FP8 rounding of x, W and dy (<= 6e-2); dA and dB read
