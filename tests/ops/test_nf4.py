@@ -4,16 +4,12 @@ linear (y, dX, dA, dB)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 from lora_cases import lora_grads as _grads
 from lora_cases import lora_inputs as _inputs
-from lora_cases import rel, row_codes_reference
+from lora_cases import rel, row_codes_reference, run_interpreted
 
 from ops import nf4
 from ops.lora_linear import lora_linear_reference
@@ -112,10 +108,7 @@ print("ok")
 
 
 def test_triton_dequantize_kernel_matches_reference_interpreted():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, cwd=root, capture_output=True, text=True)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    run_interpreted(_INTERPRETED)
 
 
 @pytest.mark.gpu
