@@ -234,58 +234,33 @@ def dequantize_fp4_reference(
     return cast_rows(out.view(codes.shape[0], codes.shape[1] * 2), row_scale, dtype)
 
 
-def _triton_dequantize_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def fp4_dequantize_kernel(
-        codes_ptr, scale_ptr, global_ptr, values_ptr, scale_table_ptr, row_ptr, out_ptr, numel, K,
-        BLOCK: tl.constexpr, ELEMS: tl.constexpr, HAS_ROW: tl.constexpr, FMAX: tl.constexpr,
-    ):  # fmt: skip
-        e = tl.program_id(0).to(tl.int64) * ELEMS + tl.arange(0, ELEMS)  # element indices (row-major)
-        mask = e < numel
-        byte = tl.load(codes_ptr + e // 2, mask=mask, other=0).to(tl.int32)
-        code = (byte >> ((e % 2) * 4).to(tl.int32)) & 0xF  # even element: low nibble
-        value = tl.load(values_ptr + code, mask=mask, other=0.0)
-        scale_byte = tl.load(scale_ptr + e // BLOCK, mask=mask, other=0).to(tl.int32)  # blocks tile each row
-        scale = tl.load(scale_table_ptr + scale_byte, mask=mask, other=0.0)
-        out = value * scale * tl.load(global_ptr)  # as the reference: (value * scale) * global, fp32
-        if HAS_ROW:  # FP8 output: times the row's 448 / absmax, saturated, rounded to nearest even as torch does
-            out = out * tl.load(row_ptr + e // K, mask=mask, other=0.0)
-            out = tl.minimum(tl.maximum(out, -FMAX), FMAX).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
-        else:
-            out = out.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + e, out, mask=mask)
-
-    return fp4_dequantize_kernel
-
-
-_KERNEL = None
-
-
 def dequantize_fp4_triton(
     codes: Tensor, block_scale: Tensor, global_scale: Tensor, fp4_format: str = "nvfp4",
     dtype: torch.dtype = torch.bfloat16, row_scale: Tensor | None = None, out: Tensor | None = None,
-    elems: int = 2048,
+    tile: tuple[int, int] | None = None,
 ) -> Tensor:  # fmt: skip
-    """The fused kernel, one program per `elems` elements (CUDA, or CPU tensors under TRITON_INTERPRET=1 in tests).
-    Scale bytes are decoded through a 256-entry table, so the kernel needs no FP8 loads (any GPU, the interpreter).
-    `out`: a contiguous [rows, cols] tensor of `dtype` to write into (a row block of a group's buffer)."""
-    global _KERNEL
-    if _KERNEL is None:
-        _KERNEL = _triton_dequantize_kernel()
+    """The fused kernel, one program per [BR, BC] tile of the output (CUDA, or CPU tensors under TRITON_INTERPRET=1
+    in tests). Scale bytes are decoded through a 256-entry table, so the kernel needs no FP8 loads (any GPU, the
+    interpreter). `out`: a [rows, cols] view of `dtype` to write into, with unit stride along
+    cols (a row block of a group's buffer) or along rows (a row block of a buffer laid out as W^T: the dX operand)."""
+    from ops.dequant_kernels import fp4_dequantize_kernel, tile_shape
+
     fmt = _format(fp4_format)
+    rows, cols = codes.shape[0], codes.shape[1] * 2
     if out is None:
-        out = torch.empty(codes.shape[0], codes.shape[1] * 2, dtype=dtype, device=codes.device)
-    numel = out.numel()
+        out = torch.empty(rows, cols, dtype=dtype, device=codes.device)
+    transposed = out.stride(1) != 1  # a column-major view: W^T's buffer, written row by row of W^T
+    if out.shape != (rows, cols) or out.stride(0 if transposed else 1) != 1:
+        raise ValueError(f"out must be a [{rows}, {cols}] view with unit stride along one axis")
+    br, bc = tile or tile_shape(transposed)
     values = _on("e2m1", codes.device)
     row = row_scale.float().contiguous() if row_scale is not None else values  # dummy pointer when unused
-    if numel:
-        _KERNEL[(-(-numel // elems),)](
-            codes.contiguous(), block_scale.contiguous().view(torch.uint8), global_scale.float(), values,
-            _on(f"scale_{fmt.name}", codes.device), row, out, numel, out.shape[1],
-            BLOCK=fmt.block, ELEMS=elems, HAS_ROW=row_scale is not None, FMAX=FP8_MAX.get(dtype, 0.0),
+    if rows and cols:
+        fp4_dequantize_kernel[(-(-rows // br), -(-cols // bc))](
+            codes.contiguous(), block_scale.contiguous().view(torch.uint8), global_scale.float(),
+            _on(f"scale_{fmt.name}", codes.device), row, out, rows, cols, out.stride(1 if transposed else 0),
+            BLOCK=fmt.block, BR=br, BC=bc, HAS_ROW=row_scale is not None, FMAX=FP8_MAX.get(dtype, 0.0),
+            TRANSPOSED=transposed, num_warps=4,
         )  # fmt: skip
     return out
 
@@ -310,11 +285,15 @@ def fp4_row_absmax(block_scale: Tensor, global_scale: Tensor, fp4_format: str) -
 
 
 def fp4_to_fp8(
-    codes: Sequence[Tensor], block_scales: Sequence[Tensor], global_scales: Sequence[Tensor], fp4_format: str
+    codes: Sequence[Tensor],
+    block_scales: Sequence[Tensor],
+    global_scales: Sequence[Tensor],
+    fp4_format: str,
+    transposed: bool = False,
 ) -> Fp8Weight:
     """FP4-stored weights (a shared-input group: row blocks of one result) as e4m3 codes with one fp32 scale per
     output row, the operand of the FP8 GEMMs (`precision.compute: fp8`, qfp4's default): one kernel per weight
-    writes its row block, the dense bf16 weight is never made."""
+    writes its row block, the dense bf16 weight is never made. `transposed`: laid out for dX (`row_codes`)."""
     rows = [c.shape[0] for c in codes]
     amax = cached_row_absmax(
         [*block_scales, *global_scales],
@@ -329,7 +308,7 @@ def fp4_to_fp8(
             dst.copy_(dequantize_fp4_reference(*stored, row_scale=inv))
 
     stats["fp4_dequantized"] += len(codes)
-    return row_codes(amax, rows, codes[0].shape[1] * 2, write)
+    return row_codes(amax, rows, codes[0].shape[1] * 2, write, transposed)
 
 
 def fake_quantize_fp4(x: Tensor, fp4_format: str = "nvfp4", stochastic: bool = False, dtype=None) -> Tensor:
@@ -449,8 +428,8 @@ class _Base:
         fwd = [_cached_fp4_weight(w, self.fp4_format, self.hadamard).fwd for w in self.weights]
         return self._rows(lambda i: dequantize_fp4(*fwd[i], self.fp4_format, dtype))
 
-    def fp8_weight(self) -> Fp8Weight:  # compute fp8: the stored weights as e4m3 row codes
-        return fp4_to_fp8(self.weights, *self.stored, self.fp4_format)
+    def fp8_weight(self, transposed: bool = False) -> Fp8Weight:  # compute fp8: stored weights as e4m3 row codes
+        return fp4_to_fp8(self.weights, *self.stored, self.fp4_format, transposed)
 
     def linear(self, x2: Tensor) -> Tensor:
         """The forward base GEMM x' W'^T [N, sum out] of x [N, in]."""
@@ -483,7 +462,7 @@ class _Base:
     def grad_input(self, dy: Tensor) -> Tensor:
         """Base dX [N, in] from dy [N, sum out]: (dy R)_fp4 (W^T R)_fp4^T with fp4 compute, else dy W."""
         if self.compute == "fp8":
-            return fp8_base_grad_input(dy, self.fp8_weight(), "fp8", GRAD_FORMATS[self.grad_format])
+            return fp8_base_grad_input(dy, self.fp8_weight(transposed=True), "fp8", GRAD_FORMATS[self.grad_format])
         w = self.grad_weight_t(dy.dtype)  # [in, sum out]
         if self.compute != "fp4":
             return torch.mm(dy, w.t())

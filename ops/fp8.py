@@ -240,6 +240,8 @@ def transpose_codes(codes: Tensor, block: int = 64) -> Tensor:
     contiguous axis; Hopper FP8 GEMMs are TN only). CUDA, or CPU tensors under TRITON_INTERPRET=1 in tests.
     """
     global _TRANSPOSE
+    if codes.t().is_contiguous():  # written transposed already (`row_codes(transposed=True)`)
+        return codes.t()
     if codes.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return codes.t().contiguous()
     if _TRANSPOSE is None:
@@ -397,15 +399,27 @@ def cached_row_absmax(scales: Sequence[Tensor], make: Callable[[], Tensor]) -> T
 
 
 def row_codes(
-    row_absmax: Tensor, rows: Sequence[int], cols: int, write: Callable[[int, Tensor, Tensor], None]
+    row_absmax: Tensor,
+    rows: Sequence[int],
+    cols: int,
+    write: Callable[[int, Tensor, Tensor], None],
+    transposed: bool = False,
 ) -> Fp8Weight:
     """The e4m3 row-code operand of a group of stored weights (row blocks of one [sum rows, cols] tensor) for the FP8
     GEMMs: `write(i, dst, inv_scale)` dequantizes weight i into its row block `dst` times `inv_scale` (448 / row
     absmax, per row); the scale handed to the GEMM is row absmax / 448. The 4-bit recipes read the row absmax off
-    their stored block scales, so this is one pass over the codes."""
+    their stored block scales, so this is one pass over the codes.
+
+    `transposed`: the codes are laid out as [cols, sum rows] (each `dst` is then a view with unit row stride), the
+    orientation the dX GEMM reads, so the backward needs no transpose pass (`transpose_codes` returns it as is)."""
     fmax = FP8_MAX[E4M3]
-    codes = torch.empty(sum(rows), cols, dtype=E4M3, device=row_absmax.device)
-    for i, (dst, inv) in enumerate(zip(codes.split(rows), (fmax / row_absmax).split(rows))):
+    if transposed:
+        codes = torch.empty(cols, sum(rows), dtype=E4M3, device=row_absmax.device).t()
+        blocks = [b.t() for b in codes.t().split(rows, dim=1)]
+    else:
+        codes = torch.empty(sum(rows), cols, dtype=E4M3, device=row_absmax.device)
+        blocks = codes.split(rows)
+    for i, (dst, inv) in enumerate(zip(blocks, (fmax / row_absmax).split(rows))):
         write(i, dst, inv)
     return Fp8Weight(codes, (row_absmax / fmax).view(1, -1))
 

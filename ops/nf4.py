@@ -154,38 +154,6 @@ def dequantize_nf4_reference(
     return cast_rows(values.view(codes.shape[0], codes.shape[1] * 2), row_scale, dtype)
 
 
-def _triton_dequantize_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def nf4_dequantize_kernel(
-        codes_ptr, absmax_ptr, factor_ptr, mean_ptr, table_ptr, row_ptr, out_ptr, numel, K,
-        BLOCK: tl.constexpr, GROUP: tl.constexpr, ELEMS: tl.constexpr, HAS_ROW: tl.constexpr, FMAX: tl.constexpr,
-    ):  # fmt: skip
-        e = tl.program_id(0).to(tl.int64) * ELEMS + tl.arange(0, ELEMS)  # element indices (row-major)
-        mask = e < numel
-        byte = tl.load(codes_ptr + e // 2, mask=mask, other=0).to(tl.int32)
-        code = (byte >> ((1 - e % 2) * 4).to(tl.int32)) & 0xF  # even element: high nibble
-        value = tl.load(table_ptr + code, mask=mask, other=0.0)
-        block = e // BLOCK
-        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.float32)
-        f = tl.load(factor_ptr + block // GROUP, mask=mask, other=1.0)
-        absmax = tl.math.div_rn(q, f) + tl.load(mean_ptr)  # as the reference: q / factor + mean, in fp32
-        out = value * absmax
-        if HAS_ROW:  # FP8 output: times the row's 448 / absmax, saturated, rounded to nearest even as torch does
-            out = out * tl.load(row_ptr + e // K, mask=mask, other=0.0)
-            out = tl.minimum(tl.maximum(out, -FMAX), FMAX).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
-        else:
-            out = out.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + e, out, mask=mask)
-
-    return nf4_dequantize_kernel
-
-
-_KERNEL = None
-
-
 @functools.cache
 def _nf4_table(device: torch.device) -> Tensor:
     """The NF4 codebook on `device`, copied once: a host-to-device copy per call would stall the host on every
@@ -195,23 +163,31 @@ def _nf4_table(device: torch.device) -> Tensor:
 
 def dequantize_nf4_triton(
     codes: Tensor, absmax_q: Tensor, factor: Tensor, mean: Tensor, dtype: torch.dtype = torch.bfloat16,
-    codebook: Tensor | None = None, row_scale: Tensor | None = None, out: Tensor | None = None, elems: int = 2048,
+    codebook: Tensor | None = None, row_scale: Tensor | None = None, out: Tensor | None = None,
+    tile: tuple[int, int] | None = None,
 ) -> Tensor:  # fmt: skip
-    """The fused kernel, one program per `elems` weights (CUDA, or CPU tensors under TRITON_INTERPRET=1 in tests).
-    `out`: a contiguous [out, in] tensor of `dtype` to write into (a row block of a group's buffer)."""
-    global _KERNEL
-    if _KERNEL is None:
-        _KERNEL = _triton_dequantize_kernel()
+    """The fused kernel, one program per [BR, BC] tile of the output (CUDA, or CPU tensors under TRITON_INTERPRET=1
+    in tests); in_features must be a multiple of 64 (whole blocks per row). `out`: an [out, in] view of `dtype` to
+    write into, with unit stride along in (a row block of a group's buffer) or along out (a row block of a buffer laid
+    out as W^T: the dX operand)."""
+    from ops.dequant_kernels import nf4_dequantize_kernel, tile_shape
+
+    rows, cols = codes.shape[0], codes.shape[1] * 2
+    if cols % BLOCK:
+        raise ValueError(f"the NF4 kernel needs whole {BLOCK}-blocks per row; got {cols} columns")
     table = _nf4_table(codes.device) if codebook is None else codebook.to(codes.device, torch.float32)
     if out is None:
-        out = torch.empty(codes.shape[0], codes.shape[1] * 2, dtype=dtype, device=codes.device)
-    numel = out.numel()
+        out = torch.empty(rows, cols, dtype=dtype, device=codes.device)
+    transposed = out.stride(1) != 1  # a column-major view: W^T's buffer, written row by row of W^T
+    if out.shape != (rows, cols) or out.stride(0 if transposed else 1) != 1:
+        raise ValueError(f"out must be a [{rows}, {cols}] view with unit stride along one axis")
+    br, bc = tile or tile_shape(transposed)
     row = row_scale.float().contiguous() if row_scale is not None else table  # dummy pointer when unused
-    if numel:
-        _KERNEL[(-(-numel // elems),)](
+    if rows and cols:
+        nf4_dequantize_kernel[(-(-rows // br), -(-cols // bc))](
             codes.contiguous(), absmax_q.contiguous(), factor.float().contiguous(), mean.float(), table, row, out,
-            numel, out.shape[1], BLOCK=BLOCK, GROUP=SCALE_GROUP, ELEMS=elems, HAS_ROW=row_scale is not None,
-            FMAX=FP8_MAX.get(dtype, 0.0),
+            rows, cols, out.stride(1 if transposed else 0), BLOCK=BLOCK, GROUP=SCALE_GROUP, BR=br, BC=bc,
+            HAS_ROW=row_scale is not None, FMAX=FP8_MAX.get(dtype, 0.0), TRANSPOSED=transposed, num_warps=4,
         )  # fmt: skip
     return out
 
@@ -225,8 +201,9 @@ def dequantize_nf4(
     codebook: Tensor | None = None,  # [16]; default NF4 (tests pass torchao's rounded table)
     row_scale: Tensor | None = None,  # [out] fp32 multiplier per row, applied before the cast
 ) -> Tensor:  # [out, in] `dtype`
-    """NF4 -> `dtype`: the Triton kernel on CUDA, the reference elsewhere (bit-identical results)."""
-    if codes.device.type == "cuda":
+    """NF4 -> `dtype`: the Triton kernel on CUDA, the reference elsewhere (bit-identical results) and for shapes with
+    blocks that straddle rows (in_features not a multiple of 64: no Qwen3 or Llama projection)."""
+    if codes.device.type == "cuda" and codes.shape[1] * 2 % BLOCK == 0:
         return dequantize_nf4_triton(codes, absmax_q, factor, mean, dtype, codebook, row_scale)
     return dequantize_nf4_reference(codes, absmax_q, factor, mean, dtype, codebook, row_scale)
 
@@ -240,12 +217,17 @@ def nf4_row_absmax(absmax_q: Tensor, factor: Tensor, mean: Tensor, rows: int) ->
 
 
 def nf4_to_fp8(
-    codes: Sequence[Tensor], absmax_q: Sequence[Tensor], factors: Sequence[Tensor], means: Sequence[Tensor]
+    codes: Sequence[Tensor],
+    absmax_q: Sequence[Tensor],
+    factors: Sequence[Tensor],
+    means: Sequence[Tensor],
+    transposed: bool = False,
 ) -> Fp8Weight:
     """NF4-stored weights (a shared-input group: row blocks of one result) as e4m3 codes with one fp32 scale per
     output row, the operand of the FP8 GEMMs (`precision.compute: fp8`). One kernel per weight writes the codes
     straight into its row block; the dense bf16 weight is never made. The row scale (row absmax / 448) comes from
-    the stored block absmax, so no pass over the weight is needed to find it."""
+    the stored block absmax, so no pass over the weight is needed to find it. `transposed`: laid out for dX
+    (`row_codes`)."""
     rows = [c.shape[0] for c in codes]
     amax = cached_row_absmax(
         [*absmax_q, *factors, *means],
@@ -260,7 +242,7 @@ def nf4_to_fp8(
             dst.copy_(dequantize_nf4_reference(*stored, E4M3, row_scale=inv))
 
     stats["nf4_dequantized"] += len(codes)
-    return row_codes(amax, rows, codes[0].shape[1] * 2, write)
+    return row_codes(amax, rows, codes[0].shape[1] * 2, write, transposed)
 
 
 def nf4_nbytes(codes: Tensor, absmax_q: Tensor, factor: Tensor, mean: Tensor) -> int:
@@ -379,7 +361,7 @@ def lora_linear_nf4_grad(
     weight is dequantized again here (only when dX is needed)."""
     nf4 = _nf4_args(absmax_q, factors, means)
     if needs_grad_x and compute == "fp8" and nf4 is not None:
-        fw = nf4_to_fp8(weights, *nf4)
+        fw = nf4_to_fp8(weights, *nf4, transposed=True)
         width = grad_y.new_empty(0, _in_features(weights, absmax_q))  # _lora_backward reads only its width
         return _lora_backward(
             grad_y, lora_inputs, xa, [width], lora_As, lora_Bs, scalings, shared_input, needs_grad_x,

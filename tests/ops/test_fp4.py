@@ -156,13 +156,19 @@ import torch
 from ops.fp4 import dequantize_fp4_reference, dequantize_fp4_triton, quantize_fp4
 g = torch.Generator().manual_seed(5)
 for fmt in ("nvfp4", "mxfp4"):
-    for rows, cols, elems in [(5, 64, 256), (16, 256, 2048), (3, 32, 32)]:  # partial programs
+    for rows, cols, tile in [(5, 64, (4, 32)), (16, 256, (16, 512)), (3, 96, (64, 64))]:  # partial tiles
         stored = quantize_fp4(torch.randn(rows, cols, generator=g) * 0.05, fmt)
-        f32 = dequantize_fp4_triton(*stored, fmt, torch.float32, elems=elems)
-        assert torch.equal(f32, dequantize_fp4_reference(*stored, fmt, torch.float32)), fmt
+        want = dequantize_fp4_reference(*stored, fmt, torch.float32)
+        f32 = dequantize_fp4_triton(*stored, fmt, torch.float32, tile=tile)
+        assert torch.equal(f32, want), fmt
         # The interpreter's fp32->bf16 cast truncates; the GPU's rounds to nearest even (test_triton_dequantize_on_gpu).
-        bf16 = dequantize_fp4_triton(*stored, fmt, torch.bfloat16, elems=elems)
+        bf16 = dequantize_fp4_triton(*stored, fmt, torch.bfloat16, tile=tile)
         assert torch.equal(bf16, (f32.view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16))
+        # Transposed, into a column block of a wider buffer (the dX operand of a q/k/v group).
+        buf = torch.full((cols, rows + 8), float("nan"))
+        dequantize_fp4_triton(*stored, fmt, torch.float32, out=buf[:, 3 : 3 + rows].t(), tile=tile)
+        assert torch.equal(buf[:, 3 : 3 + rows], want.t()), fmt
+        assert buf[:, :3].isnan().all() and buf[:, 3 + rows :].isnan().all()
 print("ok")
 """
 
@@ -316,6 +322,10 @@ def test_fp4_to_fp8_kernel_on_gpu(fp4_format):
     got = fp4.dequantize_fp4_triton(*stored, fp4_format, torch.float8_e4m3fn, row_scale=inv)
     want = fp4.dequantize_fp4_reference(*stored, fp4_format, torch.float8_e4m3fn, row_scale=inv)
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    # the dX orientation: written transposed into a column block of a wider buffer
+    buf = torch.zeros(2048, 1024 + 256, dtype=torch.float8_e4m3fn, device="cuda")
+    fp4.dequantize_fp4_triton(*stored, fp4_format, torch.float8_e4m3fn, row_scale=inv, out=buf[:, 128:1152].t())
+    assert torch.equal(buf[:, 128:1152].view(torch.uint8), want.t().view(torch.uint8))
 
 
 def test_stored_fp4_with_fp4_compute_vs_reference():

@@ -96,13 +96,20 @@ _INTERPRETED = """
 import torch
 from ops.nf4 import dequantize_nf4_reference, dequantize_nf4_triton, quantize_nf4
 g = torch.Generator().manual_seed(5)
-for rows, cols, elems in [(5, 192, 256), (64, 512, 2048), (3, 64, 64)]:  # partial programs and scale groups
+# partial tiles, and scale groups (256 blocks) that end mid-row and mid-tile
+for rows, cols, tile in [(5, 192, (4, 128)), (64, 512, (16, 512)), (3, 64, (64, 64)), (37, 1024, (16, 256))]:
     stored = quantize_nf4(torch.randn(rows, cols, generator=g) * 0.05)
-    f32 = dequantize_nf4_triton(*stored, torch.float32, elems=elems)
-    assert torch.equal(f32, dequantize_nf4_reference(*stored, torch.float32))
+    want = dequantize_nf4_reference(*stored, torch.float32)
+    f32 = dequantize_nf4_triton(*stored, torch.float32, tile=tile)
+    assert torch.equal(f32, want)
     # The interpreter's fp32->bf16 cast truncates; the GPU's rounds to nearest even (test_triton_dequantize_on_gpu).
-    bf16 = dequantize_nf4_triton(*stored, torch.bfloat16, elems=elems)
+    bf16 = dequantize_nf4_triton(*stored, torch.bfloat16, tile=tile)
     assert torch.equal(bf16, (f32.view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16))
+    # Transposed, into a column block of a wider buffer (the dX operand of a q/k/v group).
+    buf = torch.full((cols, rows + 8), float("nan"))
+    dequantize_nf4_triton(*stored, torch.float32, out=buf[:, 3 : 3 + rows].t(), tile=tile)
+    assert torch.equal(buf[:, 3 : 3 + rows], want.t())
+    assert buf[:, :3].isnan().all() and buf[:, 3 + rows :].isnan().all()
 print("ok")
 """
 
@@ -271,6 +278,10 @@ def test_nf4_to_fp8_kernel_on_gpu():
     got = nf4.dequantize_nf4_triton(*stored, torch.float8_e4m3fn, row_scale=inv)
     want = nf4.dequantize_nf4_reference(*stored, torch.float8_e4m3fn, row_scale=inv)
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    # the dX orientation: written transposed into a column block of a wider buffer
+    buf = torch.zeros(2048, 1024 + 256, dtype=torch.float8_e4m3fn, device="cuda")
+    nf4.dequantize_nf4_triton(*stored, torch.float8_e4m3fn, row_scale=inv, out=buf[:, 128:1152].t())
+    assert torch.equal(buf[:, 128:1152].view(torch.uint8), want.t().view(torch.uint8))
 
 
 def test_fp8_compute_refuses_rows_that_split_a_block():
