@@ -240,9 +240,9 @@ def dequantize_fp4_triton(
     tile: tuple[int, int] | None = None,
 ) -> Tensor:  # fmt: skip
     """The fused kernel, one program per [BR, BC] tile of the output (CUDA, or CPU tensors under TRITON_INTERPRET=1
-    in tests). Scale bytes are decoded through a 256-entry table, so the kernel needs no FP8 loads (any GPU, the
-    interpreter). `out`: a [rows, cols] view of `dtype` to write into, with unit stride along
-    cols (a row block of a group's buffer) or along rows (a row block of a buffer laid out as W^T: the dX operand)."""
+    in tests; no FP8 loads: any GPU, the interpreter). `out`: a [rows, cols] view of `dtype` to write into, with
+    unit stride along cols (a row block of a group's buffer) or along rows (a row block of a buffer laid out as
+    W^T: the dX operand)."""
     from ops.dequant_kernels import fp4_dequantize_kernel, tile_shape
 
     fmt = _format(fp4_format)
@@ -257,7 +257,7 @@ def dequantize_fp4_triton(
     row = row_scale.float().contiguous() if row_scale is not None else values  # dummy pointer when unused
     if rows and cols:
         fp4_dequantize_kernel[(-(-rows // br), -(-cols // bc))](
-            codes.contiguous(), block_scale.contiguous().view(torch.uint8), global_scale.float(),
+            codes.contiguous(), block_scale.contiguous().view(torch.uint8), global_scale.float(), values,
             _on(f"scale_{fmt.name}", codes.device), row, out, rows, cols, out.stride(1 if transposed else 0),
             BLOCK=fmt.block, BR=br, BC=bc, HAS_ROW=row_scale is not None, FMAX=FP8_MAX.get(dtype, 0.0),
             TRANSPOSED=transposed, num_warps=4,
