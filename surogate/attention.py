@@ -19,6 +19,12 @@ Backends (all take q, k, v as [B, H, S, D] and return [B, H, S, D]; k/v may have
             per forward (in `build_doc_mask`, never per block).
 
 `resolve_backend("auto", device)` picks "flex" on CUDA and "sdpa" elsewhere.
+
+Rows that hold one document each (long samples, synthetic data; a padding tail allowed) need no document mask:
+the caller passes `position_ids=None` to the model (`one_document_per_row` decides on the host, from the CPU
+batch), the mask is None, and every backend runs plain causal SDPA. On CUDA that is cuDNN's fused attention, ~1.5x
+flex's rate on Hopper (benchmarks/NOTES.md: 332 vs 223 TFLOP/s fwd+bwd at Qwen3-8B shapes); it cannot take a
+document mask (its ragged form rebuilds its graph on every call), so packed rows stay on `backend`.
 """
 
 from __future__ import annotations
@@ -28,8 +34,17 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["BACKENDS", "VarlenMask", "attention", "build_doc_mask", "resolve_backend", "varlen_available"]
+__all__ = [
+    "BACKENDS",
+    "VarlenMask",
+    "attention",
+    "build_doc_mask",
+    "one_document_per_row",
+    "resolve_backend",
+    "varlen_available",
+]
 
 BACKENDS = ("sdpa", "flex", "varlen")
 
@@ -59,6 +74,26 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     if name == "varlen" and not varlen_available():
         raise ValueError(f"attention backend 'varlen' needs torch.nn.attention.varlen (torch {torch.__version__})")
     return name
+
+
+def one_document_per_row(position_ids: torch.Tensor, labels: torch.Tensor | None = None) -> bool:
+    """True when every row of a CPU [B, S] batch is one document at positions 0, 1, ..., optionally followed by a
+    tail without labels (the packer's padding): the model may then take `position_ids=None` and run plain causal
+    attention. Exact for the loss and every gradient: under a causal mask the document never sees its tail, and the
+    tail, which does see the document, carries no loss. Device tensors give False: reading them would stall the host."""
+    if position_ids.device.type != "cpu":
+        return False
+    arange = torch.arange(position_ids.shape[-1])
+    for r, row in enumerate(position_ids):
+        starts = (row == 0).nonzero().flatten().tolist()
+        if starts[:1] != [0] or len(starts) > 2:
+            return False
+        end = starts[1] if len(starts) == 2 else len(row)
+        if not torch.equal(row[:end], arange[:end]):
+            return False
+        if end < len(row) and (labels is None or bool((labels[r, end:] != -100).any())):
+            return False
+    return True
 
 
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -100,8 +135,29 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention)
 
 
+_CAUSAL_ORDER = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Plain causal attention (rows of one document), cuDNN's kernel first on CUDA (torch prefers FlashAttention-2,
+    ~190 TFLOP/s on an H100 against cuDNN's ~330)."""
+    gqa = q.shape[1] != k.shape[1]
+    if q.device.type != "cuda":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    with sdpa_kernel(_CAUSAL_ORDER, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, backend: str) -> torch.Tensor:
-    """Document-causal attention. q: [B, Hq, S, D]; k, v: [B, Hkv, S, D] with Hq % Hkv == 0 -> [B, Hq, S, D]."""
+    """Document-causal attention. q: [B, Hq, S, D]; k, v: [B, Hkv, S, D] with Hq % Hkv == 0 -> [B, Hq, S, D].
+    mask None: one document per row (module docstring), plain causal whatever the backend."""
+    if mask is None:
+        return causal_attention(q, k, v)
     gqa = q.shape[1] != k.shape[1]
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)

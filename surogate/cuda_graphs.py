@@ -29,6 +29,7 @@ that of an eager step.
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +49,12 @@ def cuda_graphs_enabled(setting: str, device: torch.device, shard_base: bool = F
     return possible and setting != "false"
 
 
+class _Captured(NamedTuple):
+    graph: torch.cuda.CUDAGraph
+    inputs: tuple[Tensor, ...]  # static input buffers, refilled before each replay
+    outputs: tuple[Tensor, Tensor]  # (loss_sum, n_tokens), overwritten by each replay
+
+
 class GraphedMicroStep:
     """`step(ids, pos, labels) -> (loss_sum, n_tokens)` running forward + backward, from a CUDA graph once warm.
 
@@ -56,32 +63,40 @@ class GraphedMicroStep:
 
     def __init__(self, model: nn.Module, warmup: int = 2) -> None:
         self.model, self.warmup = model, warmup
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.inputs: tuple[Tensor, ...] = ()
-        self.outputs: tuple[Tensor, Tensor] | None = None
-        self.eager_steps = 0
+        # One graph per kind of batch: packed rows (position ids given, document mask) and rows of one document each
+        # (position_ids None, plain causal attention: surogate/attention.py). They share one memory pool: a graph's
+        # tensors are all freed by its end, and the two never replay at the same time.
+        self.graphs: dict[bool, _Captured] = {}
+        self.eager_steps: dict[bool, int] = {}
+        self.pool = None
         self.replays = 0
         self.stream = torch.cuda.Stream()
         model.select_loss_rows = False  # no host sync inside the graph (see the module docstring)
 
-    def __call__(self, ids: Tensor, pos: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        batch = (ids, pos, labels)
-        if self.graph is None and self.eager_steps >= self.warmup:
-            self._capture(batch)
-        if self.graph is not None and all(b.shape == s.shape for b, s in zip(batch, self.inputs)):
-            for static, b in zip(self.inputs, batch):
-                static.copy_(b, non_blocking=True)
-            self.graph.replay()
-            self.replays += 1
-            return self.outputs[0].clone(), self.outputs[1].clone()
-        return self._eager(batch)
+    @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:  # the first graph captured (tests, logs)
+        return next(iter(self.graphs.values())).graph if self.graphs else None
 
-    def _forward_backward(self, ids: Tensor, pos: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, ids: Tensor, pos: Tensor | None, labels: Tensor) -> tuple[Tensor, Tensor]:
+        kind = pos is None
+        batch = (ids, labels) if kind else (ids, labels, pos)
+        if kind not in self.graphs and self.eager_steps.get(kind, 0) >= self.warmup:
+            self._capture(kind, batch)
+        g = self.graphs.get(kind)
+        if g is not None and all(b.shape == s.shape for b, s in zip(batch, g.inputs)):
+            for static, b in zip(g.inputs, batch):
+                static.copy_(b, non_blocking=True)
+            g.graph.replay()
+            self.replays += 1
+            return g.outputs[0].clone(), g.outputs[1].clone()
+        return self._eager(kind, batch)
+
+    def _forward_backward(self, ids: Tensor, labels: Tensor, pos: Tensor | None = None) -> tuple[Tensor, Tensor]:
         loss_sum, n_tokens = self.model(ids, pos, labels)
         loss_sum.backward()
         return loss_sum.detach(), n_tokens
 
-    def _eager(self, batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    def _eager(self, kind: bool, batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
         """A normal micro-step, on the side stream the graph is captured on (warm-up must happen there)."""
         main = torch.cuda.current_stream()
         self.stream.wait_stream(main)
@@ -90,17 +105,22 @@ class GraphedMicroStep:
         main.wait_stream(self.stream)
         for t in out:
             t.record_stream(main)
-        self.eager_steps += 1
+        self.eager_steps[kind] = self.eager_steps.get(kind, 0) + 1
         return out
 
-    def _capture(self, batch: tuple[Tensor, ...]) -> None:
-        self.inputs = tuple(b.clone() for b in batch)
+    def _capture(self, kind: bool, batch: tuple[Tensor, ...]) -> None:
+        inputs = tuple(b.clone() for b in batch)
         missing = [n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
         if missing:  # the captured backward must add into existing gradients, not allocate new ones
             raise RuntimeError(f"CUDA graph capture needs the LoRA gradients to exist; {missing[0]} has none")
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the eager warm-up's cached blocks: the graph's pool replaces them
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=self.stream):
-            self.outputs = self._forward_backward(*self.inputs)
-        log.info("captured the micro-step as one CUDA graph (input shapes %s)", [tuple(t.shape) for t in batch])
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+            outputs = self._forward_backward(*inputs)
+        self.pool = graph.pool()
+        self.graphs[kind] = _Captured(graph, inputs, outputs)
+        what = "rows of one document" if kind else "packed rows"
+        log.info(
+            "captured the micro-step as one CUDA graph (%s, input shapes %s)", what, [tuple(t.shape) for t in batch]
+        )

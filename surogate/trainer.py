@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from surogate import distributed
+from surogate.attention import one_document_per_row
 from surogate.checkpointing import TrainState, save_checkpoint
 from surogate.metrics import MetricsLogger, peak_memory_gib
 from surogate.signals import TrainingInterrupted, stop_requested
@@ -143,7 +144,10 @@ class Trainer:
             last = i == len(window) - 1
             real += _real_tokens(batch)
             distributed.set_gradient_sync(self.model, last)  # FSDP: reduce only in the window's final backward
-            ids, pos, labels = (_to_device(batch[k], dev) for k in ("input_ids", "position_ids", "labels"))
+            ids, labels = _to_device(batch["input_ids"], dev), _to_device(batch["labels"], dev)
+            # Rows of one document each run plain causal attention, no document mask (surogate/attention.py).
+            causal = one_document_per_row(batch["position_ids"], batch["labels"])
+            pos = None if causal else _to_device(batch["position_ids"], dev)
             if self.micro_step is not None:  # forward + backward in one call (a CUDA graph), no communication
                 ls, nt = self.micro_step(ids, pos, labels)
                 loss_sum += ls

@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from surogate.attention import attention, build_doc_mask, resolve_backend, varlen_available
+from surogate.attention import (
+    attention,
+    build_doc_mask,
+    one_document_per_row,
+    resolve_backend,
+    varlen_available,
+)
 
 DOC_LENS = (5, 11, 8)  # three documents packed into one row of 24
 
@@ -77,3 +83,46 @@ def test_flex_matches_sdpa_cuda():
 @pytest.mark.skipif(not torch.cuda.is_available() or not varlen_available(), reason="needs CUDA and varlen_attn")
 def test_varlen_matches_sdpa_cuda():
     _compare_to_sdpa("varlen")
+
+
+def test_one_document_per_row_is_read_off_cpu_positions():
+    S = sum(DOC_LENS)
+    assert one_document_per_row(torch.arange(S).repeat(3, 1))
+    assert not one_document_per_row(_packed_position_ids(DOC_LENS, batch=2))
+    mixed = torch.arange(S).repeat(2, 1)
+    mixed[1] = _packed_position_ids(DOC_LENS)
+    assert not one_document_per_row(mixed)  # every row must be one document
+    assert not one_document_per_row(torch.arange(1, S + 1)[None])  # a row that starts mid-document
+    padded = _packed_position_ids((20, 4), batch=2)  # one document, then the packer's padding tail
+    labels = torch.randint(0, 50, (2, 24))
+    assert not one_document_per_row(padded, labels)  # the tail is trained: a second document
+    labels[:, 20:] = -100
+    assert one_document_per_row(padded, labels)
+    assert not one_document_per_row(padded)  # without labels a tail is a document
+
+
+def _causal_vs_masked(device, dtype, tol):
+    """mask None (plain causal) against the document mask of one document per row: outputs and gradients."""
+    B, S = 2, 96
+    pos = torch.arange(S, device=device).repeat(B, 1)
+    backend = resolve_backend("auto", device)
+    grad_out = torch.randn(B, 8, S, 64, generator=torch.Generator(device).manual_seed(1), device=device, dtype=dtype)
+    results = []
+    for mask in (None, build_doc_mask(pos, backend)):
+        q, k, v = _qkv(B, S, 8, 2, 64, device=device, dtype=dtype)
+        out = attention(q, k, v, mask, backend)
+        out.backward(grad_out)
+        results.append([out.float(), q.grad.float(), k.grad.float(), v.grad.float()])
+    for got, want in zip(*results):
+        assert torch.isfinite(got).all()
+        assert (got - want).abs().max() <= tol * want.abs().max()
+
+
+def test_causal_path_equals_the_document_mask_of_one_document_per_row():
+    _causal_vs_masked("cpu", torch.float32, 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_causal_path_equals_the_document_mask_of_one_document_per_row_cuda():
+    _causal_vs_masked("cuda", torch.bfloat16, 2e-2)  # cuDNN's kernel against flex's

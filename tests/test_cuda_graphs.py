@@ -97,3 +97,29 @@ def test_replayed_micro_steps_accumulate_the_same_gradients(recipe):
     for n, p in graphed_model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, dict(eager.named_parameters())[n].grad, rtol=2e-2, atol=1e-5, msg=n)
+
+
+@pytest.mark.gpu
+@cuda
+def test_rows_of_one_document_replay_their_own_graph():
+    """position_ids None (plain causal attention, cuDNN) and packed rows (flex) each get a graph, in one pool."""
+    torch._dynamo.reset()
+    packed = _batches(4096, 3)
+    plain = [[ids, None, labels] for ids, _, labels in _batches(4096, 3)]
+    order = [packed[0], plain[0], packed[1], plain[1], packed[2], plain[2], packed[0], plain[0]]
+    eager, _ = _tiny_lora_model("bf16")
+    losses = []
+    for b in order:
+        loss_sum, _ = eager(*b)
+        loss_sum.backward()
+        losses.append(loss_sum.detach())
+    graphed_model, _ = _tiny_lora_model("bf16")
+    step = GraphedMicroStep(graphed_model, warmup=2)
+    graphed_losses = [step(*b)[0] for b in order]
+    assert step.replays == 4 and set(step.graphs) == {False, True}  # the last two of each kind were replayed
+    torch.testing.assert_close(torch.stack(graphed_losses), torch.stack(losses), rtol=1e-3, atol=0)
+    grads = {n: p.grad for n, p in eager.named_parameters() if p.requires_grad}
+    for n, p in graphed_model.named_parameters():
+        if p.requires_grad:
+            assert torch.isfinite(p.grad).all(), n
+            torch.testing.assert_close(p.grad, grads[n], rtol=2e-2, atol=1e-5, msg=n)

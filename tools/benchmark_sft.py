@@ -39,6 +39,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from surogate.attention import one_document_per_row  # noqa: E402
 from surogate.models.qwen3 import ModelArgs  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results.jsonl"
@@ -56,6 +57,7 @@ class Setting:
     alpha: float = 32.0
     warmup: int = 2
     steps: int = 4
+    docs_per_row: int = 1  # 1: plain causal attention; more: packed rows, document-masked attention
 
 
 def flops_per_token(args: ModelArgs, seq_len: int) -> float:
@@ -69,16 +71,20 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> float:
 
 
 def random_batches(vocab: int, s: Setting, device: torch.device, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """One optimizer step's micro-batches: rows full of random tokens, one document per row."""
+    """One optimizer step's micro-batches: rows full of random tokens, `s.docs_per_row` equal documents per row.
+    Rows of one document go to the model with position_ids None, as the trainer sends them (plain causal attention,
+    surogate/attention.py)."""
     g = torch.Generator().manual_seed(seed)
+    doc = -(-s.seq_len // s.docs_per_row)
+    pos = torch.arange(s.seq_len) % doc
     out = []
     for _ in range(s.grad_accum):
         ids = torch.randint(0, vocab, (s.micro_batch, s.seq_len + 1), generator=g)
-        pos = torch.arange(s.seq_len).expand(s.micro_batch, -1)
+        rows = pos.expand(s.micro_batch, -1).contiguous()
         out.append(
             {
                 "input_ids": ids[:, :-1].to(device),
-                "position_ids": pos.contiguous().to(device),
+                "position_ids": None if one_document_per_row(rows) else rows.to(device),
                 "labels": ids[:, 1:].contiguous().to(device),
             }
         )
@@ -327,6 +333,7 @@ def run_one(name: str, model_name: str, recipe: str, cli, device, s: Setting) ->
         "recompute": bool(cli.recompute) and name == "ours",
         **({"recompute_layers": cli.recompute_layers} if cli.recompute_layers is not None and name == "ours" else {}),
         **({"precision": " ".join(cli.precision)} if cli.precision and name == "ours" else {}),
+        **({"docs_per_row": s.docs_per_row} if s.docs_per_row != 1 else {}),
         "cuda_graphs": getattr(micro_step, "graphed", None) is not None,
         "compiled": name == "ours" and not cli.eager,
         "micro_batch": s.micro_batch,
@@ -343,7 +350,9 @@ def run_one(name: str, model_name: str, recipe: str, cli, device, s: Setting) ->
     }
     peak = next((v for k, v in BF16_PEAK_FLOPS.items() if k in gpu), None)
     if recipe == "bf16" and peak:
-        row["mfu"] = round(tokens_per_sec * flops_per_token(args, s.seq_len) / (peak * num_gpus), 4)
+        row["mfu"] = round(
+            tokens_per_sec * flops_per_token(args, -(-s.seq_len // s.docs_per_row)) / (peak * num_gpus), 4
+        )
     row.update(getattr(model, "loss_check", {}))
     row.update(getattr(model, "load_info", {}))
     del model, micro_step  # the step's CUDA graph holds its memory pool until it is gone
@@ -367,7 +376,7 @@ def render_table(rows: list[dict]) -> str:
             continue
         key = (r["gpu"], r.get("num_gpus", 1), r["model"], r["recipe"], r.get("framework", "surogate"))
         key += (r.get("passes"), r["recompute"], r.get("recompute_layers"), r.get("shard_base", False))
-        key += (r.get("precision"),)
+        key += (r.get("precision"), r.get("docs_per_row", 1))
         latest[key] = r
     lines = [
         "| GPU | model | framework | recipe | passes | CUDA graph | recompute | tokens/s | peak GiB | MFU "
@@ -388,7 +397,8 @@ def render_table(rows: list[dict]) -> str:
 
 
 def _recipe_cell(r: dict) -> str:
-    return r["recipe"] + (f" ({r['precision']})" if r.get("precision") else "")
+    docs = f", {r['docs_per_row']} documents per row" if r.get("docs_per_row", 1) != 1 else ""
+    return r["recipe"] + (f" ({r['precision']})" if r.get("precision") else "") + docs
 
 
 def _recompute_cell(r: dict) -> str:
@@ -433,6 +443,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument(
+        "--docs-per-row",
+        type=int,
+        default=1,
+        help="random documents packed per row (1: plain causal attention; more: the document-masked path)",
+    )
     p.add_argument("--grad-accum", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
@@ -461,7 +477,9 @@ def main(argv: list[str] | None = None) -> None:
     device = init_distributed(torch.device(cli.device)).device  # torchrun: cuda:LOCAL_RANK; else cli.device
     if cli.baseline and device != torch.device(cli.device):
         p.error("--baseline runs on one GPU: drop it under torchrun")
-    s = Setting(cli.micro_batch, cli.seq_len, cli.grad_accum, warmup=cli.warmup, steps=cli.steps)
+    s = Setting(
+        cli.micro_batch, cli.seq_len, cli.grad_accum, warmup=cli.warmup, steps=cli.steps, docs_per_row=cli.docs_per_row
+    )
     rows = []
 
     def record(row: dict) -> None:

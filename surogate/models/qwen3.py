@@ -279,12 +279,16 @@ class Qwen3Model(nn.Module):
         self.layers = nn.ModuleList(Qwen3Block(args, backend, i) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        """position_ids None: every row is one document at positions 0..S-1 (plain causal attention)."""
         x = self.embed_tokens(input_ids)  # [B, S, hidden]
+        if position_ids is None:
+            position_ids, mask = torch.arange(input_ids.shape[1], device=x.device).expand_as(input_ids), None
+        else:
+            mask = build_doc_mask(position_ids, self.backend)
         # Once per forward, shared by all blocks. inv_freq is recomputed rather than kept as a buffer so meta
         # init, `.to(bf16)` and FSDP can never touch its fp32 values.
         cos, sin = rope_cos_sin(position_ids, rope_inv_freq(self.args, x.device), x.dtype)
-        mask = build_doc_mask(position_ids, self.backend)
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
         return self.norm(x)
@@ -315,8 +319,9 @@ class Qwen3ForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.backend = backend
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor | None = None):
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, labels: torch.Tensor | None = None):
         """labels None -> logits [B, S, V]; else (loss_sum fp32, num_tokens int64) without full logits.
+        position_ids None: one document per row (`surogate.attention.one_document_per_row`).
 
         labels [B, S] are already next-token targets (labels[t] = input_ids[t + 1] of the same document, or -100),
         as surogate.data builds them: the model does not shift, unlike Hugging Face's `labels=input_ids`.

@@ -64,3 +64,21 @@ def test_precision_override_types_and_errors(bench):
         bench.with_overrides(recipe_precision("fp8"), ["fp8_speed=11"])
     with pytest.raises(ConfigError, match="nf4 weights"):
         bench.with_overrides(recipe_precision("qnf4"), ["compute=fp4"])
+
+
+def test_packed_rows_are_recorded_apart(bench, capsys):
+    """--docs-per-row 4 sends position ids (document-masked attention); 1, the default, sends None (plain causal)."""
+    s = bench.Setting(micro_batch=2, seq_len=64, grad_accum=1, docs_per_row=4)
+    (packed,) = bench.random_batches(100, s, "cpu")
+    assert packed["position_ids"].tolist() == [list(range(16)) * 4] * 2
+    (plain,) = bench.random_batches(100, bench.Setting(micro_batch=2, seq_len=64, grad_accum=1), "cpu")
+    assert plain["position_ids"] is None
+    bench.main(
+        ["--model", "tiny", "--device", "cpu", "--eager", "--seq-len", "64", "--micro-batch", "1", "--grad-accum", "1",
+         "--warmup", "1", "--steps", "1", "--no-record", "--docs-per-row", "4"]
+    )  # fmt: skip
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert row["docs_per_row"] == 4
+    table = bench.render_table([{**row, "gpu": "NVIDIA H100", "seq_len": 2048}, {**row, "gpu": "NVIDIA H100",
+                                "seq_len": 2048, "docs_per_row": 1, "tokens_per_sec": 5.0}])  # fmt: skip
+    assert "4 documents per row" in table and table.count("| tiny |") == 2
