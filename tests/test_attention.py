@@ -102,15 +102,16 @@ def test_one_document_per_row_is_read_off_cpu_positions():
 
 
 def _causal_vs_masked(device, dtype, tol):
-    """mask None (plain causal) against the document mask of one document per row: outputs and gradients."""
-    B, S = 2, 96
+    """mask None (plain causal; cuDNN on CUDA) against SDPA with the dense document mask of one document per row,
+    in the [B, S, H, D] -> [B, H, S, D] view layout the model hands over: outputs and gradients."""
+    B, S, D = 2, 256, 128
     pos = torch.arange(S, device=device).repeat(B, 1)
-    backend = resolve_backend("auto", device)
-    grad_out = torch.randn(B, 8, S, 64, generator=torch.Generator(device).manual_seed(1), device=device, dtype=dtype)
+    grad_out = torch.randn(B, 8, S, D, generator=torch.Generator(device).manual_seed(1), device=device, dtype=dtype)
     results = []
-    for mask in (None, build_doc_mask(pos, backend)):
-        q, k, v = _qkv(B, S, 8, 2, 64, device=device, dtype=dtype)
-        out = attention(q, k, v, mask, backend)
+    for mask in (None, build_doc_mask(pos, "sdpa")):
+        q, k, v = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in
+                   _qkv(B, S, 8, 2, D, device=device, dtype=dtype))  # fmt: skip
+        out = attention(q, k, v, mask, "sdpa")
         out.backward(grad_out)
         results.append([out.float(), q.grad.float(), k.grad.float(), v.grad.float()])
     for got, want in zip(*results):
@@ -125,4 +126,4 @@ def test_causal_path_equals_the_document_mask_of_one_document_per_row():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_causal_path_equals_the_document_mask_of_one_document_per_row_cuda():
-    _causal_vs_masked("cuda", torch.bfloat16, 2e-2)  # cuDNN's kernel against flex's
+    _causal_vs_masked("cuda", torch.bfloat16, 2e-2)  # cuDNN's kernel against SDPA's
