@@ -8,6 +8,7 @@ set -o pipefail
 out=${1:-/tmp/out}
 shift || true
 parts=${*:-tests dense}
+export SUROGATE_COMMIT=${SUROGATE_COMMIT:?set SUROGATE_COMMIT: the GPU machine's tree has no usable .git}
 run() { bash benchmarks/gpu_run.sh "$@"; }
 bench() { run python3 tools/benchmark_sft.py "$@" 2>&1 | tee -a "$out/bench.log" | grep -E '^\{|Error' | tail -4; }
 multi() {
@@ -22,14 +23,16 @@ for part in $parts; do
       bench --model qwen3-8b --recipe bf16 fp8 qfp8 --check-eager
       bench --model qwen3-8b --no-passes
       bench --model qwen3-0.6b --recipe bf16 fp8 --baseline hf-peft
-      bench --model qwen3-0.6b --no-passes ;;
+      bench --model qwen3-0.6b --no-passes
+      bench --model qwen3-8b --recipe bf16 --docs-per-row 4 ;;
     memory)
       bench --model qwen3-8b --recipe bf16 qfp8 qfp4 --recompute
-      bench --model qwen3-8b --recipe qnf4 --precision compute=fp8 --recompute-layers 32 ;;
+      bench --model qwen3-8b --recipe qnf4 --precision compute=fp8 --recompute-layers 32
+      bench --model qwen3-8b --recipe qnf4 --recompute ;;
     big)
       bench --model qwen3-14b --recipe bf16 fp8
-      bench --model qwen3-32b --recipe qfp4 --recompute-layers 50 --steps 3
-      bench --model qwen3-32b --recipe qnf4 --precision compute=fp8 --recompute-layers 50 --steps 3 ;;
+      bench --model qwen3-32b --recipe qfp4 --recompute-layers 48 --steps 3
+      bench --model qwen3-32b --recipe qnf4 --precision compute=fp8 --recompute-layers 46 --steps 3 ;;
     multi)
       bench --model qwen3-8b --recipe bf16 fp8
       multi 2 --model qwen3-8b --recipe bf16 fp8
