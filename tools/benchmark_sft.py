@@ -380,8 +380,8 @@ def render_table(rows: list[dict]) -> str:
         latest[key] = r
     lines = [
         "| GPU | model | framework | recipe | passes | CUDA graph | recompute | tokens/s | peak GiB | MFU "
-        "| first step s | date |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| first step s | date | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(latest.values(), key=lambda r: (r["gpu"], r["model"], r.get("framework", ""), r["recipe"])):
         mfu = f"{100 * r['mfu']:.0f}%" if "mfu" in r else "—"
@@ -391,7 +391,7 @@ def render_table(rows: list[dict]) -> str:
             f"{'on' if r.get('passes') else 'off'} | {'on' if r.get('cuda_graphs') else 'off'} | "
             f"{_recompute_cell(r)} | "
             f"{r['tokens_per_sec'] / 1000:.1f}k | {r['peak_mem_gib']:.1f} | {mfu} | {r['compile_s']:.0f} | "
-            f"{r['date']} |"
+            f"{r['date']} | {r.get('commit', '—')} |"
         )
     return "\n".join(lines)
 
