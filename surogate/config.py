@@ -182,7 +182,9 @@ class TrainConfig:
         ("auto", "true", "false"),
     )
     attn_backend: str = opt(
-        "auto", "attention kernel; auto = flex on CUDA, sdpa on CPU", ("auto", "flex", "varlen", "sdpa")
+        "auto",
+        "attention kernel for packed rows; auto = flex on CUDA, sdpa on CPU (rows of one sample: causal SDPA)",
+        ("auto", "flex", "varlen", "sdpa"),
     )
     # --- outputs
     output_dir: str = opt("outputs/run", "where the adapter, checkpoints, metrics.jsonl and loss.png go")

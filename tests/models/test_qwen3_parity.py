@@ -137,3 +137,20 @@ def test_from_hf_config_round_trip_and_errors():
         ModelArgs.from_hf_config({**cfg, "model_type": "mistral"})
     with pytest.raises(ValueError, match="num_kv_heads"):
         dataclasses.replace(args, num_kv_heads=3)
+
+
+def test_position_ids_none_is_one_document_per_row():
+    """position_ids None (rows of one document: plain causal attention) gives the loss and gradients of explicit
+    positions 0..S-1 with the document mask."""
+    torch.manual_seed(0)
+    model, args = load_model("tiny", device="cpu", dtype=torch.float32)
+    ids = torch.randint(0, args.vocab_size, (2, 24))
+    labels = torch.randint(0, args.vocab_size, (2, 24))
+    results = []
+    for pos in (None, torch.arange(24).repeat(2, 1)):
+        model.zero_grad()
+        loss_sum, n = model(ids, pos, labels)
+        loss_sum.backward()
+        results.append([loss_sum.detach(), *(p.grad.clone() for p in model.parameters() if p.grad is not None)])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
