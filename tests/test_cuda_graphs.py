@@ -60,12 +60,9 @@ def _batches(vocab: int, n: int):
     return out
 
 
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize("recipe", ["bf16", "fp8", "qfp8", "qnf4", "qfp4"])
-def test_replayed_micro_steps_accumulate_the_same_gradients(recipe):
-    torch._dynamo.reset()  # each model compiles Qwen3Block.forward anew: stay under Dynamo's recompile limit
-    batches = _batches(4096, 5)
+def _graphed_equals_eager(recipe: str, batches: list) -> tuple:
+    """Run `batches` as micro-steps on an eager-stepped model and through GraphedMicroStep (2 warm-up steps per kind
+    of batch), check that losses and accumulated LoRA gradients agree; return (step, eager, graphed model)."""
     eager, _ = _tiny_lora_model(recipe)
     losses = []
     for b in batches:
@@ -75,13 +72,22 @@ def test_replayed_micro_steps_accumulate_the_same_gradients(recipe):
     graphed_model, _ = _tiny_lora_model(recipe)
     step = GraphedMicroStep(graphed_model, warmup=2)
     graphed_losses = [step(*b)[0] for b in batches]
-    assert step.replays == 3  # micro-steps 3-5 came from the graph
     torch.testing.assert_close(torch.stack(graphed_losses), torch.stack(losses), rtol=1e-3, atol=0)
     grads = {n: p.grad for n, p in eager.named_parameters() if p.requires_grad}
     for n, p in graphed_model.named_parameters():
         if p.requires_grad:
             assert torch.isfinite(p.grad).all(), n
             torch.testing.assert_close(p.grad, grads[n], rtol=2e-2, atol=1e-5, msg=n)
+    return step, eager, graphed_model
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("recipe", ["bf16", "fp8", "qfp8", "qnf4", "qfp4"])
+def test_replayed_micro_steps_accumulate_the_same_gradients(recipe):
+    batches = _batches(4096, 5)
+    step, eager, graphed_model = _graphed_equals_eager(recipe, batches)
+    assert step.replays == 3  # micro-steps 3-5 came from the graph
 
     # A second optimizer-step window: zero in place, replay again; the graph reads the updated LoRA weights.
     with torch.no_grad():
@@ -103,23 +109,8 @@ def test_replayed_micro_steps_accumulate_the_same_gradients(recipe):
 @cuda
 def test_rows_of_one_document_replay_their_own_graph():
     """position_ids None (plain causal attention, cuDNN) and packed rows (flex) each get a graph, in one pool."""
-    torch._dynamo.reset()
     packed = _batches(4096, 3)
     plain = [[ids, None, labels] for ids, _, labels in _batches(4096, 3)]
     order = [packed[0], plain[0], packed[1], plain[1], packed[2], plain[2], packed[0], plain[0]]
-    eager, _ = _tiny_lora_model("bf16")
-    losses = []
-    for b in order:
-        loss_sum, _ = eager(*b)
-        loss_sum.backward()
-        losses.append(loss_sum.detach())
-    graphed_model, _ = _tiny_lora_model("bf16")
-    step = GraphedMicroStep(graphed_model, warmup=2)
-    graphed_losses = [step(*b)[0] for b in order]
+    step, _, _ = _graphed_equals_eager("bf16", order)
     assert step.replays == 4 and set(step.graphs) == {False, True}  # the last two of each kind were replayed
-    torch.testing.assert_close(torch.stack(graphed_losses), torch.stack(losses), rtol=1e-3, atol=0)
-    grads = {n: p.grad for n, p in eager.named_parameters() if p.requires_grad}
-    for n, p in graphed_model.named_parameters():
-        if p.requires_grad:
-            assert torch.isfinite(p.grad).all(), n
-            torch.testing.assert_close(p.grad, grads[n], rtol=2e-2, atol=1e-5, msg=n)
