@@ -16,6 +16,9 @@ spans the whole step instead, captured with `torch.cuda.graph` as in PyTorch's w
    accumulation works because the captured backward adds into the existing `.grad` tensors in place: the
    optimizer must zero them in place (`zero_grad(set_to_none=False)`), never replace them.
 
+Batches whose rows hold one document each come with `position_ids=None` (plain causal attention, no mask:
+surogate/attention.py) and run another graph, warmed up and captured the same way; the two share one memory pool.
+
 Requirements (all hold for surogate's model on one GPU, and on each rank of a data-parallel run with a replicated
 base): static shapes (packed rows are always [B, sequence_len]; a batch of another shape runs eagerly), no host
 synchronization inside the step (so the loss computes every row instead of gathering labelled rows:
@@ -72,10 +75,6 @@ class GraphedMicroStep:
         self.replays = 0
         self.stream = torch.cuda.Stream()
         model.select_loss_rows = False  # no host sync inside the graph (see the module docstring)
-
-    @property
-    def graph(self) -> torch.cuda.CUDAGraph | None:  # the first graph captured (tests, logs)
-        return next(iter(self.graphs.values())).graph if self.graphs else None
 
     def __call__(self, ids: Tensor, pos: Tensor | None, labels: Tensor) -> tuple[Tensor, Tensor]:
         kind = pos is None
