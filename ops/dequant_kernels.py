@@ -4,7 +4,7 @@ tile stages, and Triton's interpreter (the CPU tests) resolves a kernel's helper
 one module for both.
 
 Both kernels work on [BR, BC] tiles of the [rows, cols] output and load the packed codes as a [BR, BC / 2] byte
-tile: one contiguous run of bytes per row, which Triton vectorizes (16-byte loads and stores on an H100). An
+tile: one contiguous run of bytes per row, which Triton vectorizes (8-byte loads, 16-byte stores on an H100). An
 earlier 1-D kernel indexed every element by its flat position (`codes[e // 2]`, `scale[e // block]`, `row[e // K]`),
 which hides the contiguity and ran at 1.1-1.75 TB/s. The tile's two nibble halves come here as two [BR, BC / 2]
 value tiles and are interleaved back into element order.
