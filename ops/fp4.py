@@ -36,8 +36,9 @@ values (up to the bf16 rounding of value * scale * global), so accuracy studies 
 slower than bf16, not faster. Real FP4 GEMMs (`torch._scaled_mm` on float4_e2m1fn_x2 with swizzled scales) are not
 implemented: there was no Blackwell GPU to test them on. `stats["fp4_gemms"]` counts emulated FP4 GEMMs.
 
-Kernels: dequantization is one Triton kernel on CUDA (unpack, look up the e2m1 value and the block scale, scale,
-cast), `dequantize_fp4_reference` elsewhere; they agree bit for bit (tested under TRITON_INTERPRET=1). Quantization
+Kernels: dequantization is one Triton kernel on CUDA (`ops/dequant_kernels.py`, shared with NF4: unpack, look up
+the e2m1 value and the block scale, scale, cast; it can write W^T's layout for dX), `dequantize_fp4_reference`
+elsewhere; they agree bit for bit (tested under TRITON_INTERPRET=1). Quantization
 is plain torch (it runs once per weight at load, and per call on activations only in the emulated fp4 compute).
 torchao is not needed; the tests check our quantizers against torchao's `nvfp4_quantize` and `to_mx`.
 """
@@ -243,26 +244,20 @@ def dequantize_fp4_triton(
     in tests; no FP8 loads: any GPU, the interpreter). `out`: a [rows, cols] view of `dtype` to write into, with
     unit stride along cols (a row block of a group's buffer) or along rows (a row block of a buffer laid out as
     W^T: the dX operand)."""
-    from ops.dequant_kernels import fp4_dequantize_kernel, tile_shape
+    from ops.dequant_kernels import fp4_dequantize_kernel, tile_launch
 
     fmt = _format(fp4_format)
-    rows, cols = codes.shape[0], codes.shape[1] * 2
-    if out is None:
-        out = torch.empty(rows, cols, dtype=dtype, device=codes.device)
-    transposed = out.stride(1) != 1  # a column-major view: W^T's buffer, written row by row of W^T
-    if out.shape != (rows, cols) or out.stride(0 if transposed else 1) != 1:
-        raise ValueError(f"out must be a [{rows}, {cols}] view with unit stride along one axis")
-    br, bc = tile or tile_shape(transposed)
+    launch = tile_launch(codes, dtype, out, tile)
     values = _on("e2m1", codes.device)
     row = row_scale.float().contiguous() if row_scale is not None else values  # dummy pointer when unused
-    if rows and cols:
-        fp4_dequantize_kernel[(-(-rows // br), -(-cols // bc))](
+    if codes.numel():
+        fp4_dequantize_kernel[launch.grid](
             codes.contiguous(), block_scale.contiguous().view(torch.uint8), global_scale.float(), values,
-            _on(f"scale_{fmt.name}", codes.device), row, out, rows, cols, out.stride(1 if transposed else 0),
-            BLOCK=fmt.block, BR=br, BC=bc, HAS_ROW=row_scale is not None, FMAX=FP8_MAX.get(dtype, 0.0),
-            TRANSPOSED=transposed, num_warps=4,
+            _on(f"scale_{fmt.name}", codes.device), row, launch.out, codes.shape[0], codes.shape[1] * 2, launch.ld,
+            BLOCK=fmt.block, BR=launch.br, BC=launch.bc, HAS_ROW=row_scale is not None,
+            FMAX=FP8_MAX.get(dtype, 0.0), TRANSPOSED=launch.transposed, num_warps=4,
         )  # fmt: skip
-    return out
+    return launch.out
 
 
 def dequantize_fp4(

@@ -25,8 +25,8 @@ Nothing dense is saved between forward and backward, and no weight gradient is e
 (q/k/v, gate/up) dequantizes each member into its row block of one buffer, so the fused op runs one base GEMM per
 group.
 
-Dequantization: on CUDA one fused Triton kernel (unpack, look up, undo the double quantization, scale, cast: one
-read of the codes, one write of the dense weight); elsewhere `dequantize_nf4_reference`, the same arithmetic in plain
+Dequantization: on CUDA one fused Triton kernel (`ops/dequant_kernels.py`: unpack, look up, undo the double
+quantization, scale, cast: one read of the codes, one write of the dense weight, in W^T's layout for dX if asked); elsewhere `dequantize_nf4_reference`, the same arithmetic in plain
 torch, in the same order (the kernel matches it bit for bit; tested under TRITON_INTERPRET=1). It is an op of its own
 (`surogate::nf4_dequantize`), so the eager module (`NF4LoRALinear`, the numerical reference) records one graph node
 per weight, which the qnf4 pass (`compile_passes/nf4_weights.py`) replaces by the stored tensors.
@@ -170,26 +170,21 @@ def dequantize_nf4_triton(
     in tests); in_features must be a multiple of 64 (whole blocks per row). `out`: an [out, in] view of `dtype` to
     write into, with unit stride along in (a row block of a group's buffer) or along out (a row block of a buffer laid
     out as W^T: the dX operand)."""
-    from ops.dequant_kernels import nf4_dequantize_kernel, tile_shape
+    from ops.dequant_kernels import nf4_dequantize_kernel, tile_launch
 
-    rows, cols = codes.shape[0], codes.shape[1] * 2
-    if cols % BLOCK:
-        raise ValueError(f"the NF4 kernel needs whole {BLOCK}-blocks per row; got {cols} columns")
+    if codes.shape[1] * 2 % BLOCK:
+        raise ValueError(f"the NF4 kernel needs whole {BLOCK}-blocks per row; got {codes.shape[1] * 2} columns")
     table = _nf4_table(codes.device) if codebook is None else codebook.to(codes.device, torch.float32)
-    if out is None:
-        out = torch.empty(rows, cols, dtype=dtype, device=codes.device)
-    transposed = out.stride(1) != 1  # a column-major view: W^T's buffer, written row by row of W^T
-    if out.shape != (rows, cols) or out.stride(0 if transposed else 1) != 1:
-        raise ValueError(f"out must be a [{rows}, {cols}] view with unit stride along one axis")
-    br, bc = tile or tile_shape(transposed)
+    launch = tile_launch(codes, dtype, out, tile)
     row = row_scale.float().contiguous() if row_scale is not None else table  # dummy pointer when unused
-    if rows and cols:
-        nf4_dequantize_kernel[(-(-rows // br), -(-cols // bc))](
-            codes.contiguous(), absmax_q.contiguous(), factor.float().contiguous(), mean.float(), table, row, out,
-            rows, cols, out.stride(1 if transposed else 0), BLOCK=BLOCK, GROUP=SCALE_GROUP, BR=br, BC=bc,
-            HAS_ROW=row_scale is not None, FMAX=FP8_MAX.get(dtype, 0.0), TRANSPOSED=transposed, num_warps=4,
+    if codes.numel():
+        nf4_dequantize_kernel[launch.grid](
+            codes.contiguous(), absmax_q.contiguous(), factor.float().contiguous(), mean.float(), table, row,
+            launch.out, codes.shape[0], codes.shape[1] * 2, launch.ld, BLOCK=BLOCK, GROUP=SCALE_GROUP, BR=launch.br,
+            BC=launch.bc, HAS_ROW=row_scale is not None, FMAX=FP8_MAX.get(dtype, 0.0), TRANSPOSED=launch.transposed,
+            num_warps=4,
         )  # fmt: skip
-    return out
+    return launch.out
 
 
 def dequantize_nf4(
