@@ -26,10 +26,11 @@ Nothing dense is saved between forward and backward, and no weight gradient is e
 group.
 
 Dequantization: on CUDA one fused Triton kernel (`ops/dequant_kernels.py`: unpack, look up, undo the double
-quantization, scale, cast: one read of the codes, one write of the dense weight, in W^T's layout for dX if asked); elsewhere `dequantize_nf4_reference`, the same arithmetic in plain
-torch, in the same order (the kernel matches it bit for bit; tested under TRITON_INTERPRET=1). It is an op of its own
-(`surogate::nf4_dequantize`), so the eager module (`NF4LoRALinear`, the numerical reference) records one graph node
-per weight, which the qnf4 pass (`compile_passes/nf4_weights.py`) replaces by the stored tensors.
+quantization, scale, cast: one read of the codes, one write of the dense weight, in W^T's layout for dX if asked);
+elsewhere `dequantize_nf4_reference`, the same arithmetic in plain torch, in the same order (the kernel matches it
+bit for bit; tested under TRITON_INTERPRET=1). It is an op of its own (`surogate::nf4_dequantize`), so the eager
+module (`NF4LoRALinear`, the numerical reference) records one graph node per weight, which the qnf4 pass
+(`compile_passes/nf4_weights.py`) replaces by the stored tensors.
 """
 
 from __future__ import annotations
