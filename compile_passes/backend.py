@@ -3,8 +3,9 @@
     block = torch.compile(block, backend=make_backend("bf16"))
 
 Dynamo calls the backend with the pre-autograd, torch-level graph of the block (one per graph if there are
-breaks). The passes rewrite linear+LoRA subgraphs into the recipe's op (`lora_rewrite.py`) and merge ops that share
-an input (`shared_input_fusion.py`); then `compile_fx` (Inductor) traces autograd through the ops' registered
+breaks). The passes rewrite linear+LoRA subgraphs into the recipe's op (`lora_rewrite.py`), merge ops that share
+an input (`shared_input_fusion.py`) and move the gate/up group's LoRA-B products into SwiGLU
+(`swiglu_lora_fusion.py`); then `compile_fx` (Inductor) traces autograd through the ops' registered
 formulas and compiles everything around them (norms, RoPE, SwiGLU, residuals, dropout). The backend object keeps
 `stats` (rewrites per pass, summed over graphs) and, with `keep_graphs=True`, the post-pass graphs, so tests and
 benchmarks can see exactly what was rewritten.
@@ -25,6 +26,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from compile_passes.lora_rewrite import rewrite_lora_linears
 from compile_passes.registry import RecipeOps, recipe_ops
 from compile_passes.shared_input_fusion import fuse_shared_input_lora_linears
+from compile_passes.swiglu_lora_fusion import fuse_swiglu_lora
 
 _OWN_SOURCES = tuple(
     sorted(str(p) for d in ("ops", "compile_passes") for p in (Path(__file__).parents[1] / d).glob("*.py"))
@@ -77,6 +79,7 @@ def _run_passes_on_graph(gm: fx.GraphModule, ops: RecipeOps) -> dict[str, int]:
     counts = {"rewrite_lora_linears": rewrite_lora_linears(gm, ops.lora_linear)}
     if ops.fuse_shared_inputs:
         counts["fuse_shared_input_lora_linears"] = fuse_shared_input_lora_linears(gm, ops.lora_linear)
+        counts["fuse_swiglu_lora"] = fuse_swiglu_lora(gm, ops.lora_linear)  # needs the fused gate/up group
     for graph_pass in ops.graph_passes:
         counts[graph_pass.__name__] = graph_pass(gm, ops)
     return counts

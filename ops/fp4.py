@@ -71,6 +71,8 @@ from ops.lora_linear import (
     _split_grads,
     frozen_concat,
     lora_grad_fake,
+    mark_xa_non_differentiable,
+    xa_or_its_grad,
 )
 from ops.quantized_lora_module import QuantizedLoRALinear
 
@@ -599,7 +601,8 @@ def lora_linear_fp4_grad(
 
 @lora_linear_fp4_grad.register_fake
 def _(grad_y, lora_inputs, xa, weights, block_scales, global_scales, lora_As, lora_Bs, scalings, shared, needs_x, *o):
-    return lora_grad_fake(grad_y, lora_inputs, lora_As, _in_features(weights, block_scales), shared, needs_x)
+    in_features = _in_features(weights, block_scales)
+    return lora_grad_fake(grad_y, lora_inputs, lora_As, in_features, shared, needs_x, bool(lora_Bs))
 
 
 _DEFAULTS = (None, None, "nvfp4", "fp4", True, True, "e5m2")  # the options, in schema order
@@ -621,11 +624,12 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.k = len(saved_inputs)
     stored = [*options[0], *options[1]] if ctx.has_stored else []
     ctx.save_for_backward(output[1], *saved_inputs, *weights, *stored, *lora_As, *lora_Bs)
-    ctx.mark_non_differentiable(output[1])
+    mark_xa_non_differentiable(ctx, output, lora_Bs)
 
 
-def _backward(ctx, grad_y, _grad_xa):
+def _backward(ctx, grad_y, grad_xa):
     xa, *saved = ctx.saved_tensors
+    xa = xa_or_its_grad(ctx, xa, grad_xa)
     k, n = ctx.k, ctx.n
     lora_inputs, saved = saved[:k], saved[k:]
     weights, saved = saved[:n], saved[n:]

@@ -55,6 +55,8 @@ from ops.lora_linear import (
     _split_grads,
     frozen_concat,
     lora_grad_fake,
+    mark_xa_non_differentiable,
+    xa_or_its_grad,
 )
 from ops.quantized_lora_module import QuantizedLoRALinear
 
@@ -542,7 +544,7 @@ lora_linear_fp8_backward = torch.library.custom_op(
 
 @lora_linear_fp8_backward.register_fake
 def _backward_fake(grad_y, lora_inputs, xa, weights, weight_scales, lora_As, lora_Bs, scalings, shared, needs_x, *o):
-    return lora_grad_fake(grad_y, lora_inputs, lora_As, weights[0].shape[1], shared, needs_x)
+    return lora_grad_fake(grad_y, lora_inputs, lora_As, weights[0].shape[1], shared, needs_x, bool(lora_Bs))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -563,12 +565,12 @@ def _setup_context(ctx, inputs, output) -> None:
     saved_inputs = [x] if ctx.shared_input else list(lora_inputs)
     ctx.n_inputs = len(saved_inputs)
     ctx.save_for_backward(output[1], *saved_inputs, *weights, *(weight_scales or []), *lora_As, *lora_Bs)
-    ctx.mark_non_differentiable(output[1])
+    mark_xa_non_differentiable(ctx, output, lora_Bs)
 
 
-def _backward(ctx, grad_y, _grad_xa):
+def _backward(ctx, grad_y, grad_xa):
     saved = list(ctx.saved_tensors)
-    xa, saved = saved[0], saved[1:]
+    xa, saved = xa_or_its_grad(ctx, saved[0], grad_xa), saved[1:]
     k, n = ctx.n_inputs, ctx.n_weights
     lora_inputs, saved = saved[:k], saved[k:]
     weights, saved = saved[:n], saved[n:]

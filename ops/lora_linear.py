@@ -12,6 +12,10 @@ per-projection B products are one small GEMM each, accumulated in place into tha
 output (no block-diagonal B is built: that cost a zeros and a copy per block on every call). The op returns the
 concatenated output; the graph splits it (custom ops may not return outputs that alias each other).
 
+Without B (`lora_Bs` empty) the op is the base GEMM plus x A^T, and xa is a differentiable output: a consumer that
+applies s xa B^T itself (`ops.swiglu_lora`, fused into SwiGLU by `compile_passes/swiglu_lora_fusion.py`) sends the
+op the gradient of xa, which takes the place of `dy B` in the backward.
+
 Dropout stays outside the op. `nn.Dropout` in the block becomes an ordinary `dropout` node in the Dynamo graph, so
 its RNG is whatever torch.compile does for every other dropout (Inductor's philox stream, or eager's with
 `fallback_random`), activation checkpointing replays it as usual, and the op itself is deterministic. The dropped
@@ -53,6 +57,8 @@ __all__ = [
     "lora_linear",
     "lora_linear_reference",
     "frozen_concat",
+    "mark_xa_non_differentiable",
+    "xa_or_its_grad",
     "pack_frozen_weights",
     "clear_frozen_concat_cache",
     "set_frozen_concat_cache",
@@ -350,7 +356,8 @@ def _lora_forward(
     if len(lora_As) == 1:
         xl = lora_inputs[0].reshape(-1, in_features) if lora_inputs else x2
         xa = F.linear(xl, lora_As[0])  # [N, r]
-        add_low_rank_(y, xa, lora_Bs[0].t(), scalings[0])  # in place: the LoRA update accumulates into the base output
+        if lora_Bs:  # in place: the LoRA update accumulates into the base output
+            add_low_rank_(y, xa, lora_Bs[0].t(), scalings[0])
     else:
         ranks = [a.shape[0] for a in lora_As]
         if lora_inputs:  # dropout: each projection has its own masked input, so one small A GEMM each
@@ -359,10 +366,12 @@ def _lora_forward(
                 torch.mm(xl.reshape(-1, in_features), a.t(), out=xa_i)
         else:  # shared input: all A's in one GEMM (the cat is [sum r, in], tiny)
             xa = F.linear(x2, torch.cat(lora_As))
-        # y_i += s_i xa_i B_i^T, one GEMM per projection into y's column block (the block-diagonal B is never built)
-        outs = [b.shape[0] for b in lora_Bs]
-        for y_i, xa_i, b, s in zip(y.split_with_sizes(outs, 1), xa.split_with_sizes(ranks, 1), lora_Bs, scalings):
-            add_low_rank_(y_i, xa_i, b.t(), s)
+        # y_i += s_i xa_i B_i^T, one GEMM per projection into y's column block (the block-diagonal B is never built);
+        # none without B (the consumer applies it)
+        if lora_Bs:
+            outs = [b.shape[0] for b in lora_Bs]
+            for y_i, xa_i, b, s in zip(y.split_with_sizes(outs, 1), xa.split_with_sizes(ranks, 1), lora_Bs, scalings):
+                add_low_rank_(y_i, xa_i, b.t(), s)
     if x.dim() != 2:
         y = y.view(*x.shape[:-1], y.shape[1])
     return y, xa
@@ -383,6 +392,8 @@ def _lora_backward(
     """Returns (grad_x or empty, grad_A_cat [sum r, in], grad_B_full [sum out, sum r], grad_lora_inputs).
 
     `base_grad_x` replaces the base dX GEMM (fp4: quantized operands); `weights` then only give the input width.
+    With no `lora_Bs` (the op ran without B: see the module docstring) `xa` is the gradient of the op's xa output
+    and grad_B_full is empty.
 
     dA and dB come back as one tensor each, not one per projection: an op's outputs may not alias each other, so
     per-projection outputs would cost a copy each. The autograd formula hands out views (`_split_grads`): dA_i is
@@ -391,23 +402,13 @@ def _lora_backward(
     r=16: 48/1024 on Qwen3-0.6B, 48/4096 on 8B) against one GEMM launch instead of one per projection.
     """
     dy = grad_y.reshape(-1, grad_y.shape[-1])
-    n = len(lora_Bs)
+    n = len(lora_As)
     in_features = weights[0].shape[1]
-    s0 = scalings[0]
-    if n == 1:
-        dxa = _mm_scaled(dy, lora_Bs[0], s0)  # [N, r]
-        ranks = outs = None
+    ranks = [a.shape[0] for a in lora_As]
+    if not lora_Bs:  # B applied by the consumer (`ops.swiglu_lora`): `xa` holds the gradient of xa, no dB here
+        dxa, grad_b = xa, xa.new_empty(0, sum(ranks))
     else:
-        ranks = [a.shape[0] for a in lora_As]
-        outs = [b.shape[0] for b in lora_Bs]
-        dxa = torch.empty_like(xa)  # [N, sum r]; every column block is written below (beta=0: not read)
-        for dxa_i, dy_i, b, s in zip(dxa.split_with_sizes(ranks, 1), dy.split_with_sizes(outs, 1), lora_Bs, scalings):
-            dxa_i.addmm_(dy_i, b, beta=0, alpha=s)
-    uniform = n == 1 or scalings.count(s0) == n
-    grad_b = _mm_scaled(dy.t(), xa, s0 if uniform else 1.0)
-    if not uniform:  # per-projection scales: scale the diagonal blocks (the only ones used)
-        for g_i, r_i, s in zip(grad_b.split_with_sizes(outs, 0), _offsets(ranks), scalings):
-            g_i[:, r_i[0] : r_i[1]].mul_(s)
+        dxa, grad_b = _lora_b_grads(dy, xa, lora_Bs, scalings, ranks)
     if shared_input:
         x2 = lora_inputs[0].reshape(-1, in_features)
         grad_a = torch.mm(dxa.t(), x2)  # one GEMM for all A's
@@ -435,6 +436,26 @@ def _lora_backward(
     return grad_x.view(*lead, in_features), grad_a, grad_b, grad_lora_inputs
 
 
+def _lora_b_grads(
+    dy: Tensor, xa: Tensor, lora_Bs: Sequence[Tensor], scalings: Sequence[float], ranks: list[int]
+) -> tuple[Tensor, Tensor]:
+    """(dxa = s dy B [N, sum r], grad_B_full = s dy^T xa [sum out, sum r]); see `_lora_backward`."""
+    n, s0 = len(lora_Bs), scalings[0]
+    outs = [b.shape[0] for b in lora_Bs]
+    if n == 1:
+        dxa = _mm_scaled(dy, lora_Bs[0], s0)  # [N, r]
+    else:
+        dxa = torch.empty_like(xa)  # [N, sum r]; every column block is written below (beta=0: not read)
+        for dxa_i, dy_i, b, s in zip(dxa.split_with_sizes(ranks, 1), dy.split_with_sizes(outs, 1), lora_Bs, scalings):
+            dxa_i.addmm_(dy_i, b, beta=0, alpha=s)
+    uniform = n == 1 or scalings.count(s0) == n
+    grad_b = _mm_scaled(dy.t(), xa, s0 if uniform else 1.0)
+    if not uniform:  # per-projection scales: scale the diagonal blocks (the only ones used)
+        for g_i, r_i, s in zip(grad_b.split_with_sizes(outs, 0), _offsets(ranks), scalings):
+            g_i[:, r_i[0] : r_i[1]].mul_(s)
+    return dxa, grad_b
+
+
 def _offsets(sizes: Sequence[int]) -> list[tuple[int, int]]:
     bounds, start = [], 0
     for size in sizes:
@@ -444,7 +465,10 @@ def _offsets(sizes: Sequence[int]) -> list[tuple[int, int]]:
 
 
 def _split_grads(grad_a: Tensor, grad_b: Tensor, ranks: list[int], outs: list[int]) -> tuple[list, list]:
-    """Per-projection dA / dB as views of the backward's concatenated results (see `_lora_backward`)."""
+    """Per-projection dA / dB as views of the backward's concatenated results (see `_lora_backward`); no dB when
+    the op had no B (`outs` empty)."""
+    if not outs:
+        return (list(grad_a.split_with_sizes(ranks, 0)) if len(ranks) > 1 else [grad_a]), []
     if len(ranks) == 1:
         return [grad_a], [grad_b]
     grad_As = list(grad_a.split_with_sizes(ranks, 0))
@@ -508,11 +532,12 @@ def lora_grad_fake(
     in_features: int,
     shared: bool,
     needs_x: bool,
+    with_b: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """The outputs' shapes of every LoRA-linear backward op (this one and the fp8/nf4/fp4 variants): grad_x or an
-    empty tensor, grad_A_cat [sum r, in], grad_B_full [sum out, sum r], grad_lora_inputs."""
+    empty tensor, grad_A_cat [sum r, in], grad_B_full [sum out, sum r] ([0, sum r] without B), grad_lora_inputs."""
     rank = sum(a.shape[0] for a in lora_As)
-    grad_a, grad_b = grad_y.new_empty(rank, in_features), grad_y.new_empty(grad_y.shape[-1], rank)
+    grad_a, grad_b = grad_y.new_empty(rank, in_features), grad_y.new_empty(grad_y.shape[-1] if with_b else 0, rank)
     if not needs_x:
         return grad_y.new_empty(0), grad_a, grad_b, []
     grad_x = grad_y.new_empty(*grad_y.shape[:-1], in_features)
@@ -521,7 +546,7 @@ def lora_grad_fake(
 
 @lora_linear_grad.register_fake
 def _lora_linear_backward_fake(grad_y, lora_inputs, xa, weights, lora_As, lora_Bs, scalings, shared_input, needs_x):
-    return lora_grad_fake(grad_y, lora_inputs, lora_As, weights[0].shape[1], shared_input, needs_x)
+    return lora_grad_fake(grad_y, lora_inputs, lora_As, weights[0].shape[1], shared_input, needs_x, bool(lora_Bs))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -538,13 +563,27 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.outs = [b.shape[0] for b in lora_Bs]
     # Saved: the LoRA input(s) and xa ([N, r]); the weights, A and B are inputs anyway (no extra memory).
     ctx.save_for_backward(output[1], *(lora_inputs or (x,)), *weights, *lora_As, *lora_Bs)
-    ctx.mark_non_differentiable(output[1])
+    mark_xa_non_differentiable(ctx, output, lora_Bs)
 
 
-def _backward(ctx, grad_y, _grad_xa):
+def mark_xa_non_differentiable(ctx, output: tuple[Tensor, Tensor], lora_Bs: Sequence[Tensor]) -> None:
+    """xa is an auxiliary output, except without B, where the consumer's gradient of it is the op's dxa."""
+    if lora_Bs:
+        ctx.mark_non_differentiable(output[1])
+
+
+def xa_or_its_grad(ctx, xa: Tensor, grad_xa: Tensor | None) -> Tensor:
+    """What the backward op takes in its `xa` slot: xa itself, or without B the gradient of xa."""
+    if ctx.outs:
+        return xa
+    return torch.zeros_like(xa) if grad_xa is None else grad_xa
+
+
+def _backward(ctx, grad_y, grad_xa):
     xa, *saved = ctx.saved_tensors
+    xa = xa_or_its_grad(ctx, xa, grad_xa)
     n = ctx.n
-    k = len(saved) - 3 * n  # number of saved LoRA inputs: 1 (x) when shared
+    k = len(saved) - 2 * n - len(ctx.outs)  # number of saved LoRA inputs: 1 (x) when shared
     lora_inputs, weights, lora_As, lora_Bs = saved[:k], saved[k : k + n], saved[k + n : k + 2 * n], saved[k + 2 * n :]
     # needs_input_grad mirrors the inputs' structure: a bool per tensor, a list of bools per tensor list.
     needs_grad_x = ctx.needs_input_grad[0] or any(ctx.needs_input_grad[6])

@@ -54,7 +54,14 @@ from ops.fp8 import (
     fp8_base_grad_input,
     row_codes,
 )
-from ops.lora_linear import _lora_backward, _lora_forward, _split_grads, lora_grad_fake
+from ops.lora_linear import (
+    _lora_backward,
+    _lora_forward,
+    _split_grads,
+    lora_grad_fake,
+    mark_xa_non_differentiable,
+    xa_or_its_grad,
+)
 from ops.quantized_lora_module import QuantizedLoRALinear
 
 __all__ = [
@@ -372,7 +379,7 @@ def lora_linear_nf4_grad(
 
 @lora_linear_nf4_grad.register_fake
 def _(grad_y, lora_inputs, xa, weights, absmax_q, factors, means, lora_As, lora_Bs, scalings, shared, needs_x, *o):
-    return lora_grad_fake(grad_y, lora_inputs, lora_As, _in_features(weights, absmax_q), shared, needs_x)
+    return lora_grad_fake(grad_y, lora_inputs, lora_As, _in_features(weights, absmax_q), shared, needs_x, bool(lora_Bs))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -392,11 +399,12 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.k = len(saved_inputs)
     stored = [t for group in nf4 if group is not None for t in group]
     ctx.save_for_backward(output[1], *saved_inputs, *weights, *stored, *lora_As, *lora_Bs)
-    ctx.mark_non_differentiable(output[1])
+    mark_xa_non_differentiable(ctx, output, lora_Bs)
 
 
-def _backward(ctx, grad_y, _grad_xa):
+def _backward(ctx, grad_y, grad_xa):
     xa, *saved = ctx.saved_tensors
+    xa = xa_or_its_grad(ctx, xa, grad_xa)
     k, n = ctx.k, ctx.n
     lora_inputs, saved = saved[:k], saved[k:]
     weights, saved = saved[:n], saved[n:]

@@ -1,0 +1,117 @@
+"""The Triton kernels of `ops.swiglu_lora` (the op, its plain-torch reference and its launchers live there).
+Imported lazily by that module: this one needs triton at import, and Triton's interpreter (the CPU tests) resolves a
+kernel's helpers only among module globals.
+
+Both kernels work on [BM, BN] tiles of the activation h [M, N] (N: the MLP's intermediate size); the gate and up
+pre-activations of a tile are the columns rn and N + rn of the base output y [M, 2N]. The LoRA-B products are added
+per tile from xa [M, rank_g + rank_u] and the B rows of the tile's columns: one `tl.dot` of inner size BR (the rank,
+padded with zeros to >= 16).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:  # fp32 operands (CPU interpreter tests): exact products, not TF32
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _load_xa(xa_ptr, rm, M, col0, rank, stride_xm, BR: tl.constexpr):
+    """xa[rm, col0 : col0 + rank] as [BM, BR] (zero beyond the rank and M)."""
+    rr = tl.arange(0, BR)
+    mask = (rm[:, None] < M) & (rr[None, :] < rank)
+    return tl.load(xa_ptr + rm[:, None] * stride_xm + col0 + rr[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_b(b_ptr, rn, N, rank, stride_bn, stride_br, BR: tl.constexpr):
+    """B[rn, :rank] as [BN, BR] (zero beyond the rank and N)."""
+    rr = tl.arange(0, BR)
+    mask = (rn[:, None] < N) & (rr[None, :] < rank)
+    return tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br, mask=mask, other=0.0)
+
+
+@triton.jit
+def _preactivations(
+    y_ptr, xa_ptr, bg, bu, rm, rn, M, N, rank_g, rank_u, stride_ym, stride_xm, scale_g, scale_u,
+    BR: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """fp32 [BM, BN] tiles of g = y_g + s_g xa_g B_g^T and u = y_u + s_u xa_u B_u^T, plus the xa tiles."""
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tile = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    xg = _load_xa(xa_ptr, rm, M, 0, rank_g, stride_xm, BR)
+    xu = _load_xa(xa_ptr, rm, M, rank_g, rank_u, stride_xm, BR)
+    g = tl.load(tile, mask=mask, other=0.0).to(tl.float32) + scale_g * _dot(xg, tl.trans(bg), IEEE)
+    u = tl.load(tile + N, mask=mask, other=0.0).to(tl.float32) + scale_u * _dot(xu, tl.trans(bu), IEEE)
+    return g, u, xg, xu
+
+
+@triton.jit
+def swiglu_lora_fwd_kernel(
+    y_ptr, xa_ptr, bg_ptr, bu_ptr, h_ptr, M, N, rank_g, rank_u, stride_ym, stride_xm, stride_bgn, stride_bgr,
+    stride_bun, stride_bur, stride_hm, scale_g, scale_u,
+    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """h = silu(g) * u for one [BM, BN] tile: y read once, h written once."""
+    rm = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    bg = _load_b(bg_ptr, rn, N, rank_g, stride_bgn, stride_bgr, BR)
+    bu = _load_b(bu_ptr, rn, N, rank_u, stride_bun, stride_bur, BR)
+    g, u, _, _ = _preactivations(
+        y_ptr, xa_ptr, bg, bu, rm, rn, M, N, rank_g, rank_u, stride_ym, stride_xm, scale_g, scale_u, BR, IEEE
+    )
+    h = g * tl.sigmoid(g) * u
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(h_ptr + rm[:, None] * stride_hm + rn[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def swiglu_lora_bwd_kernel(
+    y_ptr, xa_ptr, bg_ptr, bu_ptr, dh_ptr, dy_ptr, dxa_ptr, dbg_ptr, dbu_ptr, M, N, rank_g, rank_u, stride_ym,
+    stride_xm, stride_bgn, stride_bgr, stride_bun, stride_bur, stride_dhm, stride_dym, stride_dxm, scale_g, scale_u,
+    row_tiles,
+    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """One column block of BN activations over `row_tiles` row tiles of BM.
+
+    Per tile: g and u recomputed (as in the forward), dy = [dg | du] written in y's dtype, and its two LoRA
+    reductions taken from the rounded dy tile while it is in registers: dxa (summed over columns: each column block
+    adds its part with fp32 atomics into [M, rank_g + rank_u]) and dB (summed over rows: accumulated in registers
+    across this program's row tiles, then added once with fp32 atomics into [N, rank])."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    rr = tl.arange(0, BR)
+    bg = _load_b(bg_ptr, rn, N, rank_g, stride_bgn, stride_bgr, BR)
+    bu = _load_b(bu_ptr, rn, N, rank_u, stride_bun, stride_bur, BR)
+    dbg = tl.zeros((BN, BR), dtype=tl.float32)
+    dbu = tl.zeros((BN, BR), dtype=tl.float32)
+    for i in range(row_tiles):
+        rm = ((tl.program_id(1) * row_tiles + i) * BM + tl.arange(0, BM)).to(tl.int64)
+        g, u, xg, xu = _preactivations(
+            y_ptr, xa_ptr, bg, bu, rm, rn, M, N, rank_g, rank_u, stride_ym, stride_xm, scale_g, scale_u, BR, IEEE
+        )
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        dh = tl.load(dh_ptr + rm[:, None] * stride_dhm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(g)
+        # d silu(g)/dg = sig (1 + g (1 - sig)); out of range dh = 0, so dg = du = 0 there
+        dg = (dh * u * sig * (1.0 + g * (1.0 - sig))).to(dy_ptr.dtype.element_ty)
+        du = (dh * g * sig).to(dy_ptr.dtype.element_ty)
+        dy_tile = dy_ptr + rm[:, None] * stride_dym + rn[None, :]
+        tl.store(dy_tile, dg, mask=mask)
+        tl.store(dy_tile + N, du, mask=mask)
+        dxa_row = dxa_ptr + rm[:, None] * stride_dxm + rr[None, :]
+        row_ok = rm[:, None] < M
+        tl.atomic_add(dxa_row, scale_g * _dot(dg, bg, IEEE), mask=row_ok & (rr[None, :] < rank_g), sem="relaxed")
+        tl.atomic_add(
+            dxa_row + rank_g, scale_u * _dot(du, bu, IEEE), mask=row_ok & (rr[None, :] < rank_u), sem="relaxed"
+        )
+        dbg += _dot(tl.trans(dg), xg.to(dg.dtype), IEEE)
+        dbu += _dot(tl.trans(du), xu.to(du.dtype), IEEE)
+    col_ok = rn[:, None] < N
+    tl.atomic_add(dbg_ptr + rn[:, None] * rank_g + rr[None, :], scale_g * dbg, mask=col_ok & (rr[None, :] < rank_g),
+                  sem="relaxed")  # fmt: skip
+    tl.atomic_add(dbu_ptr + rn[:, None] * rank_u + rr[None, :], scale_u * dbu, mask=col_ok & (rr[None, :] < rank_u),
+                  sem="relaxed")  # fmt: skip
