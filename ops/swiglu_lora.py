@@ -36,6 +36,7 @@ _MAX_RANK = 64  # per projection; the kernels pad the rank to a power of two >= 
 # (BM, BN, warps)
 _FWD_CONFIG = (64, 128, 4)
 _BWD_CONFIG = (64, 64, 4)
+_BWD_MAX_ROW_TILES = 8  # row tiles per backward program (dB partial sums kept in registers across them)
 
 
 def swiglu_lora_reference(y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float]) -> Tensor:
@@ -135,7 +136,7 @@ def _backward_triton(dh: Tensor, y2: Tensor, xa: Tensor, b_g: Tensor, b_u: Tenso
         col_blocks, row_tiles = _cdiv(inter, bn), _cdiv(m, bm)
         # Each program keeps its dB partial in registers over `per_program` row tiles (fewer atomics); enough
         # programs remain to fill the GPU (~1000 for the 8B gate/up group).
-        per_program = max(1, min(8, col_blocks * row_tiles // 1024))
+        per_program = max(1, min(_BWD_MAX_ROW_TILES, col_blocks * row_tiles // 1024))
         grid = (col_blocks, _cdiv(row_tiles, per_program))
         swiglu_lora_bwd_kernel[grid](
             y2, xa, b_g, b_u, dh, dy, dxa, db_g, db_u, m, inter, r_g, r_u, y2.stride(0), xa.stride(0),

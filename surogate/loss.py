@@ -30,30 +30,13 @@ chunk math; 56 ms with the eager chunk math); select_valid=False 76 ms.
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from ops.cross_entropy import ce_chunk_, ce_chunk_reference
 
 __all__ = ["chunked_lm_loss", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
-
-
-def _ce_chunk(logits: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [c, V] in the activation dtype -> (summed CE of valid rows, fp32; dlogits [c, V] in that dtype)."""
-    dtype = logits.dtype
-    logits = logits.float()
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    loss = ((lse - logits.gather(1, y)).squeeze(1) * valid).sum()
-    dlogits = logits.sub_(lse).exp_()  # softmax, in place: one [c, V] fp32 buffer per chunk in eager
-    dlogits.scatter_add_(1, y, -valid[:, None].float())
-    return loss, (dlogits * valid[:, None]).to(dtype)
-
-
-@functools.cache
-def _ce_chunk_compiled():
-    # Eager makes ~8 passes over the fp32 [c, V] chunk; Inductor fuses them into a reduction and a pointwise pass.
-    return torch.compile(_ce_chunk, dynamic=True)
 
 
 def _head_gemms(weight: torch.Tensor, fp8: bool):
@@ -73,7 +56,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int, fp8: bool):
         # hidden: [N, H]; weight: [V, H]; labels: [N] with IGNORE_INDEX on rows without a target.
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        ce = _ce_chunk_compiled() if hidden.is_cuda and not torch.compiler.is_compiling() else _ce_chunk
+        # the Triton kernel in eager (the usual case: the loss runs outside the compiled blocks); under compile, torch
+        ce = ce_chunk_ if hidden.is_cuda and not torch.compiler.is_compiling() else ce_chunk_reference
         logits_of, grad_h_of = _head_gemms(weight, fp8)
         losses, grad_h_chunks = [], []
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_dw else None
