@@ -15,7 +15,8 @@ and takes dxa and dB from each dy tile while it is still in registers. Four pass
 Numerics: g and u are formed in fp32 and never rounded (the unfused path rounds them to bf16 before SwiGLU); dy is
 rounded to y's dtype, and dxa and dB are reduced from the rounded dy, as the unfused path's GEMMs do. dxa and dB
 are summed in fp32 with atomics (one add per column block for dxa, one per group of row tiles for dB), so their
-last bits depend on the order the GPU runs the blocks in, as with FlashAttention's dQ.
+last bits depend on the order the GPU runs the blocks in, as with FlashAttention's dQ; with
+`torch.use_deterministic_algorithms(True)` the backward takes the plain-torch path instead.
 
 Kernels: Triton on CUDA (`ops/swiglu_lora_kernels.py`; also on CPU tensors under TRITON_INTERPRET=1, for tests);
 plain torch otherwise (CPU training) and for ranks above `_MAX_RANK`. `swiglu_lora_reference` is the
@@ -107,7 +108,7 @@ def _backward(
     """(dy [..., 2I], dxa [N, r_g + r_u], dB_g, dB_u)."""
     y2, dh = _rows(y), _rows(grad_h)
     (b_g, b_u), (s_g, s_u) = lora_Bs, scalings
-    if not _use_triton(y, lora_Bs):
+    if not _use_triton(y, lora_Bs) or torch.are_deterministic_algorithms_enabled():  # atomics: see the docstring
         g, u, x_g, x_u = _preactivations_torch(y2, xa, lora_Bs, scalings)
         sig = torch.sigmoid(g)
         dh32 = dh.float()
