@@ -8,7 +8,7 @@ set -o pipefail
 out=${1:-/tmp/out}
 shift || true
 parts=${*:-tests dense}
-export SUROGATE_COMMIT=${SUROGATE_COMMIT:?set SUROGATE_COMMIT: the GPU machine's tree has no usable .git}
+export SUROGATE_COMMIT=${SUROGATE_COMMIT:?set SUROGATE_COMMIT: the tree on the GPU machine has no usable .git}
 run() { bash benchmarks/gpu_run.sh "$@"; }
 bench() { run python3 tools/benchmark_sft.py "$@" 2>&1 | tee -a "$out/bench.log" | grep -E '^\{|Error' | tail -4; }
 multi() {
