@@ -16,7 +16,9 @@ Numerics: g and u are formed in fp32 and never rounded (the unfused path rounds 
 rounded to y's dtype, and dxa and dB are reduced from the rounded dy, as the unfused path's GEMMs do. dxa and dB
 are summed in fp32 with atomics (one add per column block for dxa, one per group of row tiles for dB), so their
 last bits depend on the order the GPU runs the blocks in, as with FlashAttention's dQ; with
-`torch.use_deterministic_algorithms(True)` the backward takes the plain-torch path instead.
+`torch.use_deterministic_algorithms(True)` the backward takes the plain-torch path instead. (A deterministic
+kernel, each program owning its partial sums over a block of rows and columns, ran at 1.5 TB/s against 2.2 on the
+8B shape and worse on smaller ones: too few programs to hide memory latency.)
 
 Kernels: Triton on CUDA (`ops/swiglu_lora_kernels.py`; also on CPU tensors under TRITON_INTERPRET=1, for tests);
 plain torch otherwise (CPU training) and for ranks above `_MAX_RANK`. `swiglu_lora_reference` is the
@@ -37,7 +39,8 @@ _MAX_RANK = 64  # per projection; the kernels pad the rank to a power of two >= 
 # (BM, BN, warps)
 _FWD_CONFIG = (64, 128, 4)
 _BWD_CONFIG = (64, 64, 4)
-_BWD_MAX_ROW_TILES = 8  # row tiles per backward program (dB partial sums kept in registers across them)
+_BWD_MAX_ROW_TILES = 8  # row tiles per backward program (dB partial sums kept in registers across them) ...
+_BWD_PROGRAMS = 1024  # ... as long as about this many programs remain
 
 
 def swiglu_lora_reference(y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float]) -> Tensor:
@@ -135,9 +138,9 @@ def _backward_triton(dh: Tensor, y2: Tensor, xa: Tensor, b_g: Tensor, b_u: Tenso
     if m and inter:
         bm, bn, warps = _BWD_CONFIG
         col_blocks, row_tiles = _cdiv(inter, bn), _cdiv(m, bm)
-        # Each program keeps its dB partial in registers over `per_program` row tiles (fewer atomics); enough
-        # programs remain to fill the GPU (~1000 for the 8B gate/up group).
-        per_program = max(1, min(_BWD_MAX_ROW_TILES, col_blocks * row_tiles // 1024))
+        # Each program keeps its dB partial in registers over `per_program` row tiles (fewer atomics), while enough
+        # programs remain to fill the GPU (~1500 for the 8B gate/up group).
+        per_program = max(1, min(_BWD_MAX_ROW_TILES, col_blocks * row_tiles // _BWD_PROGRAMS))
         grid = (col_blocks, _cdiv(row_tiles, per_program))
         swiglu_lora_bwd_kernel[grid](
             y2, xa, b_g, b_u, dh, dy, dxa, db_g, db_u, m, inter, r_g, r_u, y2.stride(0), xa.stride(0),

@@ -73,12 +73,21 @@ def _graphed_equals_eager(recipe: str, batches: list) -> tuple:
     step = GraphedMicroStep(graphed_model, warmup=2)
     graphed_losses = [step(*b)[0] for b in batches]
     torch.testing.assert_close(torch.stack(graphed_losses), torch.stack(losses), rtol=1e-3, atol=0)
-    grads = {n: p.grad for n, p in eager.named_parameters() if p.requires_grad}
-    for n, p in graphed_model.named_parameters():
+    _assert_same_grads(graphed_model, eager)
+    return step, eager, graphed_model
+
+
+def _assert_same_grads(model, reference) -> None:
+    """LoRA gradients equal up to run-to-run noise. Not elementwise: the SwiGLU-LoRA backward sums dxa and dB with
+    fp32 atomics (ops/swiglu_lora.py), so two runs differ in the last bits, and after rounding to bf16 and flowing
+    upstream by ~3e-3 of a gradient's norm on this model (measured); a stale or mis-replayed buffer is off by far
+    more."""
+    grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    for n, p in model.named_parameters():
         if p.requires_grad:
             assert torch.isfinite(p.grad).all(), n
-            torch.testing.assert_close(p.grad, grads[n], rtol=2e-2, atol=1e-5, msg=n)
-    return step, eager, graphed_model
+            err = ((p.grad.float() - grads[n].float()).norm() / grads[n].float().norm()).item()
+            assert err < 1e-2, (n, err)
 
 
 @pytest.mark.gpu
@@ -100,9 +109,7 @@ def test_replayed_micro_steps_accumulate_the_same_gradients(recipe):
     loss_sum.backward()
     replayed = step(*batches[0])[0]
     torch.testing.assert_close(replayed, loss_sum.detach(), rtol=1e-3, atol=0)
-    for n, p in graphed_model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, dict(eager.named_parameters())[n].grad, rtol=2e-2, atol=1e-5, msg=n)
+    _assert_same_grads(graphed_model, eager)
 
 
 @pytest.mark.gpu
