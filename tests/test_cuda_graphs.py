@@ -73,21 +73,26 @@ def _graphed_equals_eager(recipe: str, batches: list) -> tuple:
     step = GraphedMicroStep(graphed_model, warmup=2)
     graphed_losses = [step(*b)[0] for b in batches]
     torch.testing.assert_close(torch.stack(graphed_losses), torch.stack(losses), rtol=1e-3, atol=0)
-    _assert_same_grads(graphed_model, eager)
+    _assert_same_grads(graphed_model, eager, recipe)
     return step, eager, graphed_model
 
 
-def _assert_same_grads(model, reference) -> None:
+# Run-to-run noise of the gradients, relative to their norm, by recipe (the formats' usual test tolerances)
+_NOISE = {"bf16": 1e-2, "fp8": 5e-2, "qfp8": 5e-2, "qnf4": 1e-1, "qfp4": 1e-1}
+
+
+def _assert_same_grads(model, reference, recipe: str) -> None:
     """LoRA gradients equal up to run-to-run noise. Not elementwise: the SwiGLU-LoRA backward sums dxa and dB with
-    fp32 atomics (ops/swiglu_lora.py), so two runs differ in the last bits, and after rounding to bf16 and flowing
-    upstream by ~3e-3 of a gradient's norm on this model (measured); a stale or mis-replayed buffer is off by far
-    more."""
+    fp32 atomics (ops/swiglu_lora.py), so two runs differ in the last bits; rounded to bf16 and flowing upstream
+    that is ~3e-3 of a gradient's norm on this model with bf16 GEMMs, and up to ~3e-2 where the upstream dy is
+    re-quantized to FP8 or the weights are 4-bit (measured on an H100). A stale or mis-replayed buffer is off by
+    far more."""
     grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert torch.isfinite(p.grad).all(), n
             err = ((p.grad.float() - grads[n].float()).norm() / grads[n].float().norm()).item()
-            assert err < 1e-2, (n, err)
+            assert err < _NOISE[recipe], (n, err)
 
 
 @pytest.mark.gpu
@@ -109,7 +114,7 @@ def test_replayed_micro_steps_accumulate_the_same_gradients(recipe):
     loss_sum.backward()
     replayed = step(*batches[0])[0]
     torch.testing.assert_close(replayed, loss_sum.detach(), rtol=1e-3, atol=0)
-    _assert_same_grads(graphed_model, eager)
+    _assert_same_grads(graphed_model, eager, recipe)
 
 
 @pytest.mark.gpu
