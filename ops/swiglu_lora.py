@@ -1,7 +1,7 @@
 """SwiGLU over the gate/up LoRA group, with the LoRA-B products applied inside (`torch.ops.surogate.swiglu_lora`).
 
     y, xa = lora_linear(x, [W_gate, W_up], None, [A_gate, A_up], [], [s_g, s_u], [])  # no B: y = x W^T, xa = x A^T
-    h = swiglu_lora(y, xa, [B_gate, B_up], [s_gate, s_up])                      # silu(g) * u
+    h = swiglu_lora(y, xa, [B_gate, B_up], [s_g, s_u])                                 # silu(g) * u
 
 with [g | u] = y + [s_g xa_g B_g^T | s_u xa_u B_u^T]. `compile_passes/swiglu_lora_fusion.py` writes the graph this
 way; the eager model (`F.silu(gate(x)) * up(x)` with LoRA modules) is the reference it is tested against.
