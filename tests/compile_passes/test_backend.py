@@ -146,6 +146,8 @@ def test_qwen3_blocks_compiled_match_eager():
     for gm in backend.stats.graphs:
         calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is OP]
         assert sorted(len(n.args[1]) for n in calls) == [1, 1, 2, 3]
+    # the real model's MLP is what swiglu_lora_fusion.py matches: one SwiGLU-LoRA op per block
+    assert backend.stats.rewrites["fuse_swiglu_lora"] == len(model.model.layers)
 
 
 def test_checkpointed_blocks_get_the_ops_and_match_eager():
@@ -171,6 +173,7 @@ def test_checkpointed_blocks_get_the_ops_and_match_eager():
     want = lora_grads(reference)
     assert got.keys() == want.keys() and all(rel_err(got[k], want[k]) <= 1e-5 for k in want)
     assert backend.stats.rewrites["fuse_shared_input_lora_linears"] > 0
+    assert backend.stats.rewrites["fuse_swiglu_lora"] == len(model.model.layers)  # inside the checkpointed bodies
     bodies = [
         m for gm in backend.stats.graphs for m in gm.modules() if m is not gm and isinstance(m, torch.fx.GraphModule)
     ]
