@@ -4,11 +4,11 @@
 
 Dynamo calls the backend with the pre-autograd, torch-level graph of the block (one per graph if there are
 breaks). The passes rewrite linear+LoRA subgraphs into the recipe's op (`lora_rewrite.py`), merge ops that share
-an input (`shared_input_fusion.py`) and move the gate/up group's LoRA-B products into SwiGLU
-(`swiglu_lora_fusion.py`); then `compile_fx` (Inductor) traces autograd through the ops' registered
-formulas and compiles everything around them (norms, RoPE, SwiGLU, residuals, dropout). The backend object keeps
-`stats` (rewrites per pass, summed over graphs) and, with `keep_graphs=True`, the post-pass graphs, so tests and
-benchmarks can see exactly what was rewritten.
+an input (`shared_input_fusion.py`), move the gate/up group's LoRA-B products into SwiGLU
+(`swiglu_lora_fusion.py`) and the q/k/v group's into the q/k norm and RoPE (`qkv_rope_lora_fusion.py`); then
+`compile_fx` (Inductor) traces autograd through the ops' registered formulas and compiles everything around them
+(norms, residuals, dropout). The backend object keeps `stats` (rewrites per pass, summed over graphs) and, with
+`keep_graphs=True`, the post-pass graphs, so tests and benchmarks can see exactly what was rewritten.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from compile_passes.lora_rewrite import rewrite_lora_linears
+from compile_passes.qkv_rope_lora_fusion import fuse_qkv_rope_lora
 from compile_passes.registry import RecipeOps, recipe_ops
 from compile_passes.shared_input_fusion import fuse_shared_input_lora_linears
 from compile_passes.swiglu_lora_fusion import fuse_swiglu_lora
@@ -80,6 +81,7 @@ def _run_passes_on_graph(gm: fx.GraphModule, ops: RecipeOps) -> dict[str, int]:
     if ops.fuse_shared_inputs:
         counts["fuse_shared_input_lora_linears"] = fuse_shared_input_lora_linears(gm, ops.lora_linear)
         counts["fuse_swiglu_lora"] = fuse_swiglu_lora(gm, ops.lora_linear)  # needs the fused gate/up group
+        counts["fuse_qkv_rope_lora"] = fuse_qkv_rope_lora(gm, ops.lora_linear)  # needs the fused q/k/v group
     for graph_pass in ops.graph_passes:
         counts[graph_pass.__name__] = graph_pass(gm, ops)
     return counts

@@ -134,7 +134,12 @@ def test_get_attr_parameters():
     gm = fx.GraphModule(module, _InlineAllTracer().trace(module))
     assert any(n.op == "get_attr" for n in gm.graph.nodes)
     counts = run_passes(gm, recipe_ops("bf16"))
-    assert counts == {"rewrite_lora_linears": 3, "fuse_shared_input_lora_linears": 1, "fuse_swiglu_lora": 0}
+    assert counts == {
+        "rewrite_lora_linears": 3,
+        "fuse_shared_input_lora_linears": 1,
+        "fuse_swiglu_lora": 0,
+        "fuse_qkv_rope_lora": 0,
+    }
     x = torch.randn(2, 3, 24)
     assert rel_err(gm(x), module(x)) <= 1e-5
 
@@ -152,6 +157,7 @@ def test_tiny_block_op_structure_and_stats():
         "rewrite_lora_linears": 7,
         "fuse_shared_input_lora_linears": 2,
         "fuse_swiglu_lora": 1,
+        "fuse_qkv_rope_lora": 0,  # the tiny block has q/k norm but no RoPE: left alone
     }
     # the per-projection outputs come from one split of the fused output; xa is read only by the SwiGLU op of the
     # gate/up group, which runs without B (swiglu_lora_fusion.py)

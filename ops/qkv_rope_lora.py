@@ -1,0 +1,293 @@
+"""The q/k/v LoRA-B products, Qwen3's per-head q/k RMSNorm and RoPE in one op (`torch.ops.surogate.qkv_rope_lora`).
+
+    y, xa = lora_linear(x, [W_q, W_k, W_v], None, [A_q, A_k, A_v], [], s, [])  # no B: y = x W^T, xa = x A^T
+    q, k, v = qkv_rope_lora(y, xa, [B_q, B_k, B_v], s, [w_qnorm, w_knorm], cos, sin, head_dim, eps)
+
+with [q_pre | k_pre | v] = y + [s_q xa_q B_q^T | s_k xa_k B_k^T | s_v xa_v B_v^T] (viewed as heads), q =
+rope(rms_norm(q_pre)), k = rope(rms_norm(k_pre)); without norm weights (Llama) q and k are only rotated.
+`compile_passes/qkv_rope_lora_fusion.py` writes the graph this way; the eager attention (`surogate/models/qwen3.py`:
+LoRA modules, `RMSNorm`, `apply_rope`) is the reference it is tested against.
+
+Why: unfused, the q/k/v output is passed over many times per block and micro-step: the rank-r update (read, write,
+one cuBLAS kernel per projection), the norm and RoPE (read, write), and in the backward the norm and RoPE gradient
+(two Inductor kernels), then `dy B` (one GEMM per projection) and `dy^T xa`. On Qwen3-8B that was ~0.28 ms per
+block and micro-step (H100 profile, benchmarks/NOTES.md). Here the forward reads y once and writes q, k, v; the
+backward reads the output gradients and the q/k part of y once, writes dy, and takes dxa and dB from each dy tile
+while it is in registers.
+
+Numerics: the pre-activations are formed in fp32 and never rounded (the unfused path rounds them to bf16 first);
+the normalized value is rounded to the activation dtype before the weight, as in the eager module; the weight
+product and RoPE stay in fp32 until the output is rounded. dxa and dB are summed in fp32 with atomics (last bits
+depend on the order blocks run in); with `torch.use_deterministic_algorithms(True)` the backward takes the
+plain-torch path.
+
+Kernels: Triton on CUDA (`ops/qkv_rope_lora_kernels.py`; also on CPU tensors under TRITON_INTERPRET=1, for tests)
+for head_dim a power of two >= 32 and ranks <= `_MAX_RANK`; plain torch otherwise (CPU training).
+`qkv_rope_lora_reference` is the autograd-differentiable definition both are tested against.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+__all__ = ["qkv_rope_lora", "qkv_rope_lora_reference"]
+
+_MAX_RANK = 64  # per projection; the kernels pad the rank to a power of two >= 16 for one tl.dot per half tile
+_FWD_CONFIG = (64, 4)  # (BM rows, warps)
+_BWD_CONFIG = (64, 4)
+_BWD_MAX_ROW_TILES = 4  # row tiles per backward program (dB partial sums in registers across them) ...
+_BWD_PROGRAMS = 1024  # ... as long as about this many programs remain
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def qkv_rope_lora_reference(
+    y: Tensor,  # [B, S, Nq + Nk + Nv]: the bare base output of the q/k/v group
+    xa: Tensor,  # [B * S, r_q + r_k + r_v]
+    lora_Bs: list[Tensor],  # [N_i, r_i]
+    scalings: list[float],
+    norm_weights: list[Tensor],  # [w_q, w_k] ([head_dim] each) or [] (no q/k norm)
+    cos: Tensor,  # broadcastable to [B, S, 1, head_dim]
+    sin: Tensor,
+    head_dim: int,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Eager LoRA, RMSNorm and RoPE, as `surogate/models/qwen3.py` computes them: q, k, v [B, S, heads, head_dim]."""
+    lead = y.shape[:-1]
+    outs = [b.shape[0] for b in lora_Bs]
+    parts = zip(
+        y.reshape(-1, y.shape[-1]).split(outs, dim=1), xa.split([b.shape[1] for b in lora_Bs], dim=1), lora_Bs, scalings
+    )
+    q, k, v = (y_i + s * (x_i @ b.t()) for y_i, x_i, b, s in parts)
+    q, k, v = (t.view(*lead, -1, head_dim) for t in (q, k, v))
+    if norm_weights:
+        q, k = _rms_norm(q, norm_weights[0], eps), _rms_norm(k, norm_weights[1], eps)
+    return _rope(q, cos, sin), _rope(k, cos, sin), v
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers: Triton kernels, or plain torch where they do not apply.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _use_triton(y: Tensor, lora_Bs: list[Tensor], head_dim: int) -> bool:
+    on_device = y.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    pow2 = head_dim >= 32 and head_dim & (head_dim - 1) == 0
+    return on_device and pow2 and max(b.shape[1] for b in lora_Bs) <= _MAX_RANK
+
+
+def _rank_block(lora_Bs: list[Tensor]) -> int:
+    return max(16, 1 << (max(b.shape[1] for b in lora_Bs) - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """t as [N, width] with unit column stride (a view when it already is one)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _cos_sin_rows(cos: Tensor, sin: Tensor, lead: torch.Size, head_dim: int) -> tuple[Tensor, Tensor]:
+    """cos and sin as [B * S, head_dim] rows (a view for the model's [B, S, 1, head_dim])."""
+    shape = (*lead, 1, head_dim)
+    return tuple(_rows(t.expand(shape).reshape(-1, head_dim)) for t in (cos, sin))
+
+
+def _segments(lora_Bs: list[Tensor]) -> list[tuple[int, int]]:
+    """(first column in y, first column in xa) of q, k and v."""
+    col, xcol, out = 0, 0, []
+    for b in lora_Bs:
+        out.append((col, xcol))
+        col, xcol = col + b.shape[0], xcol + b.shape[1]
+    return out
+
+
+def _backward_torch(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps):
+    """The kernel's arithmetic in plain torch (fp32 until dy is rounded to y's dtype)."""
+    lead = y.shape[:-1]
+    ranks = [b.shape[1] for b in lora_Bs]
+    xas = xa.split(ranks, dim=1)
+    ys = y.reshape(-1, y.shape[-1]).split([b.shape[0] for b in lora_Bs], dim=1)
+    cos32, sin32 = cos.float(), sin.float()
+    dys = []
+    for i, (g, y_i, x_i, b, s) in enumerate(zip(grads, ys, xas, lora_Bs, scalings)):
+        g = g.float().reshape(*lead, -1, head_dim)
+        if i < 2:  # RoPE's transpose: g cos + rot^T(g sin), rot^T(z) = cat(z2, -z1)
+            z1, z2 = (g * sin32).chunk(2, dim=-1)
+            g = g * cos32 + torch.cat((z2, -z1), dim=-1)
+            if norm_weights:
+                pre = (y_i.float() + s * (x_i.float() @ b.float().t())).view(g.shape)
+                rstd = torch.rsqrt(pre.pow(2).mean(-1, keepdim=True) + eps)
+                n = pre * rstd
+                dn = g * norm_weights[i].float()
+                g = rstd * (dn - n * (dn * n).mean(-1, keepdim=True))
+        dys.append(g.reshape(-1, b.shape[0]).to(y.dtype))
+    dxa = torch.cat([s * (dy_i.float() @ b.float()) for dy_i, b, s in zip(dys, lora_Bs, scalings)], dim=1)
+    dbs = [(s * (dy_i.float().t() @ x_i.float())).to(b.dtype) for dy_i, x_i, b, s in zip(dys, xas, lora_Bs, scalings)]
+    return torch.cat(dys, dim=1).view(y.shape), dxa.to(xa.dtype), *dbs
+
+
+def _forward(y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps) -> tuple[Tensor, Tensor, Tensor]:
+    lead = y.shape[:-1]
+    if not _use_triton(y, lora_Bs, head_dim):
+        with torch.no_grad():
+            q, k, v = qkv_rope_lora_reference(y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps)
+        return q.contiguous(), k.contiguous(), v.contiguous()
+    from ops.qkv_rope_lora_kernels import qkv_rope_lora_fwd_kernel
+
+    y2 = _rows(y)
+    m = y2.shape[0]
+    cos2, sin2 = _cos_sin_rows(cos, sin, lead, head_dim)
+    bm, warps = _FWD_CONFIG
+    outs = []
+    for i, (b, s, (col, xcol)) in enumerate(zip(lora_Bs, scalings, _segments(lora_Bs))):
+        heads = b.shape[0] // head_dim
+        out = y.new_empty(*lead, heads, head_dim)
+        qk = i < 2
+        w = norm_weights[i] if qk and norm_weights else cos2
+        b = b if b.stride(1) == 1 else b.contiguous()
+        if m:
+            qkv_rope_lora_fwd_kernel[(_cdiv(m, bm), heads)](
+                y2, xa, b, w, cos2, sin2, out, m, col, xcol, b.shape[1], y2.stride(0), xa.stride(0), b.stride(0),
+                cos2.stride(0), heads * head_dim, float(s), float(eps),
+                D2=head_dim // 2, BM=bm, BR=_rank_block(lora_Bs), NORM=qk and bool(norm_weights), ROPE=qk,
+                IEEE=y.dtype == torch.float32, num_warps=warps,
+            )  # fmt: skip
+        outs.append(out)
+    return tuple(outs)
+
+
+def _backward(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps):
+    """(dy [..., Nq + Nk + Nv], dxa [N, r_q + r_k + r_v], dB_q, dB_k, dB_v)."""
+    triton_ok = _use_triton(y, lora_Bs, head_dim) and not torch.are_deterministic_algorithms_enabled()
+    if not triton_ok:  # CPU; deterministic mode (the kernel sums with atomics)
+        return _backward_torch(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps)
+    from ops.qkv_rope_lora_kernels import qkv_rope_lora_bwd_kernel
+
+    y2 = _rows(y)
+    m = y2.shape[0]
+    seq = y.shape[-2] if y.dim() >= 2 else m
+    cos2, sin2 = _cos_sin_rows(cos, sin, y.shape[:-1], head_dim)
+    dy = torch.empty_like(y2)
+    dxa = torch.zeros(m, xa.shape[1], device=y.device, dtype=torch.float32)  # atomics accumulate in fp32
+    dbs = [torch.zeros(b.shape, device=y.device, dtype=torch.float32) for b in lora_Bs]
+    bm, warps = _BWD_CONFIG
+    row_tiles = _cdiv(m, bm)
+    for i, (g, b, s, db, (col, xcol)) in enumerate(zip(grads, lora_Bs, scalings, dbs, _segments(lora_Bs))):
+        heads = b.shape[0] // head_dim
+        g = g.reshape(-1, seq, heads, head_dim)  # [B, S, H, D], any strides; the kernel needs unit stride in D
+        g = g if g.stride(-1) == 1 else g.contiguous()
+        qk = i < 2
+        w = norm_weights[i] if qk and norm_weights else cos2
+        b = b if b.stride(1) == 1 else b.contiguous()
+        per_program = max(1, min(_BWD_MAX_ROW_TILES, heads * row_tiles // _BWD_PROGRAMS))
+        if m:
+            qkv_rope_lora_bwd_kernel[(heads, _cdiv(row_tiles, per_program))](
+                g, y2, xa, b, w, cos2, sin2, dy, dxa, db, m, seq, col, xcol, b.shape[1], g.stride(0), g.stride(1),
+                g.stride(2), y2.stride(0), xa.stride(0), b.stride(0), cos2.stride(0), dy.stride(0), dxa.stride(0),
+                float(s), float(eps), per_program,
+                D2=head_dim // 2, BM=bm, BR=_rank_block(lora_Bs), NORM=qk and bool(norm_weights), ROPE=qk,
+                IEEE=y.dtype == torch.float32, num_warps=warps,
+            )  # fmt: skip
+    return dy.view(y.shape), dxa.to(xa.dtype), *(db.to(b.dtype) for db, b in zip(dbs, lora_Bs))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registration: forward op, backward op, fakes, autograd.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check(y: Tensor, lora_Bs: list[Tensor], scalings: list[float], norm_weights: list[Tensor], head_dim: int) -> None:
+    widths = [b.shape[0] for b in lora_Bs]
+    if len(lora_Bs) != 3 or len(scalings) != 3 or y.shape[-1] != sum(widths) or len(norm_weights) not in (0, 2):
+        raise ValueError(
+            "qkv_rope_lora takes y [..., Nq + Nk + Nv], the q, k and v B matrices, and 0 or 2 norm weights"
+        )
+    if any(w % head_dim for w in widths) or head_dim % 2 or y.dim() < 2:
+        raise ValueError(f"qkv_rope_lora: widths {widths} must be whole heads of even head_dim {head_dim}")
+
+
+@torch.library.custom_op("surogate::qkv_rope_lora", mutates_args=())
+def qkv_rope_lora(
+    y: Tensor,
+    xa: Tensor,
+    lora_Bs: list[Tensor],
+    scalings: list[float],
+    norm_weights: list[Tensor],
+    cos: Tensor,
+    sin: Tensor,
+    head_dim: int,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(q, k, v), each [..., heads, head_dim]. See the module docstring."""
+    _check(y, lora_Bs, scalings, norm_weights, head_dim)
+    return _forward(y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps)
+
+
+@qkv_rope_lora.register_fake
+def _qkv_rope_lora_fake(y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps):
+    return tuple(y.new_empty(*y.shape[:-1], b.shape[0] // head_dim, head_dim) for b in lora_Bs)
+
+
+@torch.library.custom_op("surogate::qkv_rope_lora_grad", mutates_args=())
+def qkv_rope_lora_grad(
+    grad_q: Tensor,
+    grad_k: Tensor,
+    grad_v: Tensor,
+    y: Tensor,
+    xa: Tensor,
+    lora_Bs: list[Tensor],
+    scalings: list[float],
+    norm_weights: list[Tensor],
+    cos: Tensor,
+    sin: Tensor,
+    head_dim: int,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad_y, grad_xa, grad_B_q, grad_B_k, grad_B_v)."""
+    grads = (grad_q, grad_k, grad_v)
+    return _backward(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps)
+
+
+@qkv_rope_lora_grad.register_fake
+def _qkv_rope_lora_grad_fake(grad_q, grad_k, grad_v, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps):
+    return y.new_empty(y.shape), xa.new_empty(xa.shape), *(b.new_empty(b.shape) for b in lora_Bs)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps = inputs
+    if any(w.requires_grad for w in norm_weights) or cos.requires_grad or sin.requires_grad:
+        raise RuntimeError("surogate::qkv_rope_lora computes no gradient for the norm weights or cos/sin: freeze them")
+    ctx.scalings, ctx.head_dim, ctx.eps, ctx.n_norm = list(scalings), head_dim, eps, len(norm_weights)
+    ctx.save_for_backward(y, xa, cos, sin, *lora_Bs, *norm_weights)  # y: the bare base output, not q/k/v
+
+
+def _backward_formula(ctx, grad_q, grad_k, grad_v):
+    y, xa, cos, sin, *rest = ctx.saved_tensors
+    lora_Bs, norm_weights = rest[:3], rest[3:]
+    heads = [b.shape[0] // ctx.head_dim for b in lora_Bs]
+    grads = [
+        g if g is not None else y.new_zeros(*y.shape[:-1], h, ctx.head_dim)
+        for g, h in zip((grad_q, grad_k, grad_v), heads)
+    ]
+    grad_y, grad_xa, *grad_Bs = qkv_rope_lora_grad(
+        *grads, y, xa, list(lora_Bs), ctx.scalings, list(norm_weights), cos, sin, ctx.head_dim, ctx.eps
+    )
+    return grad_y, grad_xa, grad_Bs, None, [None] * ctx.n_norm, None, None, None, None
+
+
+qkv_rope_lora.register_autograd(_backward_formula, setup_context=_setup_context)

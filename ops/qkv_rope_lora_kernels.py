@@ -1,0 +1,139 @@
+"""The Triton kernels of `ops.qkv_rope_lora` (the op, its plain-torch reference and its launchers live there).
+Imported lazily by that module: this one needs triton at import, and Triton's interpreter (the CPU tests) resolves a
+kernel's helpers only among module globals.
+
+One launch per projection (q, k or v); a program owns one head (head_dim columns, split in the two halves RoPE
+rotates against each other) and a block of BM token rows. The LoRA-B product of a tile is one `tl.dot` per half of
+inner size BR (the rank, padded with zeros to >= 16), from xa [M, r_q + r_k + r_v] and the head's rows of B.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:  # fp32 operands (CPU interpreter tests): exact products, not TF32
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _load_lora(xa_ptr, b_ptr, rm, M, xcol, rank, brow, stride_xm, stride_b, D2: tl.constexpr, BR: tl.constexpr):
+    """xa[rm, xcol : xcol + rank] as [BM, BR] and the head's B rows as two [D2, BR] halves (zero past the rank)."""
+    rr = tl.arange(0, BR)
+    d = tl.arange(0, D2)
+    rank_ok = rr[None, :] < rank
+    xa = tl.load(xa_ptr + rm[:, None] * stride_xm + xcol + rr[None, :], mask=(rm[:, None] < M) & rank_ok, other=0.0)
+    b1 = tl.load(b_ptr + (brow + d)[:, None] * stride_b + rr[None, :], mask=rank_ok, other=0.0)
+    b2 = tl.load(b_ptr + (brow + D2 + d)[:, None] * stride_b + rr[None, :], mask=rank_ok, other=0.0)
+    return xa, b1, b2
+
+
+@triton.jit
+def _preactivation(y_ptr, xa, b1, b2, rm, M, col, stride_ym, scale, D2: tl.constexpr, IEEE: tl.constexpr):
+    """The two fp32 [BM, D2] halves of y + s xa B^T for one head (columns col .. col + 2 D2 of y)."""
+    d = tl.arange(0, D2)
+    tile = y_ptr + rm[:, None] * stride_ym + col + d[None, :]
+    row_ok = rm[:, None] < M
+    p1 = tl.load(tile, mask=row_ok, other=0.0).to(tl.float32) + scale * _dot(xa, tl.trans(b1), IEEE)
+    p2 = tl.load(tile + D2, mask=row_ok, other=0.0).to(tl.float32) + scale * _dot(xa, tl.trans(b2), IEEE)
+    return p1, p2
+
+
+@triton.jit
+def _load_halves(ptr, rm, M, stride_m, col, D2: tl.constexpr):
+    d = tl.arange(0, D2)
+    tile = ptr + rm[:, None] * stride_m + col + d[None, :]
+    row_ok = rm[:, None] < M
+    return tl.load(tile, mask=row_ok, other=0.0).to(tl.float32), tl.load(tile + D2, mask=row_ok, other=0.0).to(
+        tl.float32
+    )
+
+
+@triton.jit
+def _rms_stats(p1, p2, eps, D2: tl.constexpr):
+    """Per row: 1 / sqrt(mean(p^2) + eps) over the head's 2 D2 values."""
+    return tl.rsqrt((tl.sum(p1 * p1, 1) + tl.sum(p2 * p2, 1)) / (2 * D2) + eps)
+
+
+@triton.jit
+def qkv_rope_lora_fwd_kernel(
+    y_ptr, xa_ptr, b_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, M, col0, xcol, rank, stride_ym, stride_xm, stride_b,
+    stride_cm, stride_om, scale, eps,
+    D2: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
+    IEEE: tl.constexpr,
+):  # fmt: skip
+    """out[rm, head] = rope(norm(y[rm, col0 + head] + s xa B^T)): y read once, out written once."""
+    rm = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    head = tl.program_id(1)
+    xa, b1, b2 = _load_lora(xa_ptr, b_ptr, rm, M, xcol, rank, head * 2 * D2, stride_xm, stride_b, D2, BR)
+    p1, p2 = _preactivation(y_ptr, xa, b1, b2, rm, M, col0 + head * 2 * D2, stride_ym, scale, D2, IEEE)
+    if NORM:  # Qwen3's per-head RMSNorm: normalized value rounded to the activation dtype, then the weight
+        rstd = _rms_stats(p1, p2, eps, D2)[:, None]
+        d = tl.arange(0, D2)
+        p1 = (p1 * rstd).to(out_ptr.dtype.element_ty).to(tl.float32) * tl.load(w_ptr + d).to(tl.float32)[None, :]
+        p2 = (p2 * rstd).to(out_ptr.dtype.element_ty).to(tl.float32) * tl.load(w_ptr + D2 + d).to(tl.float32)[None, :]
+    if ROPE:  # rotate-half: (x1, x2) -> (x1 cos1 - x2 sin1, x2 cos2 + x1 sin2)
+        c1, c2 = _load_halves(cos_ptr, rm, M, stride_cm, 0, D2)
+        s1, s2 = _load_halves(sin_ptr, rm, M, stride_cm, 0, D2)
+        p1, p2 = p1 * c1 - p2 * s1, p2 * c2 + p1 * s2
+    d = tl.arange(0, D2)
+    out = out_ptr + rm[:, None] * stride_om + head * 2 * D2 + d[None, :]
+    row_ok = rm[:, None] < M
+    tl.store(out, p1.to(out_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(out + D2, p2.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def qkv_rope_lora_bwd_kernel(
+    dout_ptr, y_ptr, xa_ptr, b_ptr, w_ptr, cos_ptr, sin_ptr, dy_ptr, dxa_ptr, db_ptr, M, seq, col0, xcol, rank,
+    stride_db, stride_ds, stride_dh, stride_ym, stride_xm, stride_b, stride_cm, stride_dym, stride_dxm, scale, eps,
+    row_tiles,
+    D2: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
+    IEEE: tl.constexpr,
+):  # fmt: skip
+    """One head over `row_tiles` tiles of BM rows. Per tile: the output gradient (dout [B, S, H, 2 D2], any strides)
+    taken back through RoPE and the RMSNorm (pre-activation recomputed from y, xa and B), written to dy in y's dtype,
+    and its two LoRA reductions taken from the rounded dy tile while it is in registers: dxa (summed over heads:
+    fp32 atomics into [M, r]) and dB (summed over rows: in registers across the tiles, then one atomic add)."""
+    head = tl.program_id(0)
+    brow = head * 2 * D2
+    d = tl.arange(0, D2)
+    rr = tl.arange(0, BR)
+    db1 = tl.zeros((D2, BR), dtype=tl.float32)
+    db2 = tl.zeros((D2, BR), dtype=tl.float32)
+    for i in range(row_tiles):
+        rm = ((tl.program_id(1) * row_tiles + i) * BM + tl.arange(0, BM)).to(tl.int64)
+        row_ok = rm[:, None] < M
+        batch = rm // seq
+        g = dout_ptr + (batch * stride_db + (rm - batch * seq) * stride_ds + head * stride_dh)[:, None] + d[None, :]
+        g1 = tl.load(g, mask=row_ok, other=0.0).to(tl.float32)
+        g2 = tl.load(g + D2, mask=row_ok, other=0.0).to(tl.float32)
+        if ROPE:  # the rotation's transpose
+            c1, c2 = _load_halves(cos_ptr, rm, M, stride_cm, 0, D2)
+            s1, s2 = _load_halves(sin_ptr, rm, M, stride_cm, 0, D2)
+            g1, g2 = g1 * c1 + g2 * s2, g2 * c2 - g1 * s1
+        xa, b1, b2 = _load_lora(xa_ptr, b_ptr, rm, M, xcol, rank, brow, stride_xm, stride_b, D2, BR)
+        if NORM:  # d/dp of w * (p rstd): rstd (dn - n mean(dn n)), dn = g w, n = p rstd (rounding: straight through)
+            p1, p2 = _preactivation(y_ptr, xa, b1, b2, rm, M, col0 + brow, stride_ym, scale, D2, IEEE)
+            rstd = _rms_stats(p1, p2, eps, D2)[:, None]
+            n1, n2 = p1 * rstd, p2 * rstd
+            dn1 = g1 * tl.load(w_ptr + d).to(tl.float32)[None, :]
+            dn2 = g2 * tl.load(w_ptr + D2 + d).to(tl.float32)[None, :]
+            mean = ((tl.sum(dn1 * n1, 1) + tl.sum(dn2 * n2, 1)) / (2 * D2))[:, None]
+            g1, g2 = rstd * (dn1 - n1 * mean), rstd * (dn2 - n2 * mean)
+        dy1 = g1.to(dy_ptr.dtype.element_ty)
+        dy2 = g2.to(dy_ptr.dtype.element_ty)
+        dy = dy_ptr + rm[:, None] * stride_dym + col0 + brow + d[None, :]
+        tl.store(dy, dy1, mask=row_ok)
+        tl.store(dy + D2, dy2, mask=row_ok)
+        dxa = scale * (_dot(dy1, b1.to(dy1.dtype), IEEE) + _dot(dy2, b2.to(dy2.dtype), IEEE))
+        tl.atomic_add(dxa_ptr + rm[:, None] * stride_dxm + xcol + rr[None, :], dxa, mask=row_ok & (rr[None, :] < rank),
+                      sem="relaxed")  # fmt: skip
+        xa = xa.to(dy1.dtype)
+        db1 += _dot(tl.trans(dy1), xa, IEEE)
+        db2 += _dot(tl.trans(dy2), xa, IEEE)
+    rank_ok = rr[None, :] < rank
+    tl.atomic_add(db_ptr + (brow + d)[:, None] * rank + rr[None, :], scale * db1, mask=rank_ok, sem="relaxed")
+    tl.atomic_add(db_ptr + (brow + D2 + d)[:, None] * rank + rr[None, :], scale * db2, mask=rank_ok, sem="relaxed")
