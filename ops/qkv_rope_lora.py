@@ -36,10 +36,10 @@ from torch import Tensor
 __all__ = ["qkv_rope_lora", "qkv_rope_lora_reference"]
 
 _MAX_RANK = 64  # per projection; the kernels pad the rank to a power of two >= 16 for one tl.dot per half tile
-_FWD_CONFIG = (64, 4)  # (BM rows, warps)
-_BWD_CONFIG = (64, 4)
-_BWD_MAX_ROW_TILES = 4  # row tiles per backward program (dB partial sums in registers across them) ...
-_BWD_PROGRAMS = 1024  # ... as long as about this many programs remain
+_FWD_CONFIG = (16, 4)  # (BM rows, warps); H100 sweeps in benchmarks/NOTES.md
+_BWD_CONFIG = (32, 4)  # (BM rows, warps)
+_BWD_MAX_ROW_TILES = 16  # row tiles per backward program (dB partial sums in registers across them) ...
+_BWD_PROGRAMS = 256  # ... as long as about this many programs remain
 
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -107,15 +107,6 @@ def _cos_sin_rows(cos: Tensor, sin: Tensor, lead: torch.Size, head_dim: int) -> 
     return tuple(_rows(t.expand(shape).reshape(-1, head_dim)) for t in (cos, sin))
 
 
-def _segments(lora_Bs: list[Tensor]) -> list[tuple[int, int]]:
-    """(first column in y, first column in xa) of q, k and v."""
-    col, xcol, out = 0, 0, []
-    for b in lora_Bs:
-        out.append((col, xcol))
-        col, xcol = col + b.shape[0], xcol + b.shape[1]
-    return out
-
-
 def _backward_torch(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps):
     """The kernel's arithmetic in plain torch (fp32 until dy is rounded to y's dtype)."""
     lead = y.shape[:-1]
@@ -141,6 +132,17 @@ def _backward_torch(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, hea
     return torch.cat(dys, dim=1).view(y.shape), dxa.to(xa.dtype), *dbs
 
 
+def _kernel_operands(y, lora_Bs, norm_weights, cos, sin, head_dim):
+    """What both kernels take: y as rows, the B matrices with unit column stride, the norm weights (cos stands in
+    when there are none: never read), cos/sin as rows, heads of q and of k/v, and the ranks."""
+    y2 = _rows(y)
+    bs = [b if b.stride(1) == 1 else b.contiguous() for b in lora_Bs]
+    cos2, sin2 = _cos_sin_rows(cos, sin, y.shape[:-1], head_dim)
+    ws = list(norm_weights) if norm_weights else [cos2, cos2]
+    heads = [lora_Bs[0].shape[0] // head_dim, lora_Bs[1].shape[0] // head_dim]
+    return y2, bs, ws, cos2, sin2, heads, [b.shape[1] for b in lora_Bs]
+
+
 def _forward(y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps) -> tuple[Tensor, Tensor, Tensor]:
     lead = y.shape[:-1]
     if not _use_triton(y, lora_Bs, head_dim):
@@ -149,26 +151,18 @@ def _forward(y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps) ->
         return q.contiguous(), k.contiguous(), v.contiguous()
     from ops.qkv_rope_lora_kernels import qkv_rope_lora_fwd_kernel
 
-    y2 = _rows(y)
+    y2, bs, ws, cos2, sin2, (hq, hkv), ranks = _kernel_operands(y, lora_Bs, norm_weights, cos, sin, head_dim)
     m = y2.shape[0]
-    cos2, sin2 = _cos_sin_rows(cos, sin, lead, head_dim)
+    q, k, v = (y.new_empty(*lead, h, head_dim) for h in (hq, hkv, hkv))
     bm, warps = _FWD_CONFIG
-    outs = []
-    for i, (b, s, (col, xcol)) in enumerate(zip(lora_Bs, scalings, _segments(lora_Bs))):
-        heads = b.shape[0] // head_dim
-        out = y.new_empty(*lead, heads, head_dim)
-        qk = i < 2
-        w = norm_weights[i] if qk and norm_weights else cos2
-        b = b if b.stride(1) == 1 else b.contiguous()
-        if m:
-            qkv_rope_lora_fwd_kernel[(_cdiv(m, bm), heads)](
-                y2, xa, b, w, cos2, sin2, out, m, col, xcol, b.shape[1], y2.stride(0), xa.stride(0), b.stride(0),
-                cos2.stride(0), heads * head_dim, float(s), float(eps),
-                D2=head_dim // 2, BM=bm, BR=_rank_block(lora_Bs), NORM=qk and bool(norm_weights), ROPE=qk,
-                IEEE=y.dtype == torch.float32, num_warps=warps,
-            )  # fmt: skip
-        outs.append(out)
-    return tuple(outs)
+    if m:
+        qkv_rope_lora_fwd_kernel[(_cdiv(m, bm), hq + 2 * hkv)](
+            y2, xa, *bs, *ws, cos2, sin2, q, k, v, m, hq, hkv, *ranks, y2.stride(0), xa.stride(0),
+            *(b.stride(0) for b in bs), cos2.stride(0), *map(float, scalings), float(eps),
+            D2=head_dim // 2, BM=bm, BR=_rank_block(lora_Bs), NORM=bool(norm_weights), IEEE=y.dtype == torch.float32,
+            num_warps=warps,
+        )  # fmt: skip
+    return q, k, v
 
 
 def _backward(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps):
@@ -178,31 +172,28 @@ def _backward(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim,
         return _backward_torch(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps)
     from ops.qkv_rope_lora_kernels import qkv_rope_lora_bwd_kernel
 
-    y2 = _rows(y)
+    y2, bs, ws, cos2, sin2, (hq, hkv), ranks = _kernel_operands(y, lora_Bs, norm_weights, cos, sin, head_dim)
     m = y2.shape[0]
-    seq = y.shape[-2] if y.dim() >= 2 else m
-    cos2, sin2 = _cos_sin_rows(cos, sin, y.shape[:-1], head_dim)
+    seq = y.shape[-2]
+    # [B, S, H, D] views of the output gradients, any strides (attention's backward may hand them in [B, H, S, D]
+    # memory order); the kernel needs unit stride in D
+    gs = [g.reshape(-1, seq, g.shape[-2], head_dim) for g in grads]
+    gs = [g if g.stride(-1) == 1 else g.contiguous() for g in gs]
     dy = torch.empty_like(y2)
     dxa = torch.zeros(m, xa.shape[1], device=y.device, dtype=torch.float32)  # atomics accumulate in fp32
     dbs = [torch.zeros(b.shape, device=y.device, dtype=torch.float32) for b in lora_Bs]
     bm, warps = _BWD_CONFIG
     row_tiles = _cdiv(m, bm)
-    for i, (g, b, s, db, (col, xcol)) in enumerate(zip(grads, lora_Bs, scalings, dbs, _segments(lora_Bs))):
-        heads = b.shape[0] // head_dim
-        g = g.reshape(-1, seq, heads, head_dim)  # [B, S, H, D], any strides; the kernel needs unit stride in D
-        g = g if g.stride(-1) == 1 else g.contiguous()
-        qk = i < 2
-        w = norm_weights[i] if qk and norm_weights else cos2
-        b = b if b.stride(1) == 1 else b.contiguous()
-        per_program = max(1, min(_BWD_MAX_ROW_TILES, heads * row_tiles // _BWD_PROGRAMS))
-        if m:
-            qkv_rope_lora_bwd_kernel[(heads, _cdiv(row_tiles, per_program))](
-                g, y2, xa, b, w, cos2, sin2, dy, dxa, db, m, seq, col, xcol, b.shape[1], g.stride(0), g.stride(1),
-                g.stride(2), y2.stride(0), xa.stride(0), b.stride(0), cos2.stride(0), dy.stride(0), dxa.stride(0),
-                float(s), float(eps), per_program,
-                D2=head_dim // 2, BM=bm, BR=_rank_block(lora_Bs), NORM=qk and bool(norm_weights), ROPE=qk,
-                IEEE=y.dtype == torch.float32, num_warps=warps,
-            )  # fmt: skip
+    heads = hq + 2 * hkv
+    per_program = max(1, min(_BWD_MAX_ROW_TILES, heads * row_tiles // _BWD_PROGRAMS))
+    if m:
+        qkv_rope_lora_bwd_kernel[(heads, _cdiv(row_tiles, per_program))](
+            *gs, y2, xa, *bs, *ws, cos2, sin2, dy, dxa, *dbs, m, seq, hq, hkv, *ranks,
+            *(st for g in gs for st in g.stride()[:3]), y2.stride(0), xa.stride(0), *(b.stride(0) for b in bs),
+            cos2.stride(0), dy.stride(0), dxa.stride(0), *map(float, scalings), float(eps), per_program,
+            D2=head_dim // 2, BM=bm, BR=_rank_block(lora_Bs), NORM=bool(norm_weights), IEEE=y.dtype == torch.float32,
+            num_warps=warps,
+        )  # fmt: skip
     return dy.view(y.shape), dxa.to(xa.dtype), *(db.to(b.dtype) for db, b in zip(dbs, lora_Bs))
 
 

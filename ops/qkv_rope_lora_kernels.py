@@ -2,9 +2,10 @@
 Imported lazily by that module: this one needs triton at import, and Triton's interpreter (the CPU tests) resolves a
 kernel's helpers only among module globals.
 
-One launch per projection (q, k or v); a program owns one head (head_dim columns, split in the two halves RoPE
-rotates against each other) and a block of BM token rows. The LoRA-B product of a tile is one `tl.dot` per half of
-inner size BR (the rank, padded with zeros to >= 16), from xa [M, r_q + r_k + r_v] and the head's rows of B.
+One launch for q, k and v; a program owns one head (head_dim columns, split in the two halves RoPE rotates against
+each other) and a block of BM token rows (the kernels branch on which projection the head belongs to). The LoRA-B
+product of a tile is one `tl.dot` per half of inner size BR (the rank, padded with zeros to >= 16), from
+xa [M, r_q + r_k + r_v] and the head's rows of B.
 """
 
 import triton
@@ -19,15 +20,22 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _load_lora(xa_ptr, b_ptr, rm, M, xcol, rank, brow, stride_xm, stride_b, D2: tl.constexpr, BR: tl.constexpr):
-    """xa[rm, xcol : xcol + rank] as [BM, BR] and the head's B rows as two [D2, BR] halves (zero past the rank)."""
+def _load_xa(xa_ptr, rm, M, xcol, rank, stride_xm, BR: tl.constexpr):
+    """xa[rm, xcol : xcol + rank] as [BM, BR] (zero past the rank and M)."""
+    rr = tl.arange(0, BR)
+    mask = (rm[:, None] < M) & (rr[None, :] < rank)
+    return tl.load(xa_ptr + rm[:, None] * stride_xm + xcol + rr[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_b(b_ptr, brow, rank, stride_b, D2: tl.constexpr, BR: tl.constexpr):
+    """One head's rows of B as two [D2, BR] halves (zero past the rank)."""
     rr = tl.arange(0, BR)
     d = tl.arange(0, D2)
     rank_ok = rr[None, :] < rank
-    xa = tl.load(xa_ptr + rm[:, None] * stride_xm + xcol + rr[None, :], mask=(rm[:, None] < M) & rank_ok, other=0.0)
     b1 = tl.load(b_ptr + (brow + d)[:, None] * stride_b + rr[None, :], mask=rank_ok, other=0.0)
     b2 = tl.load(b_ptr + (brow + D2 + d)[:, None] * stride_b + rr[None, :], mask=rank_ok, other=0.0)
-    return xa, b1, b2
+    return b1, b2
 
 
 @triton.jit
@@ -58,27 +66,24 @@ def _rms_stats(p1, p2, eps, D2: tl.constexpr):
 
 
 @triton.jit
-def qkv_rope_lora_fwd_kernel(
-    y_ptr, xa_ptr, b_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, M, col0, xcol, rank, stride_ym, stride_xm, stride_b,
-    stride_cm, stride_om, scale, eps,
-    D2: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
-    IEEE: tl.constexpr,
+def _fwd_head(
+    y_ptr, xa_ptr, b_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rm, M, head, col0, xcol, rank, stride_ym, stride_xm,
+    stride_b, stride_cm, stride_om, scale, eps,
+    D2: tl.constexpr, BR: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """out[rm, head] = rope(norm(y[rm, col0 + head] + s xa B^T)): y read once, out written once."""
-    rm = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
-    head = tl.program_id(1)
-    xa, b1, b2 = _load_lora(xa_ptr, b_ptr, rm, M, xcol, rank, head * 2 * D2, stride_xm, stride_b, D2, BR)
+    d = tl.arange(0, D2)
+    xa = _load_xa(xa_ptr, rm, M, xcol, rank, stride_xm, BR)
+    b1, b2 = _load_b(b_ptr, head * 2 * D2, rank, stride_b, D2, BR)
     p1, p2 = _preactivation(y_ptr, xa, b1, b2, rm, M, col0 + head * 2 * D2, stride_ym, scale, D2, IEEE)
     if NORM:  # Qwen3's per-head RMSNorm: normalized value rounded to the activation dtype, then the weight
         rstd = _rms_stats(p1, p2, eps, D2)[:, None]
-        d = tl.arange(0, D2)
         p1 = (p1 * rstd).to(out_ptr.dtype.element_ty).to(tl.float32) * tl.load(w_ptr + d).to(tl.float32)[None, :]
         p2 = (p2 * rstd).to(out_ptr.dtype.element_ty).to(tl.float32) * tl.load(w_ptr + D2 + d).to(tl.float32)[None, :]
     if ROPE:  # rotate-half: (x1, x2) -> (x1 cos1 - x2 sin1, x2 cos2 + x1 sin2)
         c1, c2 = _load_halves(cos_ptr, rm, M, stride_cm, 0, D2)
         s1, s2 = _load_halves(sin_ptr, rm, M, stride_cm, 0, D2)
         p1, p2 = p1 * c1 - p2 * s1, p2 * c2 + p1 * s2
-    d = tl.arange(0, D2)
     out = out_ptr + rm[:, None] * stride_om + head * 2 * D2 + d[None, :]
     row_ok = rm[:, None] < M
     tl.store(out, p1.to(out_ptr.dtype.element_ty), mask=row_ok)
@@ -86,8 +91,37 @@ def qkv_rope_lora_fwd_kernel(
 
 
 @triton.jit
-def qkv_rope_lora_bwd_kernel(
-    dout_ptr, y_ptr, xa_ptr, b_ptr, w_ptr, cos_ptr, sin_ptr, dy_ptr, dxa_ptr, db_ptr, M, seq, col0, xcol, rank,
+def qkv_rope_lora_fwd_kernel(
+    y_ptr, xa_ptr, bq_ptr, bk_ptr, bv_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, M, heads_q,
+    heads_kv, rank_q, rank_k, rank_v, stride_ym, stride_xm, stride_bq, stride_bk, stride_bv, stride_cm, scale_q,
+    scale_k, scale_v, eps,
+    D2: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """One [BM, head_dim] tile of q, k or v (grid axis 1: the q heads, then the k heads, then the v heads)."""
+    rm = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    h = tl.program_id(1)
+    D = 2 * D2
+    if h < heads_q:
+        _fwd_head(
+            y_ptr, xa_ptr, bq_ptr, wq_ptr, cos_ptr, sin_ptr, q_ptr, rm, M, h, 0, 0, rank_q, stride_ym, stride_xm,
+            stride_bq, stride_cm, heads_q * D, scale_q, eps, D2, BR, NORM, True, IEEE,
+        )  # fmt: skip
+    elif h < heads_q + heads_kv:
+        _fwd_head(
+            y_ptr, xa_ptr, bk_ptr, wk_ptr, cos_ptr, sin_ptr, k_ptr, rm, M, h - heads_q, heads_q * D, rank_q, rank_k,
+            stride_ym, stride_xm, stride_bk, stride_cm, heads_kv * D, scale_k, eps, D2, BR, NORM, True, IEEE,
+        )  # fmt: skip
+    else:
+        _fwd_head(
+            y_ptr, xa_ptr, bv_ptr, wq_ptr, cos_ptr, sin_ptr, v_ptr, rm, M, h - heads_q - heads_kv,
+            (heads_q + heads_kv) * D, rank_q + rank_k, rank_v, stride_ym, stride_xm, stride_bv, stride_cm,
+            heads_kv * D, scale_v, eps, D2, BR, False, False, IEEE,
+        )  # fmt: skip
+
+
+@triton.jit
+def _bwd_head(
+    dout_ptr, y_ptr, xa_ptr, b_ptr, w_ptr, cos_ptr, sin_ptr, dy_ptr, dxa_ptr, db_ptr, M, seq, head, col0, xcol, rank,
     stride_db, stride_ds, stride_dh, stride_ym, stride_xm, stride_b, stride_cm, stride_dym, stride_dxm, scale, eps,
     row_tiles,
     D2: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
@@ -97,12 +131,15 @@ def qkv_rope_lora_bwd_kernel(
     taken back through RoPE and the RMSNorm (pre-activation recomputed from y, xa and B), written to dy in y's dtype,
     and its two LoRA reductions taken from the rounded dy tile while it is in registers: dxa (summed over heads:
     fp32 atomics into [M, r]) and dB (summed over rows: in registers across the tiles, then one atomic add)."""
-    head = tl.program_id(0)
     brow = head * 2 * D2
     d = tl.arange(0, D2)
     rr = tl.arange(0, BR)
     db1 = tl.zeros((D2, BR), dtype=tl.float32)
     db2 = tl.zeros((D2, BR), dtype=tl.float32)
+    b1, b2 = _load_b(b_ptr, brow, rank, stride_b, D2, BR)
+    if NORM:
+        w1 = tl.load(w_ptr + d).to(tl.float32)[None, :]
+        w2 = tl.load(w_ptr + D2 + d).to(tl.float32)[None, :]
     for i in range(row_tiles):
         rm = ((tl.program_id(1) * row_tiles + i) * BM + tl.arange(0, BM)).to(tl.int64)
         row_ok = rm[:, None] < M
@@ -114,13 +151,12 @@ def qkv_rope_lora_bwd_kernel(
             c1, c2 = _load_halves(cos_ptr, rm, M, stride_cm, 0, D2)
             s1, s2 = _load_halves(sin_ptr, rm, M, stride_cm, 0, D2)
             g1, g2 = g1 * c1 + g2 * s2, g2 * c2 - g1 * s1
-        xa, b1, b2 = _load_lora(xa_ptr, b_ptr, rm, M, xcol, rank, brow, stride_xm, stride_b, D2, BR)
+        xa = _load_xa(xa_ptr, rm, M, xcol, rank, stride_xm, BR)
         if NORM:  # d/dp of w * (p rstd): rstd (dn - n mean(dn n)), dn = g w, n = p rstd (rounding: straight through)
             p1, p2 = _preactivation(y_ptr, xa, b1, b2, rm, M, col0 + brow, stride_ym, scale, D2, IEEE)
             rstd = _rms_stats(p1, p2, eps, D2)[:, None]
             n1, n2 = p1 * rstd, p2 * rstd
-            dn1 = g1 * tl.load(w_ptr + d).to(tl.float32)[None, :]
-            dn2 = g2 * tl.load(w_ptr + D2 + d).to(tl.float32)[None, :]
+            dn1, dn2 = g1 * w1, g2 * w2
             mean = ((tl.sum(dn1 * n1, 1) + tl.sum(dn2 * n2, 1)) / (2 * D2))[:, None]
             g1, g2 = rstd * (dn1 - n1 * mean), rstd * (dn2 - n2 * mean)
         dy1 = g1.to(dy_ptr.dtype.element_ty)
@@ -137,3 +173,35 @@ def qkv_rope_lora_bwd_kernel(
     rank_ok = rr[None, :] < rank
     tl.atomic_add(db_ptr + (brow + d)[:, None] * rank + rr[None, :], scale * db1, mask=rank_ok, sem="relaxed")
     tl.atomic_add(db_ptr + (brow + D2 + d)[:, None] * rank + rr[None, :], scale * db2, mask=rank_ok, sem="relaxed")
+
+
+@triton.jit
+def qkv_rope_lora_bwd_kernel(
+    dq_ptr, dk_ptr, dv_ptr, y_ptr, xa_ptr, bq_ptr, bk_ptr, bv_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, dy_ptr, dxa_ptr,
+    dbq_ptr, dbk_ptr, dbv_ptr, M, seq, heads_q, heads_kv, rank_q, rank_k, rank_v, sq_b, sq_s, sq_h, sk_b, sk_s, sk_h,
+    sv_b, sv_s, sv_h, stride_ym, stride_xm, stride_bq, stride_bk, stride_bv, stride_cm, stride_dym, stride_dxm,
+    scale_q, scale_k, scale_v, eps, row_tiles,
+    D2: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """One head of q, k or v (grid axis 0: the q heads, then the k heads, then the v heads) over a block of rows."""
+    h = tl.program_id(0)
+    D = 2 * D2
+    if h < heads_q:
+        _bwd_head(
+            dq_ptr, y_ptr, xa_ptr, bq_ptr, wq_ptr, cos_ptr, sin_ptr, dy_ptr, dxa_ptr, dbq_ptr, M, seq, h, 0, 0,
+            rank_q, sq_b, sq_s, sq_h, stride_ym, stride_xm, stride_bq, stride_cm, stride_dym, stride_dxm, scale_q,
+            eps, row_tiles, D2, BM, BR, NORM, True, IEEE,
+        )  # fmt: skip
+    elif h < heads_q + heads_kv:
+        _bwd_head(
+            dk_ptr, y_ptr, xa_ptr, bk_ptr, wk_ptr, cos_ptr, sin_ptr, dy_ptr, dxa_ptr, dbk_ptr, M, seq, h - heads_q,
+            heads_q * D, rank_q, rank_k, sk_b, sk_s, sk_h, stride_ym, stride_xm, stride_bk, stride_cm, stride_dym,
+            stride_dxm, scale_k, eps, row_tiles, D2, BM, BR, NORM, True, IEEE,
+        )  # fmt: skip
+    else:
+        _bwd_head(
+            dv_ptr, y_ptr, xa_ptr, bv_ptr, wq_ptr, cos_ptr, sin_ptr, dy_ptr, dxa_ptr, dbv_ptr, M, seq,
+            h - heads_q - heads_kv, (heads_q + heads_kv) * D, rank_q + rank_k, rank_v, sv_b, sv_s, sv_h, stride_ym,
+            stride_xm, stride_bv, stride_cm, stride_dym, stride_dxm, scale_v, eps, row_tiles, D2, BM, BR, False,
+            False, IEEE,
+        )  # fmt: skip
