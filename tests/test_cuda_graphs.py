@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from surogate.config import ConfigError, load_config, recipe_precision
-from surogate.cuda_graphs import GraphedMicroStep, cuda_graphs_enabled
+from surogate.cuda_graphs import GraphedMicroStep, accumulate_grads, cuda_graphs_enabled
 from surogate.lora import LoRAConfig, apply_lora
 from surogate.models.checkpoint import load_model
 from surogate.parallelize import parallelize
@@ -93,6 +93,28 @@ def _assert_same_grads(model, reference, recipe: str) -> None:
             assert torch.isfinite(p.grad).all(), n
             err = ((p.grad.float() - grads[n].float()).norm() / grads[n].float().norm()).item()
             assert err < _NOISE[recipe], (n, err)
+
+
+def test_accumulate_grads_matches_backward():
+    """Two micro-steps through `accumulate_grads` leave the same .grad as two `backward()` calls: the first step's
+    gradients are taken as they are, the second's added; a parameter the loss does not use keeps no gradient."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    unused = torch.nn.Parameter(torch.randn(4))
+    reference = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    xs = [torch.randn(7, 6) for _ in range(2)]
+
+    def loss(params, x):
+        w1, b1, w2, b2 = params
+        return torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(x, w1, b1)), w2, b2).square().sum()
+
+    params = list(model.parameters())
+    for x in xs:
+        accumulate_grads(loss(params, x), [*params, unused])
+        loss(reference, x).backward()
+    assert unused.grad is None
+    for p, r in zip(params, reference):
+        assert torch.isfinite(p.grad).all() and torch.allclose(p.grad, r.grad, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.gpu
