@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ops._launch import as_rows, cdiv, rank_block
+from ops._launch import as_rows, cdiv, lora_grad_buffer, rank_block, split_flat
 
 __all__ = ["swiglu_lora", "swiglu_lora_reference"]
 
@@ -95,8 +95,8 @@ def _forward(y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float]
 
 def _backward(
     grad_h: Tensor, y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float]
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dy [..., 2I], dxa [N, r_g + r_u], dB_g, dB_u)."""
+) -> tuple[Tensor, Tensor]:
+    """(dy [..., 2I], the LoRA gradients dxa [N, r_g + r_u], dB_g, dB_u flat in xa's dtype: `ops._launch`)."""
     y2, dh = as_rows(y), as_rows(grad_h)
     (b_g, b_u), (s_g, s_u) = lora_Bs, scalings
     if not _use_triton(y, lora_Bs) or torch.are_deterministic_algorithms_enabled():  # atomics: see the docstring
@@ -106,11 +106,11 @@ def _backward(
         dg = (dh32 * u * sig * (1 + g * (1 - sig))).to(y.dtype)
         du = (dh32 * g * sig).to(y.dtype)
         dxa = torch.cat([s_g * (dg @ b_g), s_u * (du @ b_u)], dim=1)
-        grads = torch.cat([dg, du], dim=1), dxa, s_g * (dg.t() @ x_g), s_u * (du.t() @ x_u)
+        lora = [dxa, s_g * (dg.t() @ x_g), s_u * (du.t() @ x_u)]
+        dy, flat = torch.cat([dg, du], dim=1), torch.cat([t.flatten().to(xa.dtype) for t in lora])
     else:
-        grads = _backward_triton(dh, y2, xa, b_g, b_u, float(s_g), float(s_u))
-    dy, dxa, db_g, db_u = grads
-    return dy.view(y.shape), dxa.to(xa.dtype), db_g.to(b_g.dtype), db_u.to(b_u.dtype)
+        dy, flat = _backward_triton(dh, y2, xa, b_g, b_u, float(s_g), float(s_u))
+    return dy.view(y.shape), flat
 
 
 def _backward_triton(dh: Tensor, y2: Tensor, xa: Tensor, b_g: Tensor, b_u: Tensor, s_g: float, s_u: float):
@@ -120,9 +120,9 @@ def _backward_triton(dh: Tensor, y2: Tensor, xa: Tensor, b_g: Tensor, b_u: Tenso
     inter = width // 2
     r_g, r_u = b_g.shape[1], b_u.shape[1]
     dy = torch.empty_like(y2)
-    dxa = torch.zeros(m, r_g + r_u, device=y2.device, dtype=torch.float32)  # atomics accumulate in fp32
-    db_g = torch.zeros(inter, r_g, device=y2.device, dtype=torch.float32)
-    db_u = torch.zeros(inter, r_u, device=y2.device, dtype=torch.float32)
+    shapes = lora_grad_buffer(m, r_g + r_u, [b_g.shape, b_u.shape])
+    flat = torch.zeros(sum(a * b for a, b in shapes), device=y2.device, dtype=torch.float32)  # atomics: fp32
+    dxa, db_g, db_u = split_flat(flat, shapes)
     if m and inter:
         bm, bn, warps = _BWD_CONFIG
         col_blocks, row_tiles = cdiv(inter, bn), cdiv(m, bm)
@@ -136,7 +136,7 @@ def _backward_triton(dh: Tensor, y2: Tensor, xa: Tensor, b_g: Tensor, b_u: Tenso
             s_g, s_u, per_program,
             BM=bm, BN=bn, BR=rank_block([b_g, b_u]), IEEE=y2.dtype == torch.float32, num_warps=warps,
         )  # fmt: skip
-    return dy, dxa, db_g, db_u
+    return dy, flat.to(xa.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -160,14 +160,14 @@ def _swiglu_lora_fake(y, xa, lora_Bs, scalings):
 @torch.library.custom_op("surogate::swiglu_lora_grad", mutates_args=())
 def swiglu_lora_grad(
     grad_h: Tensor, y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float]
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(grad_y, grad_xa, grad_B_gate, grad_B_up)."""
+) -> tuple[Tensor, Tensor]:
+    """(grad_y, [grad_xa, grad_B_gate, grad_B_up] flat: one output, as outputs may not alias; see `ops._launch`)."""
     return _backward(grad_h, y, xa, lora_Bs, scalings)
 
 
 @swiglu_lora_grad.register_fake
 def _swiglu_lora_grad_fake(grad_h, y, xa, lora_Bs, scalings):
-    return y.new_empty(y.shape), xa.new_empty(xa.shape), *(b.new_empty(b.shape) for b in lora_Bs)
+    return y.new_empty(y.shape), xa.new_empty(xa.numel() + sum(b.numel() for b in lora_Bs))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -178,8 +178,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward_formula(ctx, grad_h):
     y, xa, b_g, b_u = ctx.saved_tensors
-    grad_y, grad_xa, grad_bg, grad_bu = swiglu_lora_grad(grad_h, y, xa, [b_g, b_u], ctx.scalings)
-    return grad_y, grad_xa, [grad_bg, grad_bu], None
+    grad_y, flat = swiglu_lora_grad(grad_h, y, xa, [b_g, b_u], ctx.scalings)
+    grad_xa, grad_bg, grad_bu = split_flat(flat, lora_grad_buffer(xa.shape[0], xa.shape[1], [b_g.shape, b_u.shape]))
+    return grad_y, grad_xa, [grad_bg.to(b_g.dtype), grad_bu.to(b_u.dtype)], None
 
 
 swiglu_lora.register_autograd(_backward_formula, setup_context=_setup_context)
