@@ -33,8 +33,6 @@ import os
 import torch
 from torch import Tensor
 
-from ops._launch import as_rows, cdiv, lora_grad_buffer, rank_block, split_flat
-
 __all__ = ["qkv_rope_lora", "qkv_rope_lora_reference"]
 
 _MAX_RANK = 64  # per projection; the kernels pad the rank to a power of two >= 16 for one tl.dot per half tile
@@ -89,10 +87,24 @@ def _use_triton(y: Tensor, lora_Bs: list[Tensor], head_dim: int) -> bool:
     return on_device and pow2 and max(b.shape[1] for b in lora_Bs) <= _MAX_RANK
 
 
+def _rank_block(lora_Bs: list[Tensor]) -> int:
+    return max(16, 1 << (max(b.shape[1] for b in lora_Bs) - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """t as [N, width] with unit column stride (a view when it already is one)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
 def _cos_sin_rows(cos: Tensor, sin: Tensor, lead: torch.Size, head_dim: int) -> tuple[Tensor, Tensor]:
     """cos and sin as [B * S, head_dim] rows (a view for the model's [B, S, 1, head_dim])."""
     shape = (*lead, 1, head_dim)
-    return tuple(as_rows(t.expand(shape).reshape(-1, head_dim)) for t in (cos, sin))
+    return tuple(_rows(t.expand(shape).reshape(-1, head_dim)) for t in (cos, sin))
 
 
 def _backward_torch(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps):
@@ -116,14 +128,14 @@ def _backward_torch(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, hea
                 g = rstd * (dn - n * (dn * n).mean(-1, keepdim=True))
         dys.append(g.reshape(-1, b.shape[0]).to(y.dtype))
     dxa = torch.cat([s * (dy_i.float() @ b.float()) for dy_i, b, s in zip(dys, lora_Bs, scalings)], dim=1)
-    dbs = [s * (dy_i.float().t() @ x_i.float()) for dy_i, x_i, s in zip(dys, xas, scalings)]
-    return torch.cat(dys, dim=1).view(y.shape), torch.cat([t.flatten() for t in (dxa, *dbs)]).to(xa.dtype)
+    dbs = [(s * (dy_i.float().t() @ x_i.float())).to(b.dtype) for dy_i, x_i, b, s in zip(dys, xas, lora_Bs, scalings)]
+    return torch.cat(dys, dim=1).view(y.shape), dxa.to(xa.dtype), *dbs
 
 
 def _kernel_operands(y, lora_Bs, norm_weights, cos, sin, head_dim):
     """What both kernels take: y as rows, the B matrices with unit column stride, the norm weights (cos stands in
     when there are none: never read), cos/sin as rows, heads of q and of k/v, and the ranks."""
-    y2 = as_rows(y)
+    y2 = _rows(y)
     bs = [b if b.stride(1) == 1 else b.contiguous() for b in lora_Bs]
     cos2, sin2 = _cos_sin_rows(cos, sin, y.shape[:-1], head_dim)
     ws = list(norm_weights) if norm_weights else [cos2, cos2]
@@ -144,17 +156,17 @@ def _forward(y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps) ->
     q, k, v = (y.new_empty(*lead, h, head_dim) for h in (hq, hkv, hkv))
     bm, warps = _FWD_CONFIG
     if m:
-        qkv_rope_lora_fwd_kernel[(cdiv(m, bm), hq + 2 * hkv)](
+        qkv_rope_lora_fwd_kernel[(_cdiv(m, bm), hq + 2 * hkv)](
             y2, xa, *bs, *ws, cos2, sin2, q, k, v, m, hq, hkv, *ranks, y2.stride(0), xa.stride(0),
             *(b.stride(0) for b in bs), cos2.stride(0), *map(float, scalings), float(eps),
-            D2=head_dim // 2, BM=bm, BR=rank_block(lora_Bs), NORM=bool(norm_weights), IEEE=y.dtype == torch.float32,
+            D2=head_dim // 2, BM=bm, BR=_rank_block(lora_Bs), NORM=bool(norm_weights), IEEE=y.dtype == torch.float32,
             num_warps=warps,
         )  # fmt: skip
     return q, k, v
 
 
 def _backward(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps):
-    """(dy [..., Nq + Nk + Nv], the LoRA gradients dxa [N, r_q + r_k + r_v], dB_q, dB_k, dB_v flat in xa's dtype)."""
+    """(dy [..., Nq + Nk + Nv], dxa [N, r_q + r_k + r_v], dB_q, dB_k, dB_v)."""
     triton_ok = _use_triton(y, lora_Bs, head_dim) and not torch.are_deterministic_algorithms_enabled()
     if not triton_ok:  # CPU; deterministic mode (the kernel sums with atomics)
         return _backward_torch(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps)
@@ -168,22 +180,21 @@ def _backward(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim,
     gs = [g.reshape(-1, seq, g.shape[-2], head_dim) for g in grads]
     gs = [g if g.stride(-1) == 1 else g.contiguous() for g in gs]
     dy = torch.empty_like(y2)
-    shapes = lora_grad_buffer(m, xa.shape[1], [b.shape for b in lora_Bs])
-    flat = torch.zeros(sum(a * b for a, b in shapes), device=y.device, dtype=torch.float32)  # atomics: fp32
-    dxa, *dbs = split_flat(flat, shapes)
+    dxa = torch.zeros(m, xa.shape[1], device=y.device, dtype=torch.float32)  # atomics accumulate in fp32
+    dbs = [torch.zeros(b.shape, device=y.device, dtype=torch.float32) for b in lora_Bs]
     bm, warps = _BWD_CONFIG
-    row_tiles = cdiv(m, bm)
+    row_tiles = _cdiv(m, bm)
     heads = hq + 2 * hkv
     per_program = max(1, min(_BWD_MAX_ROW_TILES, heads * row_tiles // _BWD_PROGRAMS))
     if m:
-        qkv_rope_lora_bwd_kernel[(heads, cdiv(row_tiles, per_program))](
+        qkv_rope_lora_bwd_kernel[(heads, _cdiv(row_tiles, per_program))](
             *gs, y2, xa, *bs, *ws, cos2, sin2, dy, dxa, *dbs, m, seq, hq, hkv, *ranks,
             *(st for g in gs for st in g.stride()[:3]), y2.stride(0), xa.stride(0), *(b.stride(0) for b in bs),
             cos2.stride(0), dy.stride(0), dxa.stride(0), *map(float, scalings), float(eps), per_program,
-            D2=head_dim // 2, BM=bm, BR=rank_block(lora_Bs), NORM=bool(norm_weights), IEEE=y.dtype == torch.float32,
+            D2=head_dim // 2, BM=bm, BR=_rank_block(lora_Bs), NORM=bool(norm_weights), IEEE=y.dtype == torch.float32,
             num_warps=warps,
         )  # fmt: skip
-    return dy.view(y.shape), flat.to(xa.dtype)
+    return dy.view(y.shape), dxa.to(xa.dtype), *(db.to(b.dtype) for db, b in zip(dbs, lora_Bs))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -237,15 +248,15 @@ def qkv_rope_lora_grad(
     sin: Tensor,
     head_dim: int,
     eps: float,
-) -> tuple[Tensor, Tensor]:
-    """(grad_y, [grad_xa, grad_B_q, grad_B_k, grad_B_v] flat: one output, as outputs may not alias; `ops._launch`)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad_y, grad_xa, grad_B_q, grad_B_k, grad_B_v)."""
     grads = (grad_q, grad_k, grad_v)
     return _backward(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps)
 
 
 @qkv_rope_lora_grad.register_fake
 def _qkv_rope_lora_grad_fake(grad_q, grad_k, grad_v, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps):
-    return y.new_empty(y.shape), xa.new_empty(xa.numel() + sum(b.numel() for b in lora_Bs))
+    return y.new_empty(y.shape), xa.new_empty(xa.shape), *(b.new_empty(b.shape) for b in lora_Bs)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -264,11 +275,9 @@ def _backward_formula(ctx, grad_q, grad_k, grad_v):
         g if g is not None else y.new_zeros(*y.shape[:-1], h, ctx.head_dim)
         for g, h in zip((grad_q, grad_k, grad_v), heads)
     ]
-    grad_y, flat = qkv_rope_lora_grad(
+    grad_y, grad_xa, *grad_Bs = qkv_rope_lora_grad(
         *grads, y, xa, list(lora_Bs), ctx.scalings, list(norm_weights), cos, sin, ctx.head_dim, ctx.eps
     )
-    grad_xa, *grad_Bs = split_flat(flat, lora_grad_buffer(xa.shape[0], xa.shape[1], [b.shape for b in lora_Bs]))
-    grad_Bs = [g.to(b.dtype) for g, b in zip(grad_Bs, lora_Bs)]
     return grad_y, grad_xa, grad_Bs, None, [None] * ctx.n_norm, None, None, None, None
 
 

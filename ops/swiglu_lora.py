@@ -33,8 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ops._launch import as_rows, cdiv, lora_grad_buffer, rank_block, split_flat
-
 __all__ = ["swiglu_lora", "swiglu_lora_reference"]
 
 _MAX_RANK = 64  # per projection; the kernels pad the rank to a power of two >= 16 for one tl.dot per tile
@@ -65,6 +63,20 @@ def _use_triton(y: Tensor, lora_Bs: list[Tensor]) -> bool:
     return on_device and max(b.shape[1] for b in lora_Bs) <= _MAX_RANK
 
 
+def _rank_block(lora_Bs: list[Tensor]) -> int:
+    return max(16, 1 << (max(b.shape[1] for b in lora_Bs) - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """t as [N, width] with unit column stride (a view when it already is one)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
 def _preactivations_torch(y2: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float]) -> tuple[Tensor, ...]:
     (b_g, b_u), (s_g, s_u) = lora_Bs, scalings
     x_g, x_u = xa.split([b_g.shape[1], b_u.shape[1]], dim=1)
@@ -73,7 +85,7 @@ def _preactivations_torch(y2: Tensor, xa: Tensor, lora_Bs: list[Tensor], scaling
 
 
 def _forward(y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float]) -> Tensor:
-    y2 = as_rows(y)
+    y2 = _rows(y)
     m, width = y2.shape
     inter = width // 2
     h = y2.new_empty(m, inter)
@@ -85,19 +97,19 @@ def _forward(y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float]
 
         (b_g, b_u), (s_g, s_u) = lora_Bs, scalings
         bm, bn, warps = _FWD_CONFIG
-        swiglu_lora_fwd_kernel[(cdiv(m, bm), cdiv(inter, bn))](
+        swiglu_lora_fwd_kernel[(_cdiv(m, bm), _cdiv(inter, bn))](
             y2, xa, b_g, b_u, h, m, inter, b_g.shape[1], b_u.shape[1], y2.stride(0), xa.stride(0), b_g.stride(0),
             b_g.stride(1), b_u.stride(0), b_u.stride(1), h.stride(0), float(s_g), float(s_u),
-            BM=bm, BN=bn, BR=rank_block(lora_Bs), IEEE=y.dtype == torch.float32, num_warps=warps,
+            BM=bm, BN=bn, BR=_rank_block(lora_Bs), IEEE=y.dtype == torch.float32, num_warps=warps,
         )  # fmt: skip
     return h.view(*y.shape[:-1], inter)
 
 
 def _backward(
     grad_h: Tensor, y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float]
-) -> tuple[Tensor, Tensor]:
-    """(dy [..., 2I], the LoRA gradients dxa [N, r_g + r_u], dB_g, dB_u flat in xa's dtype: `ops._launch`)."""
-    y2, dh = as_rows(y), as_rows(grad_h)
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dy [..., 2I], dxa [N, r_g + r_u], dB_g, dB_u)."""
+    y2, dh = _rows(y), _rows(grad_h)
     (b_g, b_u), (s_g, s_u) = lora_Bs, scalings
     if not _use_triton(y, lora_Bs) or torch.are_deterministic_algorithms_enabled():  # atomics: see the docstring
         g, u, x_g, x_u = _preactivations_torch(y2, xa, lora_Bs, scalings)
@@ -106,11 +118,11 @@ def _backward(
         dg = (dh32 * u * sig * (1 + g * (1 - sig))).to(y.dtype)
         du = (dh32 * g * sig).to(y.dtype)
         dxa = torch.cat([s_g * (dg @ b_g), s_u * (du @ b_u)], dim=1)
-        lora = [dxa, s_g * (dg.t() @ x_g), s_u * (du.t() @ x_u)]
-        dy, flat = torch.cat([dg, du], dim=1), torch.cat([t.flatten().to(xa.dtype) for t in lora])
+        grads = torch.cat([dg, du], dim=1), dxa, s_g * (dg.t() @ x_g), s_u * (du.t() @ x_u)
     else:
-        dy, flat = _backward_triton(dh, y2, xa, b_g, b_u, float(s_g), float(s_u))
-    return dy.view(y.shape), flat
+        grads = _backward_triton(dh, y2, xa, b_g, b_u, float(s_g), float(s_u))
+    dy, dxa, db_g, db_u = grads
+    return dy.view(y.shape), dxa.to(xa.dtype), db_g.to(b_g.dtype), db_u.to(b_u.dtype)
 
 
 def _backward_triton(dh: Tensor, y2: Tensor, xa: Tensor, b_g: Tensor, b_u: Tensor, s_g: float, s_u: float):
@@ -120,23 +132,23 @@ def _backward_triton(dh: Tensor, y2: Tensor, xa: Tensor, b_g: Tensor, b_u: Tenso
     inter = width // 2
     r_g, r_u = b_g.shape[1], b_u.shape[1]
     dy = torch.empty_like(y2)
-    shapes = lora_grad_buffer(m, r_g + r_u, [b_g.shape, b_u.shape])
-    flat = torch.zeros(sum(a * b for a, b in shapes), device=y2.device, dtype=torch.float32)  # atomics: fp32
-    dxa, db_g, db_u = split_flat(flat, shapes)
+    dxa = torch.zeros(m, r_g + r_u, device=y2.device, dtype=torch.float32)  # atomics accumulate in fp32
+    db_g = torch.zeros(inter, r_g, device=y2.device, dtype=torch.float32)
+    db_u = torch.zeros(inter, r_u, device=y2.device, dtype=torch.float32)
     if m and inter:
         bm, bn, warps = _BWD_CONFIG
-        col_blocks, row_tiles = cdiv(inter, bn), cdiv(m, bm)
+        col_blocks, row_tiles = _cdiv(inter, bn), _cdiv(m, bm)
         # Each program keeps its dB partial in registers over `per_program` row tiles (fewer atomics), while enough
         # programs remain to fill the GPU (~1500 for the 8B gate/up group).
         per_program = max(1, min(_BWD_MAX_ROW_TILES, col_blocks * row_tiles // _BWD_PROGRAMS))
-        grid = (col_blocks, cdiv(row_tiles, per_program))
+        grid = (col_blocks, _cdiv(row_tiles, per_program))
         swiglu_lora_bwd_kernel[grid](
             y2, xa, b_g, b_u, dh, dy, dxa, db_g, db_u, m, inter, r_g, r_u, y2.stride(0), xa.stride(0),
             b_g.stride(0), b_g.stride(1), b_u.stride(0), b_u.stride(1), dh.stride(0), dy.stride(0), dxa.stride(0),
             s_g, s_u, per_program,
-            BM=bm, BN=bn, BR=rank_block([b_g, b_u]), IEEE=y2.dtype == torch.float32, num_warps=warps,
+            BM=bm, BN=bn, BR=_rank_block([b_g, b_u]), IEEE=y2.dtype == torch.float32, num_warps=warps,
         )  # fmt: skip
-    return dy, flat.to(xa.dtype)
+    return dy, dxa, db_g, db_u
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -160,14 +172,14 @@ def _swiglu_lora_fake(y, xa, lora_Bs, scalings):
 @torch.library.custom_op("surogate::swiglu_lora_grad", mutates_args=())
 def swiglu_lora_grad(
     grad_h: Tensor, y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float]
-) -> tuple[Tensor, Tensor]:
-    """(grad_y, [grad_xa, grad_B_gate, grad_B_up] flat: one output, as outputs may not alias; see `ops._launch`)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_y, grad_xa, grad_B_gate, grad_B_up)."""
     return _backward(grad_h, y, xa, lora_Bs, scalings)
 
 
 @swiglu_lora_grad.register_fake
 def _swiglu_lora_grad_fake(grad_h, y, xa, lora_Bs, scalings):
-    return y.new_empty(y.shape), xa.new_empty(xa.numel() + sum(b.numel() for b in lora_Bs))
+    return y.new_empty(y.shape), xa.new_empty(xa.shape), *(b.new_empty(b.shape) for b in lora_Bs)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -178,9 +190,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward_formula(ctx, grad_h):
     y, xa, b_g, b_u = ctx.saved_tensors
-    grad_y, flat = swiglu_lora_grad(grad_h, y, xa, [b_g, b_u], ctx.scalings)
-    grad_xa, grad_bg, grad_bu = split_flat(flat, lora_grad_buffer(xa.shape[0], xa.shape[1], [b_g.shape, b_u.shape]))
-    return grad_y, grad_xa, [grad_bg.to(b_g.dtype), grad_bu.to(b_u.dtype)], None
+    grad_y, grad_xa, grad_bg, grad_bu = swiglu_lora_grad(grad_h, y, xa, [b_g, b_u], ctx.scalings)
+    return grad_y, grad_xa, [grad_bg, grad_bu], None
 
 
 swiglu_lora.register_autograd(_backward_formula, setup_context=_setup_context)
