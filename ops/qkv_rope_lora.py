@@ -33,6 +33,8 @@ import os
 import torch
 from torch import Tensor
 
+from ops._launch import as_rows, cdiv, rank_block
+
 __all__ = ["qkv_rope_lora", "qkv_rope_lora_reference"]
 
 _MAX_RANK = 64  # per projection; the kernels pad the rank to a power of two >= 16 for one tl.dot per half tile
@@ -87,24 +89,10 @@ def _use_triton(y: Tensor, lora_Bs: list[Tensor], head_dim: int) -> bool:
     return on_device and pow2 and max(b.shape[1] for b in lora_Bs) <= _MAX_RANK
 
 
-def _rank_block(lora_Bs: list[Tensor]) -> int:
-    return max(16, 1 << (max(b.shape[1] for b in lora_Bs) - 1).bit_length())
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _rows(t: Tensor) -> Tensor:
-    """t as [N, width] with unit column stride (a view when it already is one)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 def _cos_sin_rows(cos: Tensor, sin: Tensor, lead: torch.Size, head_dim: int) -> tuple[Tensor, Tensor]:
     """cos and sin as [B * S, head_dim] rows (a view for the model's [B, S, 1, head_dim])."""
     shape = (*lead, 1, head_dim)
-    return tuple(_rows(t.expand(shape).reshape(-1, head_dim)) for t in (cos, sin))
+    return tuple(as_rows(t.expand(shape).reshape(-1, head_dim)) for t in (cos, sin))
 
 
 def _backward_torch(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps):
@@ -135,7 +123,7 @@ def _backward_torch(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, hea
 def _kernel_operands(y, lora_Bs, norm_weights, cos, sin, head_dim):
     """What both kernels take: y as rows, the B matrices with unit column stride, the norm weights (cos stands in
     when there are none: never read), cos/sin as rows, heads of q and of k/v, and the ranks."""
-    y2 = _rows(y)
+    y2 = as_rows(y)
     bs = [b if b.stride(1) == 1 else b.contiguous() for b in lora_Bs]
     cos2, sin2 = _cos_sin_rows(cos, sin, y.shape[:-1], head_dim)
     ws = list(norm_weights) if norm_weights else [cos2, cos2]
@@ -156,10 +144,10 @@ def _forward(y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps) ->
     q, k, v = (y.new_empty(*lead, h, head_dim) for h in (hq, hkv, hkv))
     bm, warps = _FWD_CONFIG
     if m:
-        qkv_rope_lora_fwd_kernel[(_cdiv(m, bm), hq + 2 * hkv)](
+        qkv_rope_lora_fwd_kernel[(cdiv(m, bm), hq + 2 * hkv)](
             y2, xa, *bs, *ws, cos2, sin2, q, k, v, m, hq, hkv, *ranks, y2.stride(0), xa.stride(0),
             *(b.stride(0) for b in bs), cos2.stride(0), *map(float, scalings), float(eps),
-            D2=head_dim // 2, BM=bm, BR=_rank_block(lora_Bs), NORM=bool(norm_weights), IEEE=y.dtype == torch.float32,
+            D2=head_dim // 2, BM=bm, BR=rank_block(lora_Bs), NORM=bool(norm_weights), IEEE=y.dtype == torch.float32,
             num_warps=warps,
         )  # fmt: skip
     return q, k, v
@@ -183,15 +171,15 @@ def _backward(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim,
     dxa = torch.zeros(m, xa.shape[1], device=y.device, dtype=torch.float32)  # atomics accumulate in fp32
     dbs = [torch.zeros(b.shape, device=y.device, dtype=torch.float32) for b in lora_Bs]
     bm, warps = _BWD_CONFIG
-    row_tiles = _cdiv(m, bm)
+    row_tiles = cdiv(m, bm)
     heads = hq + 2 * hkv
     per_program = max(1, min(_BWD_MAX_ROW_TILES, heads * row_tiles // _BWD_PROGRAMS))
     if m:
-        qkv_rope_lora_bwd_kernel[(heads, _cdiv(row_tiles, per_program))](
+        qkv_rope_lora_bwd_kernel[(heads, cdiv(row_tiles, per_program))](
             *gs, y2, xa, *bs, *ws, cos2, sin2, dy, dxa, *dbs, m, seq, hq, hkv, *ranks,
             *(st for g in gs for st in g.stride()[:3]), y2.stride(0), xa.stride(0), *(b.stride(0) for b in bs),
             cos2.stride(0), dy.stride(0), dxa.stride(0), *map(float, scalings), float(eps), per_program,
-            D2=head_dim // 2, BM=bm, BR=_rank_block(lora_Bs), NORM=bool(norm_weights), IEEE=y.dtype == torch.float32,
+            D2=head_dim // 2, BM=bm, BR=rank_block(lora_Bs), NORM=bool(norm_weights), IEEE=y.dtype == torch.float32,
             num_warps=warps,
         )  # fmt: skip
     return dy.view(y.shape), dxa.to(xa.dtype), *(db.to(b.dtype) for db, b in zip(dbs, lora_Bs))

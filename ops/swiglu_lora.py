@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ops._launch import as_rows, cdiv, rank_block
+
 __all__ = ["swiglu_lora", "swiglu_lora_reference"]
 
 _MAX_RANK = 64  # per projection; the kernels pad the rank to a power of two >= 16 for one tl.dot per tile
@@ -63,20 +65,6 @@ def _use_triton(y: Tensor, lora_Bs: list[Tensor]) -> bool:
     return on_device and max(b.shape[1] for b in lora_Bs) <= _MAX_RANK
 
 
-def _rank_block(lora_Bs: list[Tensor]) -> int:
-    return max(16, 1 << (max(b.shape[1] for b in lora_Bs) - 1).bit_length())
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _rows(t: Tensor) -> Tensor:
-    """t as [N, width] with unit column stride (a view when it already is one)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 def _preactivations_torch(y2: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float]) -> tuple[Tensor, ...]:
     (b_g, b_u), (s_g, s_u) = lora_Bs, scalings
     x_g, x_u = xa.split([b_g.shape[1], b_u.shape[1]], dim=1)
@@ -85,7 +73,7 @@ def _preactivations_torch(y2: Tensor, xa: Tensor, lora_Bs: list[Tensor], scaling
 
 
 def _forward(y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float]) -> Tensor:
-    y2 = _rows(y)
+    y2 = as_rows(y)
     m, width = y2.shape
     inter = width // 2
     h = y2.new_empty(m, inter)
@@ -97,10 +85,10 @@ def _forward(y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float]
 
         (b_g, b_u), (s_g, s_u) = lora_Bs, scalings
         bm, bn, warps = _FWD_CONFIG
-        swiglu_lora_fwd_kernel[(_cdiv(m, bm), _cdiv(inter, bn))](
+        swiglu_lora_fwd_kernel[(cdiv(m, bm), cdiv(inter, bn))](
             y2, xa, b_g, b_u, h, m, inter, b_g.shape[1], b_u.shape[1], y2.stride(0), xa.stride(0), b_g.stride(0),
             b_g.stride(1), b_u.stride(0), b_u.stride(1), h.stride(0), float(s_g), float(s_u),
-            BM=bm, BN=bn, BR=_rank_block(lora_Bs), IEEE=y.dtype == torch.float32, num_warps=warps,
+            BM=bm, BN=bn, BR=rank_block(lora_Bs), IEEE=y.dtype == torch.float32, num_warps=warps,
         )  # fmt: skip
     return h.view(*y.shape[:-1], inter)
 
@@ -109,7 +97,7 @@ def _backward(
     grad_h: Tensor, y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dy [..., 2I], dxa [N, r_g + r_u], dB_g, dB_u)."""
-    y2, dh = _rows(y), _rows(grad_h)
+    y2, dh = as_rows(y), as_rows(grad_h)
     (b_g, b_u), (s_g, s_u) = lora_Bs, scalings
     if not _use_triton(y, lora_Bs) or torch.are_deterministic_algorithms_enabled():  # atomics: see the docstring
         g, u, x_g, x_u = _preactivations_torch(y2, xa, lora_Bs, scalings)
@@ -137,16 +125,16 @@ def _backward_triton(dh: Tensor, y2: Tensor, xa: Tensor, b_g: Tensor, b_u: Tenso
     db_u = torch.zeros(inter, r_u, device=y2.device, dtype=torch.float32)
     if m and inter:
         bm, bn, warps = _BWD_CONFIG
-        col_blocks, row_tiles = _cdiv(inter, bn), _cdiv(m, bm)
+        col_blocks, row_tiles = cdiv(inter, bn), cdiv(m, bm)
         # Each program keeps its dB partial in registers over `per_program` row tiles (fewer atomics), while enough
         # programs remain to fill the GPU (~1500 for the 8B gate/up group).
         per_program = max(1, min(_BWD_MAX_ROW_TILES, col_blocks * row_tiles // _BWD_PROGRAMS))
-        grid = (col_blocks, _cdiv(row_tiles, per_program))
+        grid = (col_blocks, cdiv(row_tiles, per_program))
         swiglu_lora_bwd_kernel[grid](
             y2, xa, b_g, b_u, dh, dy, dxa, db_g, db_u, m, inter, r_g, r_u, y2.stride(0), xa.stride(0),
             b_g.stride(0), b_g.stride(1), b_u.stride(0), b_u.stride(1), dh.stride(0), dy.stride(0), dxa.stride(0),
             s_g, s_u, per_program,
-            BM=bm, BN=bn, BR=_rank_block([b_g, b_u]), IEEE=y2.dtype == torch.float32, num_warps=warps,
+            BM=bm, BN=bn, BR=rank_block([b_g, b_u]), IEEE=y2.dtype == torch.float32, num_warps=warps,
         )  # fmt: skip
     return dy, dxa, db_g, db_u
 

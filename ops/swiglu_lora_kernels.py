@@ -11,12 +11,7 @@ padded with zeros to >= 16).
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:  # fp32 operands (CPU interpreter tests): exact products, not TF32
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
+from ops._triton_dot import _dot
 
 
 @triton.jit
