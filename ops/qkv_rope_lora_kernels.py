@@ -11,15 +11,7 @@ xa [M, r_q + r_k + r_v] and the head's rows of B.
 import triton
 import triton.language as tl
 
-from ops._triton_dot import _dot
-
-
-@triton.jit
-def _load_xa(xa_ptr, rm, M, xcol, rank, stride_xm, BR: tl.constexpr):
-    """xa[rm, xcol : xcol + rank] as [BM, BR] (zero past the rank and M)."""
-    rr = tl.arange(0, BR)
-    mask = (rm[:, None] < M) & (rr[None, :] < rank)
-    return tl.load(xa_ptr + rm[:, None] * stride_xm + xcol + rr[None, :], mask=mask, other=0.0)
+from ops._triton_lora import _dot, _load_xa
 
 
 @triton.jit

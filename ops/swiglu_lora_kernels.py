@@ -11,15 +11,7 @@ padded with zeros to >= 16).
 import triton
 import triton.language as tl
 
-from ops._triton_dot import _dot
-
-
-@triton.jit
-def _load_xa(xa_ptr, rm, M, col0, rank, stride_xm, BR: tl.constexpr):
-    """xa[rm, col0 : col0 + rank] as [BM, BR] (zero beyond the rank and M)."""
-    rr = tl.arange(0, BR)
-    mask = (rm[:, None] < M) & (rr[None, :] < rank)
-    return tl.load(xa_ptr + rm[:, None] * stride_xm + col0 + rr[None, :], mask=mask, other=0.0)
+from ops._triton_lora import _dot, _load_xa
 
 
 @triton.jit
