@@ -71,6 +71,7 @@ from ops.lora_linear import (
     _split_grads,
     frozen_concat,
     lora_grad_fake,
+    lora_saved_inputs,
     mark_xa_non_differentiable,
     xa_or_its_grad,
 )
@@ -620,7 +621,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.scalings = list(scalings)
     ctx.ranks = [a.shape[0] for a in lora_As]
     ctx.outs = [b.shape[0] for b in lora_Bs]
-    saved_inputs = [x] if ctx.shared_input else list(lora_inputs)
+    saved_inputs = lora_saved_inputs(x, lora_As, lora_inputs)
     ctx.k = len(saved_inputs)
     stored = [*options[0], *options[1]] if ctx.has_stored else []
     ctx.save_for_backward(output[1], *saved_inputs, *weights, *stored, *lora_As, *lora_Bs)
@@ -637,7 +638,7 @@ def _backward(ctx, grad_y, grad_xa):
         block_scales, global_scales, saved = saved[:n], saved[n : 2 * n], saved[2 * n :]
     else:
         block_scales = global_scales = None
-    lora_As, lora_Bs = saved[:n], saved[n:]
+    lora_As, lora_Bs = saved[: len(ctx.ranks)], saved[len(ctx.ranks) :]
     needs_grad_x = ctx.needs_input_grad[0] or any(ctx.needs_input_grad[6])
     grad_x, grad_a, grad_b, grad_lora_inputs = lora_linear_fp4_grad(
         grad_y, lora_inputs, xa, weights, block_scales, global_scales, lora_As, lora_Bs, ctx.scalings,

@@ -55,6 +55,7 @@ from ops.lora_linear import (
     _split_grads,
     frozen_concat,
     lora_grad_fake,
+    lora_saved_inputs,
     mark_xa_non_differentiable,
     xa_or_its_grad,
 )
@@ -562,7 +563,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.cache_transposed = opts.get("cache_transposed", True)
     ctx.ranks = [a.shape[0] for a in lora_As]
     ctx.outs = [b.shape[0] for b in lora_Bs]
-    saved_inputs = [x] if ctx.shared_input else list(lora_inputs)
+    saved_inputs = lora_saved_inputs(x, lora_As, lora_inputs)
     ctx.n_inputs = len(saved_inputs)
     ctx.save_for_backward(output[1], *saved_inputs, *weights, *(weight_scales or []), *lora_As, *lora_Bs)
     mark_xa_non_differentiable(ctx, output, lora_Bs)
@@ -575,7 +576,7 @@ def _backward(ctx, grad_y, grad_xa):
     lora_inputs, saved = saved[:k], saved[k:]
     weights, saved = saved[:n], saved[n:]
     scales, saved = (saved[:n], saved[n:]) if ctx.has_scales else (None, saved)
-    lora_As, lora_Bs = saved[:n], saved[n:]
+    lora_As, lora_Bs = saved[: len(ctx.ranks)], saved[len(ctx.ranks) :]
     needs_grad_x = ctx.needs_input_grad[0] or any(ctx.needs_input_grad[6])
     # needs_input_grad has one entry per argument as called (options left at their defaults are not passed)
     grad_x, grad_a, grad_b, grad_lora_inputs = lora_linear_fp8_backward(

@@ -56,6 +56,7 @@ __all__ = [
     "add_low_rank_",
     "lora_linear",
     "lora_linear_reference",
+    "lora_saved_inputs",
     "frozen_concat",
     "mark_xa_non_differentiable",
     "xa_or_its_grad",
@@ -353,7 +354,9 @@ def _lora_forward(
         y = base_linear(x2)
         if bias is not None:
             y += bias
-    if len(lora_As) == 1:
+    if not lora_As:  # the base alone (a consumer applies this projection's LoRA: see `lora_saved_inputs`)
+        xa = x2.new_empty(x2.shape[0], 0)
+    elif len(lora_As) == 1:
         xl = lora_inputs[0].reshape(-1, in_features) if lora_inputs else x2
         xa = F.linear(xl, lora_As[0])  # [N, r]
         if lora_Bs:  # in place: the LoRA update accumulates into the base output
@@ -409,7 +412,9 @@ def _lora_backward(
         dxa, grad_b = xa, xa.new_empty(0, sum(ranks))
     else:
         dxa, grad_b = _lora_b_grads(dy, xa, lora_Bs, scalings, ranks)
-    if shared_input:
+    if not n:  # the base alone
+        grad_a = dy.new_empty(0, in_features)
+    elif shared_input:
         x2 = lora_inputs[0].reshape(-1, in_features)
         grad_a = torch.mm(dxa.t(), x2)  # one GEMM for all A's
     elif n == 1:
@@ -426,7 +431,9 @@ def _lora_backward(
         grad_x = base_grad_x(dy)
     lead = grad_y.shape[:-1]
     grad_lora_inputs: list[Tensor] = []
-    if shared_input:
+    if not n:
+        pass
+    elif shared_input:
         add_low_rank_(grad_x, dxa, lora_As[0] if n == 1 else torch.cat(lora_As))  # LoRA dX folds into the base dX
     elif n == 1:
         grad_lora_inputs.append(torch.mm(dxa, lora_As[0]).view(*lead, in_features))
@@ -467,6 +474,8 @@ def _offsets(sizes: Sequence[int]) -> list[tuple[int, int]]:
 def _split_grads(grad_a: Tensor, grad_b: Tensor, ranks: list[int], outs: list[int]) -> tuple[list, list]:
     """Per-projection dA / dB as views of the backward's concatenated results (see `_lora_backward`); no dB when
     the op had no B (`outs` empty)."""
+    if not ranks:
+        return [], []
     if not outs:
         return (list(grad_a.split_with_sizes(ranks, 0)) if len(ranks) > 1 else [grad_a]), []
     if len(ranks) == 1:
@@ -562,8 +571,19 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.ranks = [a.shape[0] for a in lora_As]
     ctx.outs = [b.shape[0] for b in lora_Bs]
     # Saved: the LoRA input(s) and xa ([N, r]); the weights, A and B are inputs anyway (no extra memory).
-    ctx.save_for_backward(output[1], *(lora_inputs or (x,)), *weights, *lora_As, *lora_Bs)
+    saved_inputs = lora_saved_inputs(x, lora_As, lora_inputs)
+    ctx.k = len(saved_inputs)
+    ctx.save_for_backward(output[1], *saved_inputs, *weights, *lora_As, *lora_Bs)
     mark_xa_non_differentiable(ctx, output, lora_Bs)
+
+
+def lora_saved_inputs(x: Tensor, lora_As: Sequence[Tensor], lora_inputs: Sequence[Tensor]) -> list[Tensor]:
+    """What a LoRA-linear op saves of its input for dA: x (shared input), each dropped input, or nothing when the op
+    runs the base alone (no A, no B: `ops.swiglu_lora.swiglu_lora_down` applies the down projection's LoRA and
+    computes its dA from the activation it recomputes, so the [tokens, intermediate] input is not kept)."""
+    if not lora_As:
+        return []
+    return list(lora_inputs) if lora_inputs else [x]
 
 
 def mark_xa_non_differentiable(ctx, output: tuple[Tensor, Tensor], lora_Bs: Sequence[Tensor]) -> None:
@@ -582,9 +602,8 @@ def xa_or_its_grad(ctx, xa: Tensor, grad_xa: Tensor | None) -> Tensor:
 def _backward(ctx, grad_y, grad_xa):
     xa, *saved = ctx.saved_tensors
     xa = xa_or_its_grad(ctx, xa, grad_xa)
-    n = ctx.n
-    k = len(saved) - 2 * n - len(ctx.outs)  # number of saved LoRA inputs: 1 (x) when shared
-    lora_inputs, weights, lora_As, lora_Bs = saved[:k], saved[k : k + n], saved[k + n : k + 2 * n], saved[k + 2 * n :]
+    n, k, a = ctx.n, ctx.k, len(ctx.ranks)
+    lora_inputs, weights, lora_As, lora_Bs = saved[:k], saved[k : k + n], saved[k + n : k + n + a], saved[k + n + a :]
     # needs_input_grad mirrors the inputs' structure: a bool per tensor, a list of bools per tensor list.
     needs_grad_x = ctx.needs_input_grad[0] or any(ctx.needs_input_grad[6])
     grad_x, grad_a, grad_b, grad_lora_inputs = lora_linear_grad(

@@ -59,6 +59,7 @@ from ops.lora_linear import (
     _lora_forward,
     _split_grads,
     lora_grad_fake,
+    lora_saved_inputs,
     mark_xa_non_differentiable,
     xa_or_its_grad,
 )
@@ -395,7 +396,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.grad_format = inputs[11] if len(inputs) > 11 else "e5m2"
     ctx.ranks = [a.shape[0] for a in lora_As]
     ctx.outs = [b.shape[0] for b in lora_Bs]
-    saved_inputs = [x] if ctx.shared_input else list(lora_inputs)
+    saved_inputs = lora_saved_inputs(x, lora_As, lora_inputs)
     ctx.k = len(saved_inputs)
     stored = [t for group in nf4 if group is not None for t in group]
     ctx.save_for_backward(output[1], *saved_inputs, *weights, *stored, *lora_As, *lora_Bs)
@@ -412,7 +413,7 @@ def _backward(ctx, grad_y, grad_xa):
         absmax_q, factors, means, saved = saved[:n], saved[n : 2 * n], saved[2 * n : 3 * n], saved[3 * n :]
     else:
         absmax_q = factors = means = None
-    lora_As, lora_Bs = saved[:n], saved[n:]
+    lora_As, lora_Bs = saved[: len(ctx.ranks)], saved[len(ctx.ranks) :]
     needs_grad_x = ctx.needs_input_grad[0] or any(ctx.needs_input_grad[6])
     grad_x, grad_a, grad_b, grad_lora_inputs = lora_linear_nf4_grad(
         grad_y, lora_inputs, xa, weights, absmax_q, factors, means, lora_As, lora_Bs, ctx.scalings, ctx.shared_input,

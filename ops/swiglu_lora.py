@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ops._launch import as_rows, cdiv, rank_block
 
-__all__ = ["swiglu_lora", "swiglu_lora_reference"]
+__all__ = ["swiglu_lora", "swiglu_lora_down", "swiglu_lora_down_reference", "swiglu_lora_reference"]
 
 _MAX_RANK = 64  # per projection; the kernels pad the rank to a power of two >= 16 for one tl.dot per tile
 # (BM, BN, warps)
@@ -55,14 +55,23 @@ def swiglu_lora_reference(y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings
     return (F.silu(g) * u).view(*y.shape[:-1], g.shape[-1])
 
 
+def swiglu_lora_down_reference(
+    y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float], down_A: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(h, h A_down^T), h = `swiglu_lora_reference(...)`; xa_down [N, r_d] as the down projection's LoRA makes it."""
+    h = swiglu_lora_reference(y, xa, lora_Bs, scalings)
+    return h, h.reshape(-1, h.shape[-1]) @ down_A.t()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers: Triton kernels, or plain torch where they do not apply.
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _use_triton(y: Tensor, lora_Bs: list[Tensor]) -> bool:
+def _use_triton(y: Tensor, lora_Bs: list[Tensor], down_A: Tensor | None = None) -> bool:
     on_device = y.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return on_device and max(b.shape[1] for b in lora_Bs) <= _MAX_RANK
+    ranks = [b.shape[1] for b in lora_Bs] + ([] if down_A is None else [down_A.shape[0]])
+    return on_device and max(ranks) <= _MAX_RANK
 
 
 def _preactivations_torch(y2: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float]) -> tuple[Tensor, ...]:
@@ -72,48 +81,88 @@ def _preactivations_torch(y2: Tensor, xa: Tensor, lora_Bs: list[Tensor], scaling
     return g + s_g * (x_g @ b_g.t()).float(), u + s_u * (x_u @ b_u.t()).float(), x_g, x_u
 
 
-def _forward(y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float]) -> Tensor:
+def _forward(
+    y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float], down_A: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """(h [..., I], and with `down_A` [r_d, I] the down projection's xa_down = h A_down^T [N, r_d])."""
     y2 = as_rows(y)
     m, width = y2.shape
     inter = width // 2
     h = y2.new_empty(m, inter)
-    if not _use_triton(y, lora_Bs):
+    xad = None
+    if not _use_triton(y, lora_Bs, down_A):
         g, u, _, _ = _preactivations_torch(y2, xa, lora_Bs, scalings)
         h.copy_(F.silu(g) * u)
-    elif m and inter:
+        if down_A is not None:
+            xad = h @ down_A.t()
+    else:
         from ops.swiglu_lora_kernels import swiglu_lora_fwd_kernel
 
         (b_g, b_u), (s_g, s_u) = lora_Bs, scalings
+        rank_d = 0 if down_A is None else down_A.shape[0]
+        xad32 = torch.zeros(m, rank_d, device=y.device, dtype=torch.float32)  # atomics accumulate in fp32
+        ad = xad32 if down_A is None else down_A  # never read without DOWN
         bm, bn, warps = _FWD_CONFIG
-        swiglu_lora_fwd_kernel[(cdiv(m, bm), cdiv(inter, bn))](
-            y2, xa, b_g, b_u, h, m, inter, b_g.shape[1], b_u.shape[1], y2.stride(0), xa.stride(0), b_g.stride(0),
-            b_g.stride(1), b_u.stride(0), b_u.stride(1), h.stride(0), float(s_g), float(s_u),
-            BM=bm, BN=bn, BR=rank_block(lora_Bs), IEEE=y.dtype == torch.float32, num_warps=warps,
-        )  # fmt: skip
-    return h.view(*y.shape[:-1], inter)
+        if m and inter:
+            swiglu_lora_fwd_kernel[(cdiv(m, bm), cdiv(inter, bn))](
+                y2, xa, b_g, b_u, h, ad, xad32, m, inter, b_g.shape[1], b_u.shape[1], rank_d, y2.stride(0),
+                xa.stride(0), b_g.stride(0), b_g.stride(1), b_u.stride(0), b_u.stride(1), h.stride(0), ad.stride(0),
+                xad32.stride(0), float(s_g), float(s_u),
+                BM=bm, BN=bn, BR=rank_block(lora_Bs), BRD=_down_rank_block(down_A), DOWN=down_A is not None,
+                IEEE=y.dtype == torch.float32, num_warps=warps,
+            )  # fmt: skip
+        if down_A is not None:
+            xad = xad32.to(y.dtype)
+    return h.view(*y.shape[:-1], inter), xad
+
+
+def _down_rank_block(down_A: Tensor | None) -> int:
+    return 16 if down_A is None else max(16, 1 << (down_A.shape[0] - 1).bit_length())
 
 
 def _backward(
-    grad_h: Tensor, y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float]
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dy [..., 2I], dxa [N, r_g + r_u], dB_g, dB_u)."""
+    grad_h: Tensor,
+    y: Tensor,
+    xa: Tensor,
+    lora_Bs: list[Tensor],
+    scalings: list[float],
+    down_A: Tensor | None = None,
+    grad_xad: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """(dy [..., 2I], dxa [N, r_g + r_u], dB_g, dB_u, dA_down or None). With `down_A`, grad_h is the down
+    projection's base dX only and grad_xad the gradient of xa_down: its LoRA dX (grad_xad A_down) is added here."""
     y2, dh = as_rows(y), as_rows(grad_h)
     (b_g, b_u), (s_g, s_u) = lora_Bs, scalings
-    if not _use_triton(y, lora_Bs) or torch.are_deterministic_algorithms_enabled():  # atomics: see the docstring
+    if not _use_triton(y, lora_Bs, down_A) or torch.are_deterministic_algorithms_enabled():  # atomics: docstring
         g, u, x_g, x_u = _preactivations_torch(y2, xa, lora_Bs, scalings)
         sig = torch.sigmoid(g)
         dh32 = dh.float()
+        dad = None
+        if down_A is not None:
+            dh32 = dh32 + (grad_xad @ down_A).float()
+            dad = grad_xad.t() @ (g * sig * u).to(y.dtype)
         dg = (dh32 * u * sig * (1 + g * (1 - sig))).to(y.dtype)
         du = (dh32 * g * sig).to(y.dtype)
         dxa = torch.cat([s_g * (dg @ b_g), s_u * (du @ b_u)], dim=1)
-        grads = torch.cat([dg, du], dim=1), dxa, s_g * (dg.t() @ x_g), s_u * (du.t() @ x_u)
+        grads = torch.cat([dg, du], dim=1), dxa, s_g * (dg.t() @ x_g), s_u * (du.t() @ x_u), dad
     else:
-        grads = _backward_triton(dh, y2, xa, b_g, b_u, float(s_g), float(s_u))
-    dy, dxa, db_g, db_u = grads
-    return dy.view(y.shape), dxa.to(xa.dtype), db_g.to(b_g.dtype), db_u.to(b_u.dtype)
+        grads = _backward_triton(dh, y2, xa, b_g, b_u, float(s_g), float(s_u), down_A, grad_xad)
+    dy, dxa, db_g, db_u, dad = grads
+    dad = None if dad is None else dad.to(down_A.dtype)
+    return dy.view(y.shape), dxa.to(xa.dtype), db_g.to(b_g.dtype), db_u.to(b_u.dtype), dad
 
 
-def _backward_triton(dh: Tensor, y2: Tensor, xa: Tensor, b_g: Tensor, b_u: Tensor, s_g: float, s_u: float):
+def _backward_triton(
+    dh: Tensor,
+    y2: Tensor,
+    xa: Tensor,
+    b_g: Tensor,
+    b_u: Tensor,
+    s_g: float,
+    s_u: float,
+    down_A: Tensor | None = None,
+    grad_xad: Tensor | None = None,
+):
     from ops.swiglu_lora_kernels import swiglu_lora_bwd_kernel
 
     m, width = y2.shape
@@ -123,6 +172,9 @@ def _backward_triton(dh: Tensor, y2: Tensor, xa: Tensor, b_g: Tensor, b_u: Tenso
     dxa = torch.zeros(m, r_g + r_u, device=y2.device, dtype=torch.float32)  # atomics accumulate in fp32
     db_g = torch.zeros(inter, r_g, device=y2.device, dtype=torch.float32)
     db_u = torch.zeros(inter, r_u, device=y2.device, dtype=torch.float32)
+    rank_d = 0 if down_A is None else down_A.shape[0]
+    dad = torch.zeros(rank_d, inter, device=y2.device, dtype=torch.float32)
+    ad, gxd = (dad, dad) if down_A is None else (down_A, as_rows(grad_xad))  # never read without DOWN
     if m and inter:
         bm, bn, warps = _BWD_CONFIG
         col_blocks, row_tiles = cdiv(inter, bn), cdiv(m, bm)
@@ -131,12 +183,13 @@ def _backward_triton(dh: Tensor, y2: Tensor, xa: Tensor, b_g: Tensor, b_u: Tenso
         per_program = max(1, min(_BWD_MAX_ROW_TILES, col_blocks * row_tiles // _BWD_PROGRAMS))
         grid = (col_blocks, cdiv(row_tiles, per_program))
         swiglu_lora_bwd_kernel[grid](
-            y2, xa, b_g, b_u, dh, dy, dxa, db_g, db_u, m, inter, r_g, r_u, y2.stride(0), xa.stride(0),
-            b_g.stride(0), b_g.stride(1), b_u.stride(0), b_u.stride(1), dh.stride(0), dy.stride(0), dxa.stride(0),
-            s_g, s_u, per_program,
-            BM=bm, BN=bn, BR=rank_block([b_g, b_u]), IEEE=y2.dtype == torch.float32, num_warps=warps,
+            y2, xa, b_g, b_u, dh, dy, dxa, db_g, db_u, ad, gxd, dad, m, inter, r_g, r_u, rank_d, y2.stride(0),
+            xa.stride(0), b_g.stride(0), b_g.stride(1), b_u.stride(0), b_u.stride(1), dh.stride(0), dy.stride(0),
+            dxa.stride(0), ad.stride(0), gxd.stride(0), s_g, s_u, per_program,
+            BM=bm, BN=bn, BR=rank_block([b_g, b_u]), BRD=_down_rank_block(down_A), DOWN=down_A is not None,
+            IEEE=y2.dtype == torch.float32, num_warps=warps,
         )  # fmt: skip
-    return dy, dxa, db_g, db_u
+    return dy, dxa, db_g, db_u, None if down_A is None else dad
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,12 +197,16 @@ def _backward_triton(dh: Tensor, y2: Tensor, xa: Tensor, b_g: Tensor, b_u: Tenso
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _check(y: Tensor, lora_Bs: list[Tensor], scalings: list[float]) -> None:
+    if len(lora_Bs) != 2 or len(scalings) != 2 or y.shape[-1] != 2 * lora_Bs[0].shape[0]:
+        raise ValueError("swiglu_lora takes y [..., 2I], xa and the gate and up B matrices ([I, r] each)")
+
+
 @torch.library.custom_op("surogate::swiglu_lora", mutates_args=())
 def swiglu_lora(y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float]) -> Tensor:
     """h [..., I] = silu(g) * u; y [..., 2I] (gate columns first), xa [N, r_g + r_u], lora_Bs [B_g, B_u] ([I, r])."""
-    if len(lora_Bs) != 2 or len(scalings) != 2 or y.shape[-1] != 2 * lora_Bs[0].shape[0]:
-        raise ValueError("swiglu_lora takes y [..., 2I], xa and the gate and up B matrices ([I, r] each)")
-    return _forward(y, xa, lora_Bs, scalings)
+    _check(y, lora_Bs, scalings)
+    return _forward(y, xa, lora_Bs, scalings)[0]
 
 
 @swiglu_lora.register_fake
@@ -162,7 +219,7 @@ def swiglu_lora_grad(
     grad_h: Tensor, y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_y, grad_xa, grad_B_gate, grad_B_up)."""
-    return _backward(grad_h, y, xa, lora_Bs, scalings)
+    return _backward(grad_h, y, xa, lora_Bs, scalings)[:4]
 
 
 @swiglu_lora_grad.register_fake
@@ -183,3 +240,66 @@ def _backward_formula(ctx, grad_h):
 
 
 swiglu_lora.register_autograd(_backward_formula, setup_context=_setup_context)
+
+
+@torch.library.custom_op("surogate::swiglu_lora_down", mutates_args=())
+def swiglu_lora_down(
+    y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float], down_A: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(h, xa_down = h A_down^T [N, r_d]): `swiglu_lora` that also makes the down projection's LoRA product, so the
+    down projection runs its base GEMM alone and h is never read again for its LoRA (see the module docstring)."""
+    _check(y, lora_Bs, scalings)
+    if down_A.shape[-1] != lora_Bs[0].shape[0]:
+        raise ValueError("swiglu_lora_down takes the down projection's A as [r, I]")
+    return _forward(y, xa, lora_Bs, scalings, down_A)
+
+
+@swiglu_lora_down.register_fake
+def _swiglu_lora_down_fake(y, xa, lora_Bs, scalings, down_A):
+    h = y.new_empty(*y.shape[:-1], y.shape[-1] // 2)
+    return h, y.new_empty(xa.shape[0], down_A.shape[0])
+
+
+@torch.library.custom_op("surogate::swiglu_lora_down_grad", mutates_args=())
+def swiglu_lora_down_grad(
+    grad_h: Tensor,
+    grad_xa_down: Tensor,
+    y: Tensor,
+    xa: Tensor,
+    lora_Bs: list[Tensor],
+    scalings: list[float],
+    down_A: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad_y, grad_xa, grad_B_gate, grad_B_up, grad_A_down)."""
+    return _backward(grad_h, y, xa, lora_Bs, scalings, down_A, grad_xa_down)
+
+
+@swiglu_lora_down_grad.register_fake
+def _swiglu_lora_down_grad_fake(grad_h, grad_xa_down, y, xa, lora_Bs, scalings, down_A):
+    return (
+        y.new_empty(y.shape),
+        xa.new_empty(xa.shape),
+        *(b.new_empty(b.shape) for b in lora_Bs),
+        down_A.new_empty(down_A.shape),
+    )
+
+
+def _setup_context_down(ctx, inputs, output) -> None:
+    y, xa, lora_Bs, scalings, down_A = inputs
+    ctx.scalings = list(scalings)
+    ctx.save_for_backward(y, xa, *lora_Bs, down_A)  # not h: the backward recomputes it from y
+
+
+def _backward_formula_down(ctx, grad_h, grad_xa_down):
+    y, xa, b_g, b_u, down_A = ctx.saved_tensors
+    if grad_h is None:
+        grad_h = y.new_zeros(*y.shape[:-1], y.shape[-1] // 2)
+    if grad_xa_down is None:
+        grad_xa_down = xa.new_zeros(xa.shape[0], down_A.shape[0])
+    grad_y, grad_xa, grad_bg, grad_bu, grad_ad = swiglu_lora_down_grad(
+        grad_h, grad_xa_down, y, xa, [b_g, b_u], ctx.scalings, down_A
+    )
+    return grad_y, grad_xa, [grad_bg, grad_bu], None, grad_ad
+
+
+swiglu_lora_down.register_autograd(_backward_formula_down, setup_context=_setup_context_down)

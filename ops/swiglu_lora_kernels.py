@@ -39,11 +39,13 @@ def _preactivations(
 
 @triton.jit
 def swiglu_lora_fwd_kernel(
-    y_ptr, xa_ptr, bg_ptr, bu_ptr, h_ptr, M, N, rank_g, rank_u, stride_ym, stride_xm, stride_bgn, stride_bgr,
-    stride_bun, stride_bur, stride_hm, scale_g, scale_u,
-    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr,
+    y_ptr, xa_ptr, bg_ptr, bu_ptr, h_ptr, ad_ptr, xad_ptr, M, N, rank_g, rank_u, rank_d, stride_ym, stride_xm,
+    stride_bgn, stride_bgr, stride_bun, stride_bur, stride_hm, stride_ad, stride_xdm, scale_g, scale_u,
+    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, BRD: tl.constexpr, DOWN: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """h = silu(g) * u for one [BM, BN] tile: y read once, h written once."""
+    """h = silu(g) * u for one [BM, BN] tile: y read once, h written once. With DOWN, also the tile's part of the
+    down projection's x A^T (the rounded h against A_down's columns of the tile), added into xa_down [M, rank_d]
+    with fp32 atomics: the down projection's LoRA then never reads h again."""
     rm = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     bg = _load_b(bg_ptr, rn, N, rank_g, stride_bgn, stride_bgr, BR)
@@ -51,30 +53,51 @@ def swiglu_lora_fwd_kernel(
     g, u, _, _ = _preactivations(
         y_ptr, xa_ptr, bg, bu, rm, rn, M, N, rank_g, rank_u, stride_ym, stride_xm, scale_g, scale_u, BR, IEEE
     )
-    h = g * tl.sigmoid(g) * u
+    h = (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
-    tl.store(h_ptr + rm[:, None] * stride_hm + rn[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
+    tl.store(h_ptr + rm[:, None] * stride_hm + rn[None, :], h, mask=mask)
+    if DOWN:
+        ad = _load_a_down(ad_ptr, rn, N, rank_d, stride_ad, BRD)
+        rr = tl.arange(0, BRD)
+        tl.atomic_add(xad_ptr + rm[:, None] * stride_xdm + rr[None, :], _dot(h, tl.trans(ad), IEEE),
+                      mask=(rm[:, None] < M) & (rr[None, :] < rank_d), sem="relaxed")  # fmt: skip
+
+
+@triton.jit
+def _load_a_down(ad_ptr, rn, N, rank, stride_ad, BRD: tl.constexpr):
+    """A_down[:rank, rn] as [BRD, BN] (zero past the rank and N)."""
+    rr = tl.arange(0, BRD)
+    mask = (rr[:, None] < rank) & (rn[None, :] < N)
+    return tl.load(ad_ptr + rr[:, None] * stride_ad + rn[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
 def swiglu_lora_bwd_kernel(
-    y_ptr, xa_ptr, bg_ptr, bu_ptr, dh_ptr, dy_ptr, dxa_ptr, dbg_ptr, dbu_ptr, M, N, rank_g, rank_u, stride_ym,
-    stride_xm, stride_bgn, stride_bgr, stride_bun, stride_bur, stride_dhm, stride_dym, stride_dxm, scale_g, scale_u,
-    row_tiles,
-    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr,
+    y_ptr, xa_ptr, bg_ptr, bu_ptr, dh_ptr, dy_ptr, dxa_ptr, dbg_ptr, dbu_ptr, ad_ptr, gxd_ptr, dad_ptr, M, N, rank_g,
+    rank_u, rank_d, stride_ym, stride_xm, stride_bgn, stride_bgr, stride_bun, stride_bur, stride_dhm, stride_dym,
+    stride_dxm, stride_ad, stride_gxd, scale_g, scale_u, row_tiles,
+    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, BRD: tl.constexpr, DOWN: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """One column block of BN activations over `row_tiles` row tiles of BM.
 
     Per tile: g and u recomputed (as in the forward), dy = [dg | du] written in y's dtype, and its two LoRA
     reductions taken from the rounded dy tile while it is in registers: dxa (summed over columns: each column block
     adds its part with fp32 atomics into [M, rank_g + rank_u]) and dB (summed over rows: accumulated in registers
-    across this program's row tiles, then added once with fp32 atomics into [N, rank])."""
+    across this program's row tiles, then added once with fp32 atomics into [N, rank]).
+
+    With DOWN, dh is the down projection's base dX only: the tile adds its LoRA part (gxd A_down, gxd = the
+    gradient of xa_down) itself, and takes dA_down = gxd^T h from the recomputed, rounded h (summed over rows like
+    dB: registers, then one atomic add into [rank_d, N])."""
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rr = tl.arange(0, BR)
     bg = _load_b(bg_ptr, rn, N, rank_g, stride_bgn, stride_bgr, BR)
     bu = _load_b(bu_ptr, rn, N, rank_u, stride_bun, stride_bur, BR)
     dbg = tl.zeros((BN, BR), dtype=tl.float32)
     dbu = tl.zeros((BN, BR), dtype=tl.float32)
+    rd = tl.arange(0, BRD)
+    if DOWN:
+        ad = _load_a_down(ad_ptr, rn, N, rank_d, stride_ad, BRD)
+        dad = tl.zeros((BRD, BN), dtype=tl.float32)
     for i in range(row_tiles):
         rm = ((tl.program_id(1) * row_tiles + i) * BM + tl.arange(0, BM)).to(tl.int64)
         g, u, xg, xu = _preactivations(
@@ -83,6 +106,11 @@ def swiglu_lora_bwd_kernel(
         mask = (rm[:, None] < M) & (rn[None, :] < N)
         dh = tl.load(dh_ptr + rm[:, None] * stride_dhm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
         sig = tl.sigmoid(g)
+        if DOWN:
+            gxd_mask = (rm[:, None] < M) & (rd[None, :] < rank_d)
+            gxd = tl.load(gxd_ptr + rm[:, None] * stride_gxd + rd[None, :], mask=gxd_mask, other=0.0)
+            dh += _dot(gxd, ad, IEEE)
+            dad += _dot(tl.trans(gxd), (g * sig * u).to(gxd.dtype), IEEE)
         # d silu(g)/dg = sig (1 + g (1 - sig)); out of range dh = 0, so dg = du = 0 there
         dg = (dh * u * sig * (1.0 + g * (1.0 - sig))).to(dy_ptr.dtype.element_ty)
         du = (dh * g * sig).to(dy_ptr.dtype.element_ty)
@@ -102,3 +130,6 @@ def swiglu_lora_bwd_kernel(
                   sem="relaxed")  # fmt: skip
     tl.atomic_add(dbu_ptr + rn[:, None] * rank_u + rr[None, :], scale_u * dbu, mask=col_ok & (rr[None, :] < rank_u),
                   sem="relaxed")  # fmt: skip
+    if DOWN:
+        dad_mask = (rd[:, None] < rank_d) & (rn[None, :] < N)
+        tl.atomic_add(dad_ptr + rd[:, None] * N + rn[None, :], dad, mask=dad_mask, sem="relaxed")

@@ -145,10 +145,11 @@ def test_qwen3_blocks_compiled_match_eager():
     assert all(rel_err(got[k], want[k]) <= 1e-5 for k in want)
     for gm in backend.stats.graphs:
         calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is OP]
-        assert sorted(len(n.args[1]) for n in calls) == [1, 1, 2, 3]
+        assert sorted(len(n.args[1]) for n in calls) == [1, 1, 2, 3]  # o; down (base alone); gate/up; q/k/v
     # the real model's MLP and attention are what swiglu_lora_fusion.py and qkv_rope_lora_fusion.py match
     assert backend.stats.rewrites["fuse_swiglu_lora"] == len(model.model.layers)
     assert backend.stats.rewrites["fuse_qkv_rope_lora"] == len(model.model.layers)
+    assert backend.stats.rewrites["fuse_down_lora_into_swiglu"] == len(model.model.layers)
 
 
 def test_checkpointed_blocks_get_the_ops_and_match_eager():
@@ -176,13 +177,14 @@ def test_checkpointed_blocks_get_the_ops_and_match_eager():
     assert backend.stats.rewrites["fuse_shared_input_lora_linears"] > 0
     assert backend.stats.rewrites["fuse_swiglu_lora"] == len(model.model.layers)  # inside the checkpointed bodies
     assert backend.stats.rewrites["fuse_qkv_rope_lora"] == len(model.model.layers)
+    assert backend.stats.rewrites["fuse_down_lora_into_swiglu"] == len(model.model.layers)
     bodies = [
         m for gm in backend.stats.graphs for m in gm.modules() if m is not gm and isinstance(m, torch.fx.GraphModule)
     ]
     assert bodies, "expected the checkpointed block as a subgraph"
     for body in bodies:  # o and down alone, gate/up fused, q/k/v fused
         calls = [n for n in body.graph.nodes if n.op == "call_function" and n.target is OP]
-        assert sorted(len(n.args[1]) for n in calls) == [1, 1, 2, 3]
+        assert sorted(len(n.args[1]) for n in calls) == [1, 1, 2, 3]  # o; down (base alone); gate/up; q/k/v
 
 
 @pytest.mark.gpu

@@ -138,6 +138,7 @@ def test_get_attr_parameters():
         "rewrite_lora_linears": 3,
         "fuse_shared_input_lora_linears": 1,
         "fuse_swiglu_lora": 0,
+        "fuse_down_lora_into_swiglu": 0,
         "fuse_qkv_rope_lora": 0,
     }
     x = torch.randn(2, 3, 24)
@@ -157,15 +158,17 @@ def test_tiny_block_op_structure_and_stats():
         "rewrite_lora_linears": 7,
         "fuse_shared_input_lora_linears": 2,
         "fuse_swiglu_lora": 1,
+        "fuse_down_lora_into_swiglu": 1,
         "fuse_qkv_rope_lora": 0,  # the tiny block has q/k norm but no RoPE: left alone
     }
     # the per-projection outputs come from one split of the fused output; xa is read only by the SwiGLU op of the
-    # gate/up group, which runs without B (swiglu_lora_fusion.py)
+    # gate/up group, which runs without B (swiglu_lora_fusion.py); the down projection runs its base alone, its LoRA
+    # made by that SwiGLU op (down_lora_fusion.py)
     for n in op_calls(gm):
         xa_users = [u for u in n.users if u.args[1] == 1]
         assert all(u.target is operator.getitem for u in n.users)
-        assert len(xa_users) == (1 if not n.args[4] else 0)
-    assert sum(not n.args[4] for n in op_calls(gm)) == 1
+        assert len(xa_users) == (1 if not n.args[4] and n.args[3] else 0)
+    assert sorted((len(n.args[3]), len(n.args[4])) for n in op_calls(gm)) == [(0, 0), (1, 1), (2, 0), (3, 3)]
 
 
 def test_passes_off_leaves_graph_alone():

@@ -14,6 +14,7 @@ from compile_passes import make_backend
 from surogate.lora import LoRALinear
 
 SWIGLU = torch.ops.surogate.swiglu_lora.default
+SWIGLU_DOWN = torch.ops.surogate.swiglu_lora_down.default
 
 
 class MLP(nn.Module):
@@ -55,8 +56,9 @@ def test_rewritten_and_matches_eager(variant):
     out, stats = compiled_run(module, x)
     out.square().sum().backward()
     assert stats.rewrites["fuse_swiglu_lora"] == 1
+    assert stats.rewrites["fuse_down_lora_into_swiglu"] == 1  # the down projection has LoRA: down_lora_fusion.py
     (gm,) = stats.graphs
-    assert [n.target for n in gm.graph.nodes if n.target is SWIGLU] == [SWIGLU]
+    assert [n.target for n in gm.graph.nodes if n.target in (SWIGLU, SWIGLU_DOWN)] == [SWIGLU_DOWN]
     assert not [n for n in gm.graph.nodes if n.target is F.silu]
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
     got = lora_grads(module)
@@ -71,4 +73,4 @@ def test_left_alone(variant, dropout):
     module = MLP(variant, dropout)
     _, stats = compiled_run(module, torch.randn(2, 5, 16))
     assert stats.rewrites["fuse_swiglu_lora"] == 0
-    assert not [n for n in stats.graphs[0].graph.nodes if n.target is SWIGLU]
+    assert not [n for n in stats.graphs[0].graph.nodes if n.target in (SWIGLU, SWIGLU_DOWN)]

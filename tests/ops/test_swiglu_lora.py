@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from lora_cases import lora_grads, lora_inputs, rel, run_interpreted
 
+import ops.fp8  # noqa: F401  (registers surogate::lora_linear_fp8)
 from ops.lora_linear import lora_linear_reference
-from ops.swiglu_lora import swiglu_lora, swiglu_lora_reference
+from ops.swiglu_lora import swiglu_lora, swiglu_lora_down, swiglu_lora_down_reference, swiglu_lora_reference
 
 OP = torch.ops.surogate.swiglu_lora.default
 LORA = torch.ops.surogate.lora_linear.default
@@ -56,7 +57,7 @@ def test_wrong_widths_refused():
 
 _INTERPRETED = """
 import torch
-from ops.swiglu_lora import swiglu_lora, swiglu_lora_reference
+from ops.swiglu_lora import swiglu_lora, swiglu_lora_down, swiglu_lora_down_reference, swiglu_lora_reference
 torch.manual_seed(0)
 # M not a multiple of the row tile, I not of the column tile, unequal ranks under 16 (padded), and in the backward
 # several row tiles per program (dB summed in registers across them; the last program's run past M)
@@ -137,3 +138,91 @@ def test_cuda_deterministic_mode_repeats_bit_for_bit():
         torch.use_deterministic_algorithms(False)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+# ---- swiglu_lora_down: SwiGLU that also makes (and differentiates) the down projection's LoRA product ----
+
+
+def down_inputs(lead, inter, ranks, rank_d, dtype=torch.float32, device="cpu", seed=0):
+    y, xa, Bs, s = swiglu_inputs(lead, inter, ranks, dtype, device, seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    down_A = (torch.randn(rank_d, inter, generator=g) / inter**0.5).to(device, dtype).requires_grad_()
+    return y, xa, Bs, s, down_A
+
+
+def down_grads(outs, inputs, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ups = [torch.randn(o.shape, generator=g).to(o.device, o.dtype) for o in outs]
+    return torch.autograd.grad(outs, inputs, ups)
+
+
+@pytest.mark.parametrize("lead,inter,ranks,rank_d", [((2, 7), 24, (4, 4), 4), ((33,), 40, (8, 3), 6)])
+def test_down_matches_reference_cpu(lead, inter, ranks, rank_d):
+    y, xa, Bs, s, down_A = down_inputs(lead, inter, ranks, rank_d)
+    ref = swiglu_lora_down_reference(y, xa, Bs, s, down_A)
+    out = swiglu_lora_down(y, xa, Bs, s, down_A)
+    assert out[0].shape == (*lead, inter) and out[1].shape == (xa.shape[0], rank_d)
+    for o, r in zip(out, ref):
+        assert rel(o, r) < 1e-6
+    inputs = [y, xa, *Bs, down_A]
+    for got, want in zip(down_grads(out, inputs), down_grads(ref, inputs)):
+        assert rel(got, want) < 1e-5
+
+
+def test_down_opcheck():
+    y, xa, Bs, s, down_A = down_inputs((3, 5), 16, (4, 4), 4)
+    torch.library.opcheck(torch.ops.surogate.swiglu_lora_down.default, (y, xa, Bs, s, down_A))
+
+
+_INTERPRETED_DOWN = """
+import torch
+import ops.swiglu_lora as sl
+from ops.swiglu_lora import swiglu_lora_down, swiglu_lora_down_reference
+torch.manual_seed(0)
+sl._BWD_CONFIG, sl._BWD_PROGRAMS = (16, 32, 4), 8
+rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+for m, inter, rg, ru, rd in [(150, 200, 8, 16, 16), (70, 48, 16, 16, 5)]:
+    y = torch.randn(m, 2 * inter, requires_grad=True)
+    xa = torch.randn(m, rg + ru, requires_grad=True)
+    Bs = [(torch.randn(inter, r) * 0.3).requires_grad_() for r in (rg, ru)]
+    down_A = (torch.randn(rd, inter) / inter**0.5).requires_grad_()
+    s = [1.5, 0.5]
+    ref = swiglu_lora_down_reference(y, xa, Bs, s, down_A)
+    out = swiglu_lora_down(y, xa, Bs, s, down_A)
+    ups = [torch.randn_like(r) for r in ref]
+    want = torch.autograd.grad(ref, [y, xa, *Bs, down_A], ups)
+    got = torch.autograd.grad(out, [y, xa, *Bs, down_A], ups)
+    for o, r in zip(out, ref):
+        assert torch.isfinite(o).all() and rel(o, r) < 1e-5, rel(o, r)
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all() and rel(g, w) < 1e-5, rel(g, w)
+print("ok")
+"""
+
+
+def test_down_triton_kernels_match_reference_interpreted():
+    run_interpreted(_INTERPRETED_DOWN)
+
+
+@pytest.mark.parametrize("recipe_op", ["bf16", "fp8"])
+def test_mlp_with_down_lora_in_swiglu_matches_eager(recipe_op):
+    """The graph the fusion pass writes for a whole MLP: gate/up without B, swiglu_lora_down, the down projection's
+    base alone (the recipe's op with no A and no B), then + s xa_down B_down^T; against eager LoRA, every gradient."""
+    inter, hidden = 24, 16
+    x, ws, As, Bs = lora_inputs((2, 5), hidden, (inter, inter), (4, 4))
+    _, (w_d,), (a_d,), (b_d,) = lora_inputs((1,), inter, (hidden,), (4,), seed=3)
+    s = [2.0, 2.0]
+    g, u = lora_linear_reference(x, ws, None, As, Bs, s).chunk(2, dim=-1)
+    ref = lora_linear_reference(F.silu(g) * u, [w_d], None, [a_d], [b_d], [2.0])
+    y, xa = LORA(x, ws, None, As, [], s, [])
+    h, xa_d = swiglu_lora_down(y, xa, Bs, s, a_d)
+    if recipe_op == "bf16":
+        base, xa_none = LORA(h, [w_d], None, [], [], [2.0], [])
+    else:
+        base, xa_none = torch.ops.surogate.lora_linear_fp8.default(h, [w_d], None, [], [], [2.0], [])
+    assert xa_none.shape == (10, 0)
+    out = base + 2.0 * (xa_d @ b_d.t()).view(base.shape)
+    assert rel(out, ref) < (1e-5 if recipe_op == "bf16" else 6e-2)
+    tol = 1e-5 if recipe_op == "bf16" else 6e-2
+    for got, want in zip(lora_grads(out, x, [*As, a_d], [*Bs, b_d]), lora_grads(ref, x, [*As, a_d], [*Bs, b_d])):
+        assert rel(got, want) < tol
