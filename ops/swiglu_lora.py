@@ -41,6 +41,7 @@ _MAX_RANK = 64  # per projection; the kernels pad the rank to a power of two >= 
 # (BM, BN, warps)
 _FWD_CONFIG = (64, 128, 4)
 _BWD_CONFIG = (64, 64, 4)
+_BWD_DOWN_CONFIG = (64, 64, 4)  # with the down projection's A: more live state per tile
 _BWD_MAX_ROW_TILES = 8  # row tiles per backward program (dB partial sums kept in registers across them) ...
 _BWD_PROGRAMS = 1024  # ... as long as about this many programs remain
 
@@ -176,7 +177,7 @@ def _backward_triton(
     dad = torch.zeros(rank_d, inter, device=y2.device, dtype=torch.float32)
     ad, gxd = (dad, dad) if down_A is None else (down_A, as_rows(grad_xad))  # never read without DOWN
     if m and inter:
-        bm, bn, warps = _BWD_CONFIG
+        bm, bn, warps = _BWD_CONFIG if down_A is None else _BWD_DOWN_CONFIG
         col_blocks, row_tiles = cdiv(inter, bn), cdiv(m, bm)
         # Each program keeps its dB partial in registers over `per_program` row tiles (fewer atomics), while enough
         # programs remain to fill the GPU (~1500 for the 8B gate/up group).
