@@ -5,7 +5,8 @@ more times for its LoRA alone: `h A^T` in the forward, `dh += dxa A` (read and w
 backward, and it is kept for that backward. SwiGLU writes h and, in its backward, recomputes it tile by tile, so
 it can make `h A^T` as it writes h, fold `dxa A` into the dh it reads anyway, and take dA from the h it recomputes.
 The down projection then runs its base GEMM alone (the recipe's LoRA op with no A and no B, which saves nothing
-of h), and its rank-r term is added in the graph, where Inductor fuses it into the residual add that follows.
+of h), and its rank-r term is added by `ops.low_rank_add` (one pass over the output; written as graph ops it cost
+Inductor a GEMM output written and read again).
 
 Pattern (as `swiglu_lora_fusion.py` leaves the MLP):
 
@@ -16,7 +17,7 @@ becomes
 
     h, xa_d = swiglu_lora_down(y, xa, [B_g, B_u], s, A_d)
     down = lora_op(h, [W_d], None, [], [], [s_d], [])        # base GEMM only
-    out = getitem(down, 0) + s_d * mm(xa_d, B_d.t()).view_as(...)
+    out = low_rank_add(getitem(down, 0), xa_d, B_d, s_d)
 
 Left alone: a down projection with dropout or bias, and an h that anything else reads.
 """
@@ -29,6 +30,7 @@ import operator
 import torch
 from torch import fx
 
+import ops.low_rank_add  # noqa: F401  (registers surogate::low_rank_add)
 import ops.swiglu_lora  # noqa: F401  (registers surogate::swiglu_lora_down)
 from compile_passes._fx_utils import hoist_before, is_call, propagate_fake
 
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 
 SWIGLU_LORA = torch.ops.surogate.swiglu_lora.default
 SWIGLU_LORA_DOWN = torch.ops.surogate.swiglu_lora_down.default
+LOW_RANK_ADD = torch.ops.surogate.low_rank_add.default
 
 
 def _match(h: fx.Node, op) -> tuple[fx.Node, fx.Node] | None:
@@ -66,15 +69,11 @@ def _rewrite(gm: fx.GraphModule, h: fx.Node, call: fx.Node, y_out: fx.Node) -> N
         xa_d = graph.call_function(operator.getitem, (fused, 1))
     call.args = (new_h, call.args[1], None, [], [], [s_d], [])
     with graph.inserting_before(y_out.next):  # in order, right after y_out
-        b_t = graph.call_function(torch.t, (b_d,))
-        product = graph.call_function(torch.mm, (xa_d, b_t))
-        shaped = graph.call_function(torch.Tensor.view_as, (product, y_out))
-        scaled = graph.call_function(operator.mul, (shaped, s_d))
-        total = graph.call_function(operator.add, (y_out, scaled))
-    y_out.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total and user is not shaped)
-    for new in (fused, new_h, xa_d, b_t, product, shaped, scaled, total):
+        total = graph.call_function(LOW_RANK_ADD, (y_out, xa_d, b_d, s_d))
+    y_out.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
+    for new in (fused, new_h, xa_d, total):
         new.meta.update({k: call.meta[k] for k in ("stack_trace", "nn_module_stack") if k in call.meta})
-    for new in (fused, new_h, xa_d, call, y_out, b_t, product, shaped, scaled, total):
+    for new in (fused, new_h, xa_d, call, y_out, total):
         _fake(gm, new)
     graph.erase_node(h)
 

@@ -42,7 +42,6 @@ those two functions would change.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Sequence
 
@@ -51,9 +50,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from ops.low_rank_add import add_low_rank_
+
 __all__ = [
     "FrozenWeightCache",
-    "add_low_rank_",
     "lora_linear",
     "lora_linear_reference",
     "lora_saved_inputs",
@@ -258,73 +258,6 @@ def _mm_scaled(a: Tensor, b: Tensor, s: float) -> Tensor:
     if s == 1.0:
         return torch.mm(a, b)
     return a.new_empty(a.shape[0], b.shape[1]).addmm_(a, b, beta=0, alpha=s)
-
-
-_LOW_RANK_MAX_K = 64  # the Triton path covers LoRA ranks (and a group's summed ranks) up to this
-# ... and outputs above this size. H100, rank 16-48, TB/s of y read + written (Triton [64, 128] tiles vs addmm_):
-# [4096, 24576] 2.69 vs 1.87, [4096, 12288] 2.64 vs 1.84, [4096, 6144] 2.41 vs 2.28, but [4096, 4096] 3.54 vs
-# 3.85: an output that (mostly) fits in L2 is cuBLAS's.
-_LOW_RANK_MIN_BYTES = 40 << 20
-
-
-def _triton_low_rank_add_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def low_rank_add_kernel(
-        y_ptr, a_ptr, b_ptr, M, N, K, stride_ym, stride_yn, stride_am, stride_ak, stride_bk, stride_bn, alpha,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
-    ):  # fmt: skip
-        # One [BM, BN] tile of y: the whole (tiny) inner dimension in one dot, then y read, added to, written.
-        rm = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
-        rn = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
-        rk = tl.arange(0, BK)
-        a_mask = (rm[:, None] < M) & (rk[None, :] < K)
-        a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak, mask=a_mask, other=0.0)
-        b_mask = (rk[:, None] < K) & (rn[None, :] < N)
-        b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn, mask=b_mask, other=0.0)
-        if IEEE:  # fp32 operands (CPU interpreter tests): exact products, not TF32
-            acc = tl.dot(a, b, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b)
-        mask = (rm[:, None] < M) & (rn[None, :] < N)
-        y_tile = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
-        y = tl.load(y_tile, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_tile, (y + alpha * acc).to(y_ptr.dtype.element_ty), mask=mask)
-
-    return low_rank_add_kernel
-
-
-_LOW_RANK_KERNEL = None
-
-
-def add_low_rank_(y: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0, block: tuple[int, int] = (64, 128)) -> Tensor:
-    """`y += alpha * (a @ b)` in place: y [M, N] (rows may be strided: a column block of a wider output), a [M, K],
-    b [K, N] with a small K (the LoRA rank). The LoRA update of the base output (forward) and of the base dX
-    (backward, shared input).
-
-    Why a kernel: this is pure memory traffic (read and write y; a and b are a few hundred KB), and cuBLAS's addmm_
-    with K=16-48 streams a large y at ~1.9 TB/s on an H100, where a tiled Triton kernel that does the whole K in one
-    `tl.dot` per tile streams it at ~2.7. Same arithmetic as addmm_ (fp32 products and sum, y + alpha * acc in fp32,
-    rounded once). CUDA outputs over `_LOW_RANK_MIN_BYTES` (or CPU tensors under TRITON_INTERPRET=1 in tests);
-    `addmm_` otherwise and for K above `_LOW_RANK_MAX_K`."""
-    global _LOW_RANK_KERNEL
-    triton_ok = y.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    small = y.device.type == "cuda" and y.numel() * y.element_size() < _LOW_RANK_MIN_BYTES
-    if not triton_ok or small or a.shape[1] > _LOW_RANK_MAX_K or y.dtype != a.dtype or a.dtype != b.dtype:
-        return y.addmm_(a, b, alpha=alpha)
-    if _LOW_RANK_KERNEL is None:
-        _LOW_RANK_KERNEL = _triton_low_rank_add_kernel()
-    (m, n), k = y.shape, a.shape[1]
-    bm, bn = block
-    if m and n:
-        _LOW_RANK_KERNEL[(-(-m // bm), -(-n // bn))](
-            y, a, b, m, n, k, y.stride(0), y.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            float(alpha), BM=bm, BN=bn, BK=max(16, 1 << (k - 1).bit_length()), IEEE=y.dtype == torch.float32,
-            num_warps=4,
-        )  # fmt: skip
-    return y
 
 
 # Host cost matters as much as FLOPs here: on a small model (Qwen3-0.6B) these GEMMs take a few microseconds on the

@@ -15,6 +15,7 @@ from surogate.lora import LoRALinear
 
 SWIGLU = torch.ops.surogate.swiglu_lora.default
 SWIGLU_DOWN = torch.ops.surogate.swiglu_lora_down.default
+LOW_RANK_ADD = torch.ops.surogate.low_rank_add.default
 
 
 class MLP(nn.Module):
@@ -59,6 +60,7 @@ def test_rewritten_and_matches_eager(variant):
     assert stats.rewrites["fuse_down_lora_into_swiglu"] == 1  # the down projection has LoRA: down_lora_fusion.py
     (gm,) = stats.graphs
     assert [n.target for n in gm.graph.nodes if n.target in (SWIGLU, SWIGLU_DOWN)] == [SWIGLU_DOWN]
+    assert [n.target for n in gm.graph.nodes if n.target is LOW_RANK_ADD] == [LOW_RANK_ADD]  # down's B product
     assert not [n for n in gm.graph.nodes if n.target is F.silu]
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
     got = lora_grads(module)

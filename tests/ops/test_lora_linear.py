@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lora_cases import run_interpreted
 
 from ops.lora_linear import (
-    add_low_rank_,
     clear_frozen_concat_cache,
     frozen_concat,
     lora_linear_reference,
@@ -192,53 +190,3 @@ def test_matches_reference_cuda_bf16(shape, dropout):
 def test_opcheck_cuda():
     x, weights, As, Bs, scalings, _ = make_inputs((2, 64), 256, [128, 64, 64], [16] * 3, torch.bfloat16, "cuda")
     torch.library.opcheck(OP, (x, weights, None, As, Bs, scalings, []))
-
-
-# ------------------------------------------------------------------------------------- add_low_rank_ (Triton)
-
-_LOW_RANK_INTERPRETED = """
-import torch
-from ops.lora_linear import add_low_rank_
-g = torch.Generator().manual_seed(7)
-# odd sizes, a strided column block of a wider y, a strided A, B as a transposed view, K up to the kernel's limit
-for m, n, k, alpha in [(70, 200, 16, 2.0), (64, 128, 48, 1.0), (33, 300, 5, -0.5), (20, 40, 64, 3.0)]:
-    y = torch.randn(m, 2 * n, generator=g)[:, n:]
-    a = torch.randn(m, 3 * k, generator=g)[:, k : 2 * k]
-    b = torch.randn(n, k, generator=g).t()
-    want = torch.addmm(y, a, b, alpha=alpha)
-    out = add_low_rank_(y, a, b, alpha, block=(32, 64))
-    assert out is y
-    err = ((y - want).abs().max() / want.abs().max()).item()
-    assert err < 1e-6, (m, n, k, err)
-print("ok")
-"""
-
-
-def test_add_low_rank_kernel_matches_addmm_interpreted():
-    run_interpreted(_LOW_RANK_INTERPRETED)
-
-
-def test_add_low_rank_falls_back_to_addmm_on_cpu_and_for_wide_k():
-    g = torch.Generator().manual_seed(8)
-    for k in (16, 65):
-        y, a, b = torch.randn(9, 12, generator=g), torch.randn(9, k, generator=g), torch.randn(k, 12, generator=g)
-        want = torch.addmm(y, a, b, alpha=0.5)
-        assert torch.equal(add_low_rank_(y, a, b, 0.5), want)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize(
-    "m, n, k", [(4096, 6144, 48), (4096, 24576, 32), (3000, 8200, 5), (4096, 8192, 64)]
-)  # all > 40 MB
-def test_add_low_rank_cuda_bf16(m, n, k):
-    g = torch.Generator().manual_seed(9)
-    y0 = torch.randn(m, n, generator=g).cuda().bfloat16()
-    a = torch.randn(m, k, generator=g).cuda().bfloat16()
-    b = (torch.randn(n, k, generator=g) * 0.1).cuda().bfloat16().t()
-    exact = y0.double() + 2.0 * (a.double() @ b.double())
-    y = add_low_rank_(y0.clone(), a, b, 2.0)
-    ours = ((y.double() - exact).norm() / exact.norm()).item()
-    cublas = torch.addmm(y0, a, b, alpha=2.0)
-    theirs = ((cublas.double() - exact).norm() / exact.norm()).item()
-    assert torch.isfinite(y).all() and ours < 1e-2 and ours <= 1.01 * theirs + 1e-6, (ours, theirs)

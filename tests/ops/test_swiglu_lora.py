@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from lora_cases import lora_grads, lora_inputs, rel, run_interpreted
 
 import ops.fp8  # noqa: F401  (registers surogate::lora_linear_fp8)
+import ops.low_rank_add  # noqa: F401  (registers surogate::low_rank_add)
 from ops.lora_linear import lora_linear_reference
 from ops.swiglu_lora import swiglu_lora, swiglu_lora_down, swiglu_lora_down_reference, swiglu_lora_reference
 
@@ -207,7 +208,8 @@ def test_down_triton_kernels_match_reference_interpreted():
 @pytest.mark.parametrize("recipe_op", ["bf16", "fp8"])
 def test_mlp_with_down_lora_in_swiglu_matches_eager(recipe_op):
     """The graph the fusion pass writes for a whole MLP: gate/up without B, swiglu_lora_down, the down projection's
-    base alone (the recipe's op with no A and no B), then + s xa_down B_down^T; against eager LoRA, every gradient."""
+    base alone (the recipe's op with no A and no B), then low_rank_add (+ s xa_down B_down^T); against eager LoRA,
+    every gradient."""
     inter, hidden = 24, 16
     x, ws, As, Bs = lora_inputs((2, 5), hidden, (inter, inter), (4, 4))
     _, (w_d,), (a_d,), (b_d,) = lora_inputs((1,), inter, (hidden,), (4,), seed=3)
@@ -221,7 +223,7 @@ def test_mlp_with_down_lora_in_swiglu_matches_eager(recipe_op):
     else:
         base, xa_none = torch.ops.surogate.lora_linear_fp8.default(h, [w_d], None, [], [], [2.0], [])
     assert xa_none.shape == (10, 0)
-    out = base + 2.0 * (xa_d @ b_d.t()).view(base.shape)
+    out = torch.ops.surogate.low_rank_add.default(base, xa_d, b_d, 2.0)
     assert rel(out, ref) < (1e-5 if recipe_op == "bf16" else 6e-2)
     tol = 1e-5 if recipe_op == "bf16" else 6e-2
     for got, want in zip(lora_grads(out, x, [*As, a_d], [*Bs, b_d]), lora_grads(ref, x, [*As, a_d], [*Bs, b_d])):

@@ -1,0 +1,134 @@
+"""The rank-r update `y + s * xa B^T`: in place (`add_low_rank_`, used inside the LoRA ops) and as a functional op
+with autograd (`torch.ops.surogate.low_rank_add`, written into the graph by `compile_passes/down_lora_fusion.py`).
+
+Why a kernel: this is pure memory traffic (read y, write the sum; xa and B are a few hundred KB), and cuBLAS's
+addmm with an inner dimension of 16-48 streams a large y at ~1.9 TB/s on an H100, where a tiled Triton kernel that
+does the whole inner dimension in one `tl.dot` per tile streams it at ~2.7. Same arithmetic as addmm (fp32 products
+and sum, y + s * acc in fp32, rounded once).
+
+Why a functional op: the graph form `y + s * mm(xa, B.t())` costs Inductor an [N, out] GEMM output written and read
+again, and Inductor splits an `addmm` whose user is pointwise into exactly that (its bias-unfusing pattern), so the
+down projection's LoRA update cost ~65 us per Qwen3-8B block and micro-step instead of ~17 (H100 profile,
+benchmarks/NOTES.md). As an opaque op it is one pass over y, and the residual add after it still fuses into the
+next RMSNorm.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from ops._launch import cdiv
+
+__all__ = ["add_low_rank_", "low_rank_add", "low_rank_add_reference"]
+
+_LOW_RANK_MAX_K = 64  # the Triton path covers LoRA ranks (and a group's summed ranks) up to this
+# ... and outputs above this size. H100, rank 16-48, TB/s of y read + written (Triton [64, 128] tiles vs addmm_):
+# [4096, 24576] 2.69 vs 1.87, [4096, 12288] 2.64 vs 1.84, [4096, 6144] 2.41 vs 2.28, but [4096, 4096] 3.54 vs
+# 3.85: an output that (mostly) fits in L2 is cuBLAS's.
+_LOW_RANK_MIN_BYTES = 40 << 20
+
+
+def low_rank_add_reference(y: Tensor, xa: Tensor, b: Tensor, scaling: float) -> Tensor:
+    """y [..., out] + scaling * xa [N, r] B^T (B [out, r]), N = prod of y's leading dims."""
+    return y + scaling * (xa @ b.t()).view_as(y)
+
+
+def _triton_low_rank_add_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def low_rank_add_kernel(
+        y_ptr, o_ptr, a_ptr, b_ptr, M, N, K, stride_ym, stride_yn, stride_om, stride_on, stride_am, stride_ak,
+        stride_bk, stride_bn, alpha,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        # One [BM, BN] tile: the whole (tiny) inner dimension in one dot, then y read, added to, written to o.
+        rm = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+        rn = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
+        rk = tl.arange(0, BK)
+        a_mask = (rm[:, None] < M) & (rk[None, :] < K)
+        a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak, mask=a_mask, other=0.0)
+        b_mask = (rk[:, None] < K) & (rn[None, :] < N)
+        b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn, mask=b_mask, other=0.0)
+        if IEEE:  # fp32 operands (CPU interpreter tests): exact products, not TF32
+            acc = tl.dot(a, b, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b)
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        y = tl.load(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, mask=mask, other=0.0).to(tl.float32)
+        out = (y + alpha * acc).to(o_ptr.dtype.element_ty)
+        tl.store(o_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, out, mask=mask)
+
+    return low_rank_add_kernel
+
+
+_LOW_RANK_KERNEL = None
+
+
+def _low_rank_add_into(out: Tensor, y: Tensor, a: Tensor, b: Tensor, alpha: float, block: tuple[int, int]) -> Tensor:
+    """out = y + alpha * (a @ b) for 2-D y and out (out may be y: in place)."""
+    global _LOW_RANK_KERNEL
+    triton_ok = y.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    small = y.device.type == "cuda" and y.numel() * y.element_size() < _LOW_RANK_MIN_BYTES
+    if not triton_ok or small or a.shape[1] > _LOW_RANK_MAX_K or y.dtype != a.dtype or a.dtype != b.dtype:
+        return out.addmm_(a, b, alpha=alpha) if out is y else torch.addmm(y, a, b, alpha=alpha, out=out)
+    if _LOW_RANK_KERNEL is None:
+        _LOW_RANK_KERNEL = _triton_low_rank_add_kernel()
+    (m, n), k = y.shape, a.shape[1]
+    bm, bn = block
+    if m and n:
+        _LOW_RANK_KERNEL[(cdiv(m, bm), cdiv(n, bn))](
+            y, out, a, b, m, n, k, y.stride(0), y.stride(1), out.stride(0), out.stride(1), a.stride(0), a.stride(1),
+            b.stride(0), b.stride(1), float(alpha),
+            BM=bm, BN=bn, BK=max(16, 1 << (k - 1).bit_length()), IEEE=y.dtype == torch.float32, num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+def add_low_rank_(y: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0, block: tuple[int, int] = (64, 128)) -> Tensor:
+    """`y += alpha * (a @ b)` in place: y [M, N] (rows may be strided: a column block of a wider output), a [M, K],
+    b [K, N] with a small K (the LoRA rank). The LoRA update of the base output (forward) and of the base dX
+    (backward, shared input). The Triton kernel for CUDA outputs over `_LOW_RANK_MIN_BYTES` (or CPU tensors under
+    TRITON_INTERPRET=1 in tests); `addmm_` otherwise and for K above `_LOW_RANK_MAX_K`."""
+    return _low_rank_add_into(y, y, a, b, alpha, block)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The functional op
+
+
+@torch.library.custom_op("surogate::low_rank_add", mutates_args=())
+def low_rank_add(y: Tensor, xa: Tensor, b: Tensor, scaling: float) -> Tensor:
+    """y [..., out] + scaling * xa [N, r] B^T (B [out, r]) as a new tensor, one pass over y."""
+    y2 = y.reshape(-1, y.shape[-1])
+    out = torch.empty(y2.shape, dtype=y.dtype, device=y.device)
+    return _low_rank_add_into(out, y2, xa, b.t(), scaling, (64, 128)).view(y.shape)
+
+
+@low_rank_add.register_fake
+def _low_rank_add_fake(y, xa, b, scaling):
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _y, xa, b, scaling = inputs
+    ctx.save_for_backward(xa, b)
+    ctx.scaling = scaling
+
+
+def _backward(ctx, grad_out):
+    xa, b = ctx.saved_tensors
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    grad_xa = grad_b = None
+    if ctx.needs_input_grad[1]:
+        grad_xa = torch.mm(g2, b) * ctx.scaling
+    if ctx.needs_input_grad[2]:
+        grad_b = torch.mm(g2.t(), xa) * ctx.scaling
+    return grad_out, grad_xa, grad_b, None
+
+
+low_rank_add.register_autograd(_backward, setup_context=_setup_context)
