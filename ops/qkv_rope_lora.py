@@ -33,7 +33,7 @@ import os
 import torch
 from torch import Tensor
 
-from ops._launch import as_rows, cdiv, rank_block
+from ops._launch import as_rows, cdiv, lora_grad_buffer, rank_block, split_flat
 
 __all__ = ["qkv_rope_lora", "qkv_rope_lora_reference"]
 
@@ -116,8 +116,8 @@ def _backward_torch(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, hea
                 g = rstd * (dn - n * (dn * n).mean(-1, keepdim=True))
         dys.append(g.reshape(-1, b.shape[0]).to(y.dtype))
     dxa = torch.cat([s * (dy_i.float() @ b.float()) for dy_i, b, s in zip(dys, lora_Bs, scalings)], dim=1)
-    dbs = [(s * (dy_i.float().t() @ x_i.float())).to(b.dtype) for dy_i, x_i, b, s in zip(dys, xas, lora_Bs, scalings)]
-    return torch.cat(dys, dim=1).view(y.shape), dxa.to(xa.dtype), *dbs
+    dbs = [s * (dy_i.float().t() @ x_i.float()) for dy_i, x_i, s in zip(dys, xas, scalings)]
+    return torch.cat(dys, dim=1).view(y.shape), torch.cat([t.flatten() for t in (dxa, *dbs)]).to(xa.dtype)
 
 
 def _kernel_operands(y, lora_Bs, norm_weights, cos, sin, head_dim):
@@ -154,7 +154,7 @@ def _forward(y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps) ->
 
 
 def _backward(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps):
-    """(dy [..., Nq + Nk + Nv], dxa [N, r_q + r_k + r_v], dB_q, dB_k, dB_v)."""
+    """(dy [..., Nq + Nk + Nv], the LoRA gradients dxa [N, r_q + r_k + r_v], dB_q, dB_k, dB_v flat in xa's dtype)."""
     triton_ok = _use_triton(y, lora_Bs, head_dim) and not torch.are_deterministic_algorithms_enabled()
     if not triton_ok:  # CPU; deterministic mode (the kernel sums with atomics)
         return _backward_torch(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps)
@@ -168,8 +168,9 @@ def _backward(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim,
     gs = [g.reshape(-1, seq, g.shape[-2], head_dim) for g in grads]
     gs = [g if g.stride(-1) == 1 else g.contiguous() for g in gs]
     dy = torch.empty_like(y2)
-    dxa = torch.zeros(m, xa.shape[1], device=y.device, dtype=torch.float32)  # atomics accumulate in fp32
-    dbs = [torch.zeros(b.shape, device=y.device, dtype=torch.float32) for b in lora_Bs]
+    shapes = lora_grad_buffer(m, xa.shape[1], [b.shape for b in lora_Bs])
+    flat = torch.zeros(sum(a * b for a, b in shapes), device=y.device, dtype=torch.float32)  # atomics: fp32
+    dxa, *dbs = split_flat(flat, shapes)
     bm, warps = _BWD_CONFIG
     row_tiles = cdiv(m, bm)
     heads = hq + 2 * hkv
@@ -182,7 +183,7 @@ def _backward(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim,
             D2=head_dim // 2, BM=bm, BR=rank_block(lora_Bs), NORM=bool(norm_weights), IEEE=y.dtype == torch.float32,
             num_warps=warps,
         )  # fmt: skip
-    return dy.view(y.shape), dxa.to(xa.dtype), *(db.to(b.dtype) for db, b in zip(dbs, lora_Bs))
+    return dy.view(y.shape), flat.to(xa.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,15 +237,15 @@ def qkv_rope_lora_grad(
     sin: Tensor,
     head_dim: int,
     eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(grad_y, grad_xa, grad_B_q, grad_B_k, grad_B_v)."""
+) -> tuple[Tensor, Tensor]:
+    """(grad_y, [grad_xa, grad_B_q, grad_B_k, grad_B_v] flat: one output, as outputs may not alias; `ops._launch`)."""
     grads = (grad_q, grad_k, grad_v)
     return _backward(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps)
 
 
 @qkv_rope_lora_grad.register_fake
 def _qkv_rope_lora_grad_fake(grad_q, grad_k, grad_v, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps):
-    return y.new_empty(y.shape), xa.new_empty(xa.shape), *(b.new_empty(b.shape) for b in lora_Bs)
+    return y.new_empty(y.shape), xa.new_empty(xa.numel() + sum(b.numel() for b in lora_Bs))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -263,9 +264,11 @@ def _backward_formula(ctx, grad_q, grad_k, grad_v):
         g if g is not None else y.new_zeros(*y.shape[:-1], h, ctx.head_dim)
         for g, h in zip((grad_q, grad_k, grad_v), heads)
     ]
-    grad_y, grad_xa, *grad_Bs = qkv_rope_lora_grad(
+    grad_y, flat = qkv_rope_lora_grad(
         *grads, y, xa, list(lora_Bs), ctx.scalings, list(norm_weights), cos, sin, ctx.head_dim, ctx.eps
     )
+    grad_xa, *grad_Bs = split_flat(flat, lora_grad_buffer(xa.shape[0], xa.shape[1], [b.shape for b in lora_Bs]))
+    grad_Bs = [g.to(b.dtype) for g, b in zip(grad_Bs, lora_Bs)]
     return grad_y, grad_xa, grad_Bs, None, [None] * ctx.n_norm, None, None, None, None
 
 

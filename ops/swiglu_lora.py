@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ops._launch import as_rows, cdiv, rank_block
+from ops._launch import as_rows, cdiv, lora_grad_buffer, rank_block, split_flat
 
 __all__ = ["swiglu_lora", "swiglu_lora_down", "swiglu_lora_down_reference", "swiglu_lora_reference"]
 
@@ -129,9 +129,10 @@ def _backward(
     scalings: list[float],
     down_A: Tensor | None = None,
     grad_xad: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-    """(dy [..., 2I], dxa [N, r_g + r_u], dB_g, dB_u, dA_down or None). With `down_A`, grad_h is the down
-    projection's base dX only and grad_xad the gradient of xa_down: its LoRA dX (grad_xad A_down) is added here."""
+) -> tuple[Tensor, Tensor]:
+    """(dy [..., 2I], the LoRA gradients dxa [N, r_g + r_u], dB_g, dB_u (and dA_down) flat in xa's dtype: see
+    `_grad_layout`). With `down_A`, grad_h is the down projection's base dX only and grad_xad the gradient of
+    xa_down: its LoRA dX (grad_xad A_down) is added here."""
     y2, dh = as_rows(y), as_rows(grad_h)
     (b_g, b_u), (s_g, s_u) = lora_Bs, scalings
     if not _use_triton(y, lora_Bs, down_A) or torch.are_deterministic_algorithms_enabled():  # atomics: docstring
@@ -145,12 +146,18 @@ def _backward(
         dg = (dh32 * u * sig * (1 + g * (1 - sig))).to(y.dtype)
         du = (dh32 * g * sig).to(y.dtype)
         dxa = torch.cat([s_g * (dg @ b_g), s_u * (du @ b_u)], dim=1)
-        grads = torch.cat([dg, du], dim=1), dxa, s_g * (dg.t() @ x_g), s_u * (du.t() @ x_u), dad
+        lora = [dxa, s_g * (dg.t() @ x_g), s_u * (du.t() @ x_u)] + ([] if dad is None else [dad])
+        dy, flat = torch.cat([dg, du], dim=1), torch.cat([t.flatten().to(xa.dtype) for t in lora])
     else:
-        grads = _backward_triton(dh, y2, xa, b_g, b_u, float(s_g), float(s_u), down_A, grad_xad)
-    dy, dxa, db_g, db_u, dad = grads
-    dad = None if dad is None else dad.to(down_A.dtype)
-    return dy.view(y.shape), dxa.to(xa.dtype), db_g.to(b_g.dtype), db_u.to(b_u.dtype), dad
+        dy, flat = _backward_triton(dh, y2, xa, b_g, b_u, float(s_g), float(s_u), down_A, grad_xad)
+    return dy.view(y.shape), flat
+
+
+def _grad_layout(xa: Tensor, lora_Bs: list[Tensor], down_A: Tensor | None) -> list[tuple[int, ...]]:
+    """The backward's flat LoRA gradients: dxa, dB_g, dB_u and (with the down projection's A) dA_down."""
+    return lora_grad_buffer(
+        xa.shape[0], xa.shape[1], [b.shape for b in lora_Bs] + ([] if down_A is None else [down_A.shape])
+    )
 
 
 def _backward_triton(
@@ -170,12 +177,11 @@ def _backward_triton(
     inter = width // 2
     r_g, r_u = b_g.shape[1], b_u.shape[1]
     dy = torch.empty_like(y2)
-    dxa = torch.zeros(m, r_g + r_u, device=y2.device, dtype=torch.float32)  # atomics accumulate in fp32
-    db_g = torch.zeros(inter, r_g, device=y2.device, dtype=torch.float32)
-    db_u = torch.zeros(inter, r_u, device=y2.device, dtype=torch.float32)
+    shapes = _grad_layout(xa, [b_g, b_u], down_A)
+    flat = torch.zeros(sum(a * b for a, b in shapes), device=y2.device, dtype=torch.float32)  # atomics: fp32
+    dxa, db_g, db_u, *rest = split_flat(flat, shapes)
     rank_d = 0 if down_A is None else down_A.shape[0]
-    dad = torch.zeros(rank_d, inter, device=y2.device, dtype=torch.float32)
-    ad, gxd = (dad, dad) if down_A is None else (down_A, as_rows(grad_xad))  # never read without DOWN
+    dad, ad, gxd = (dxa, dxa, dxa) if down_A is None else (rest[0], down_A, as_rows(grad_xad))  # unread w/o DOWN
     if m and inter:
         bm, bn, warps = _BWD_CONFIG if down_A is None else _BWD_DOWN_CONFIG
         col_blocks, row_tiles = cdiv(inter, bn), cdiv(m, bm)
@@ -190,7 +196,7 @@ def _backward_triton(
             BM=bm, BN=bn, BR=rank_block([b_g, b_u]), BRD=_down_rank_block(down_A), DOWN=down_A is not None,
             IEEE=y2.dtype == torch.float32, num_warps=warps,
         )  # fmt: skip
-    return dy, dxa, db_g, db_u, None if down_A is None else dad
+    return dy, flat.to(xa.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -218,14 +224,14 @@ def _swiglu_lora_fake(y, xa, lora_Bs, scalings):
 @torch.library.custom_op("surogate::swiglu_lora_grad", mutates_args=())
 def swiglu_lora_grad(
     grad_h: Tensor, y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float]
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(grad_y, grad_xa, grad_B_gate, grad_B_up)."""
-    return _backward(grad_h, y, xa, lora_Bs, scalings)[:4]
+) -> tuple[Tensor, Tensor]:
+    """(grad_y, [grad_xa, grad_B_gate, grad_B_up] flat: one output, as outputs may not alias; see `_grad_layout`)."""
+    return _backward(grad_h, y, xa, lora_Bs, scalings)
 
 
 @swiglu_lora_grad.register_fake
 def _swiglu_lora_grad_fake(grad_h, y, xa, lora_Bs, scalings):
-    return y.new_empty(y.shape), xa.new_empty(xa.shape), *(b.new_empty(b.shape) for b in lora_Bs)
+    return y.new_empty(y.shape), xa.new_empty(xa.numel() + sum(b.numel() for b in lora_Bs))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -236,8 +242,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward_formula(ctx, grad_h):
     y, xa, b_g, b_u = ctx.saved_tensors
-    grad_y, grad_xa, grad_bg, grad_bu = swiglu_lora_grad(grad_h, y, xa, [b_g, b_u], ctx.scalings)
-    return grad_y, grad_xa, [grad_bg, grad_bu], None
+    grad_y, flat = swiglu_lora_grad(grad_h, y, xa, [b_g, b_u], ctx.scalings)
+    grad_xa, grad_bg, grad_bu = split_flat(flat, _grad_layout(xa, [b_g, b_u], None))
+    return grad_y, grad_xa, [grad_bg.to(b_g.dtype), grad_bu.to(b_u.dtype)], None
 
 
 swiglu_lora.register_autograd(_backward_formula, setup_context=_setup_context)
@@ -270,19 +277,14 @@ def swiglu_lora_down_grad(
     lora_Bs: list[Tensor],
     scalings: list[float],
     down_A: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(grad_y, grad_xa, grad_B_gate, grad_B_up, grad_A_down)."""
+) -> tuple[Tensor, Tensor]:
+    """(grad_y, [grad_xa, grad_B_gate, grad_B_up, grad_A_down] flat: see `_grad_layout`)."""
     return _backward(grad_h, y, xa, lora_Bs, scalings, down_A, grad_xa_down)
 
 
 @swiglu_lora_down_grad.register_fake
 def _swiglu_lora_down_grad_fake(grad_h, grad_xa_down, y, xa, lora_Bs, scalings, down_A):
-    return (
-        y.new_empty(y.shape),
-        xa.new_empty(xa.shape),
-        *(b.new_empty(b.shape) for b in lora_Bs),
-        down_A.new_empty(down_A.shape),
-    )
+    return y.new_empty(y.shape), xa.new_empty(xa.numel() + sum(b.numel() for b in lora_Bs) + down_A.numel())
 
 
 def _setup_context_down(ctx, inputs, output) -> None:
@@ -297,10 +299,9 @@ def _backward_formula_down(ctx, grad_h, grad_xa_down):
         grad_h = y.new_zeros(*y.shape[:-1], y.shape[-1] // 2)
     if grad_xa_down is None:
         grad_xa_down = xa.new_zeros(xa.shape[0], down_A.shape[0])
-    grad_y, grad_xa, grad_bg, grad_bu, grad_ad = swiglu_lora_down_grad(
-        grad_h, grad_xa_down, y, xa, [b_g, b_u], ctx.scalings, down_A
-    )
-    return grad_y, grad_xa, [grad_bg, grad_bu], None, grad_ad
+    grad_y, flat = swiglu_lora_down_grad(grad_h, grad_xa_down, y, xa, [b_g, b_u], ctx.scalings, down_A)
+    grad_xa, grad_bg, grad_bu, grad_ad = split_flat(flat, _grad_layout(xa, [b_g, b_u], down_A))
+    return grad_y, grad_xa, [grad_bg.to(b_g.dtype), grad_bu.to(b_u.dtype)], None, grad_ad.to(down_A.dtype)
 
 
 swiglu_lora_down.register_autograd(_backward_formula_down, setup_context=_setup_context_down)
