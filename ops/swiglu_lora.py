@@ -20,6 +20,13 @@ last bits depend on the order the GPU runs the blocks in, as with FlashAttention
 kernel, each program owning its partial sums over a block of rows and columns, ran at 1.5 TB/s against 2.2 on the
 8B shape and worse on smaller ones: too few programs to hide memory latency.)
 
+`swiglu_lora_down(y, xa, [B_g, B_u], s, A_down)` also returns the down projection's LoRA-A product xa_down =
+h A_down^T (each forward tile adds its part with fp32 atomics), and its backward takes the down projection's LoRA
+dX (gxd A_down, gxd the gradient of xa_down) into the dh tile it reads anyway and dA_down = gxd^T h from the h it
+recomputes (`compile_passes/down_lora_fusion.py` writes it). The down projection then runs its base GEMM alone and
+h is not kept for its backward: on Qwen3-8B, 535 -> 427 us per block and micro-step for these kernels plus the
+three GEMMs they replace, and 3.4 GiB less peak memory (H100, benchmarks/NOTES.md).
+
 Kernels: Triton on CUDA (`ops/swiglu_lora_kernels.py`; also on CPU tensors under TRITON_INTERPRET=1, for tests);
 plain torch otherwise (CPU training) and for ranks above `_MAX_RANK`. `swiglu_lora_reference` is the
 autograd-differentiable definition both are tested against.
