@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ops._launch import cdiv
 
-__all__ = ["add_low_rank_", "low_rank_add", "low_rank_add_reference"]
+__all__ = ["add_low_rank_", "low_rank_add", "low_rank_add_reference", "mm_scaled"]
 
 _LOW_RANK_MAX_K = 64  # the Triton path covers LoRA ranks (and a group's summed ranks) up to this
 # ... and outputs above this size. H100, rank 16-48, TB/s of y read + written (Triton [64, 128] tiles vs addmm_):
@@ -38,6 +38,14 @@ def low_rank_add_reference(y: Tensor, xa: Tensor, b: Tensor, scaling: float, res
     shape) when given."""
     out = y + scaling * (xa @ b.t()).view_as(y)
     return out if residual is None else residual + out
+
+
+def mm_scaled(a: Tensor, b: Tensor, s: float) -> Tensor:
+    """`s * (a @ b)` as one GEMM: the scale is the GEMM's alpha (exact, no extra pass over the result). With beta=0
+    the accumulator's contents are ignored (documented: not even NaN propagates), so it may be uninitialized."""
+    if s == 1.0:
+        return torch.mm(a, b)
+    return a.new_empty(a.shape[0], b.shape[1]).addmm_(a, b, beta=0, alpha=s)
 
 
 def _triton_low_rank_add_kernel():
@@ -143,14 +151,22 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.has_residual = residual is not None
 
 
+@torch.library.custom_op("surogate::low_rank_add_grad", mutates_args=())
+def low_rank_add_grad(grad_out: Tensor, xa: Tensor, b: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+    """(grad_xa = s g B, grad_B = s g^T xa): the scale as each GEMM's alpha, where graph ops would add a multiply
+    kernel per product."""
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    return mm_scaled(g2, b, scaling), mm_scaled(g2.t(), xa, scaling)
+
+
+@low_rank_add_grad.register_fake
+def _low_rank_add_grad_fake(grad_out, xa, b, scaling):
+    return xa.new_empty(xa.shape), b.new_empty(b.shape)
+
+
 def _backward(ctx, grad_out):
     xa, b = ctx.saved_tensors
-    g2 = grad_out.reshape(-1, grad_out.shape[-1])
-    grad_xa = grad_b = None
-    if ctx.needs_input_grad[1]:
-        grad_xa = torch.mm(g2, b) * ctx.scaling
-    if ctx.needs_input_grad[2]:
-        grad_b = torch.mm(g2.t(), xa) * ctx.scaling
+    grad_xa, grad_b = low_rank_add_grad(grad_out, xa, b, ctx.scaling)
     return grad_out, grad_xa, grad_b, None, grad_out if ctx.has_residual else None
 
 

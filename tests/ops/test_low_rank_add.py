@@ -103,6 +103,8 @@ def test_op_opcheck():
     torch.library.opcheck(OP, (*op_inputs((3, 5), 16, 4), 2.0))
     y, xa, b = op_inputs((3, 5), 16, 4)
     torch.library.opcheck(OP, (y, xa, b, 2.0, torch.randn(y.shape, requires_grad=True)))
+    g = torch.randn(y.shape)
+    torch.library.opcheck(torch.ops.surogate.low_rank_add_grad.default, (g, xa.detach(), b.detach(), 2.0))
 
 
 def test_op_refuses_a_residual_of_another_shape():
