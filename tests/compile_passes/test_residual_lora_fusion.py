@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_block import lora_grads
+from tiny_block import compiled_run, lora_grads
 from torch import nn
 
-from compile_passes import make_backend
 from surogate.lora import LoRALinear
 
 LOW_RANK_ADD = torch.ops.surogate.low_rank_add.default
@@ -35,13 +34,6 @@ class Residual(nn.Module):
         if self.variant == "broadcast":  # a residual of another shape
             return r[..., :1] + y
         return r + y
-
-
-def compiled_run(module: nn.Module, x: torch.Tensor):
-    backend = make_backend("bf16", keep_graphs=True, inductor=False)
-    torch._dynamo.reset()
-    out = torch.compile(module, backend=backend, fullgraph=True)(x)
-    return out, backend.stats
 
 
 @pytest.mark.parametrize("variant", ["plain", "swapped"])

@@ -7,10 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_block import lora_grads
+from tiny_block import compiled_run, lora_grads
 from torch import nn
 
-from compile_passes import make_backend
 from surogate.lora import LoRALinear
 
 SWIGLU = torch.ops.surogate.swiglu_lora.default
@@ -36,13 +35,6 @@ class MLP(nn.Module):
             act = F.silu(g)
             return self.down(act * u) + act.sum(-1, keepdim=True)
         return self.down(F.silu(g) * u)
-
-
-def compiled_run(module: nn.Module, x: torch.Tensor):
-    backend = make_backend("bf16", keep_graphs=True, inductor=False)
-    torch._dynamo.reset()
-    out = torch.compile(module, backend=backend, fullgraph=True)(x)
-    return out, backend.stats
 
 
 @pytest.mark.parametrize("variant", ["plain", "swapped"])
