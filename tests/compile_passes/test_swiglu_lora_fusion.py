@@ -54,6 +54,8 @@ def test_rewritten_and_matches_eager(variant):
     assert [n.target for n in gm.graph.nodes if n.target in (SWIGLU, SWIGLU_DOWN)] == [SWIGLU_DOWN]
     assert [n.target for n in gm.graph.nodes if n.target is LOW_RANK_ADD] == [LOW_RANK_ADD]  # down's B product
     assert not [n for n in gm.graph.nodes if n.target is F.silu]
+    (group,) = [n for n in gm.graph.nodes if n.target is torch.ops.surogate.lora_linear.default and len(n.args[1]) == 2]
+    assert [a.target for a in group.args[3]] == [torch.cat]  # gate/up's A's concatenated in the graph
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
     got = lora_grads(module)
     for name, g in want.items():
