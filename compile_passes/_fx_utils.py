@@ -69,7 +69,13 @@ def depends_on(node: fx.Node, others: set[fx.Node]) -> bool:
 
 
 def propagate_fake(gm: fx.GraphModule, node: fx.Node) -> None:
-    """Fill `example_value` of a new call node by running it on its inputs' fake tensors (later passes read it)."""
+    """Fill `example_value` of a new call node by running it on its inputs' fake tensors (later passes read it); a
+    getitem of a tuple-valued op takes its item."""
+    if node.target is operator.getitem:
+        value = node.args[0].meta.get("example_value")
+        if isinstance(value, (tuple, list)):
+            node.meta["example_value"] = value[node.args[1]]
+        return
     fakes = [example_value(gm, n) for n in node.all_input_nodes]
     if any(f is None for f in fakes):
         return

@@ -74,18 +74,8 @@ def _rewrite(gm: fx.GraphModule, h: fx.Node, call: fx.Node, y_out: fx.Node) -> N
     for new in (fused, new_h, xa_d, total):
         new.meta.update({k: call.meta[k] for k in ("stack_trace", "nn_module_stack") if k in call.meta})
     for new in (fused, new_h, xa_d, call, y_out, total):
-        _fake(gm, new)
+        propagate_fake(gm, new)
     graph.erase_node(h)
-
-
-def _fake(gm: fx.GraphModule, node: fx.Node) -> None:
-    """Fill a new node's `example_value` (later passes read it); getitem of a tuple-valued op by hand."""
-    if node.target is operator.getitem:
-        value = node.args[0].meta.get("example_value")
-        if isinstance(value, (tuple, list)):
-            node.meta["example_value"] = value[node.args[1]]
-        return
-    propagate_fake(gm, node)
 
 
 def fuse_down_lora_into_swiglu(gm: fx.GraphModule, op) -> int:

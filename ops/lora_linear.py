@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from ops.low_rank_add import add_low_rank_
+from ops.low_rank_add import add_low_rank_, mm_scaled
 
 __all__ = [
     "FrozenWeightCache",
@@ -252,14 +252,6 @@ def _block_diag_B(lora_Bs: Sequence[Tensor], scalings: Sequence[float]) -> tuple
     return torch.block_diag(*scaled), 1.0
 
 
-def _mm_scaled(a: Tensor, b: Tensor, s: float) -> Tensor:
-    """`s * (a @ b)` as one GEMM: the scale is the GEMM's alpha (exact, no extra pass over the result). With beta=0
-    the accumulator's contents are ignored (documented: not even NaN propagates), so it may be uninitialized."""
-    if s == 1.0:
-        return torch.mm(a, b)
-    return a.new_empty(a.shape[0], b.shape[1]).addmm_(a, b, beta=0, alpha=s)
-
-
 # Host cost matters as much as FLOPs here: on a small model (Qwen3-0.6B) these GEMMs take a few microseconds on the
 # GPU, so every aten op dispatched (and every Python call around it) is time the host can't spend staying ahead.
 # Hence: no block-diagonal B (torch.block_diag is a zeros + a copy per block), no dtype casts that are no-ops (A, B
@@ -383,13 +375,13 @@ def _lora_b_grads(
     n, s0 = len(lora_Bs), scalings[0]
     outs = [b.shape[0] for b in lora_Bs]
     if n == 1:
-        dxa = _mm_scaled(dy, lora_Bs[0], s0)  # [N, r]
+        dxa = mm_scaled(dy, lora_Bs[0], s0)  # [N, r]
     else:
         dxa = torch.empty_like(xa)  # [N, sum r]; every column block is written below (beta=0: not read)
         for dxa_i, dy_i, b, s in zip(dxa.split_with_sizes(ranks, 1), dy.split_with_sizes(outs, 1), lora_Bs, scalings):
             dxa_i.addmm_(dy_i, b, beta=0, alpha=s)
     uniform = n == 1 or scalings.count(s0) == n
-    grad_b = _mm_scaled(dy.t(), xa, s0 if uniform else 1.0)
+    grad_b = mm_scaled(dy.t(), xa, s0 if uniform else 1.0)
     if not uniform:  # per-projection scales: scale the diagonal blocks (the only ones used)
         for g_i, r_i, s in zip(grad_b.split_with_sizes(outs, 0), _offsets(ranks), scalings):
             g_i[:, r_i[0] : r_i[1]].mul_(s)

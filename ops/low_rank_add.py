@@ -1,5 +1,6 @@
 """The rank-r update `y + s * xa B^T`: in place (`add_low_rank_`, used inside the LoRA ops) and as a functional op
-with autograd (`torch.ops.surogate.low_rank_add`, written into the graph by `compile_passes/down_lora_fusion.py`).
+with autograd (`torch.ops.surogate.low_rank_add`, written into the graph by `compile_passes/down_lora_fusion.py`),
+optionally with the residual stream added in the same pass (`compile_passes/residual_lora_fusion.py`).
 
 Why a kernel: this is pure memory traffic (read y, write the sum; xa and B are a few hundred KB), and cuBLAS's
 addmm with an inner dimension of 16-48 streams a large y at ~1.9 TB/s on an H100, where a tiled Triton kernel that
@@ -9,8 +10,9 @@ and sum, y + s * acc in fp32, rounded once).
 Why a functional op: the graph form `y + s * mm(xa, B.t())` costs Inductor an [N, out] GEMM output written and read
 again, and Inductor splits an `addmm` whose user is pointwise into exactly that (its bias-unfusing pattern), so the
 down projection's LoRA update cost ~65 us per Qwen3-8B block and micro-step instead of ~17 (H100 profile,
-benchmarks/NOTES.md). As an opaque op it is one pass over y, and the residual add after it still fuses into the
-next RMSNorm.
+benchmarks/NOTES.md). As an opaque op it is one pass over y. With `residual` it is also the block's residual add
+(out = residual + y + s xa B^T, summed in fp32 and rounded once): one read of y and of the residual and one write,
+where the add on its own would read the update's output again and write another [N, out] tensor.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import Tensor
 
 from ops._launch import cdiv
 
-__all__ = ["add_low_rank_", "low_rank_add", "low_rank_add_reference"]
+__all__ = ["add_low_rank_", "low_rank_add", "low_rank_add_reference", "mm_scaled"]
 
 _LOW_RANK_MAX_K = 64  # the Triton path covers LoRA ranks (and a group's summed ranks) up to this
 # ... and outputs above this size. H100, rank 16-48, TB/s of y read + written (Triton [64, 128] tiles vs addmm_):
@@ -31,9 +33,19 @@ _LOW_RANK_MAX_K = 64  # the Triton path covers LoRA ranks (and a group's summed 
 _LOW_RANK_MIN_BYTES = 40 << 20
 
 
-def low_rank_add_reference(y: Tensor, xa: Tensor, b: Tensor, scaling: float) -> Tensor:
-    """y [..., out] + scaling * xa [N, r] B^T (B [out, r]), N = prod of y's leading dims."""
-    return y + scaling * (xa @ b.t()).view_as(y)
+def low_rank_add_reference(y: Tensor, xa: Tensor, b: Tensor, scaling: float, residual: Tensor | None = None) -> Tensor:
+    """y [..., out] + scaling * xa [N, r] B^T (B [out, r]), N = prod of y's leading dims; plus `residual` (y's
+    shape) when given."""
+    out = y + scaling * (xa @ b.t()).view_as(y)
+    return out if residual is None else residual + out
+
+
+def mm_scaled(a: Tensor, b: Tensor, s: float) -> Tensor:
+    """`s * (a @ b)` as one GEMM: the scale is the GEMM's alpha (exact, no extra pass over the result). With beta=0
+    the accumulator's contents are ignored (documented: not even NaN propagates), so it may be uninitialized."""
+    if s == 1.0:
+        return torch.mm(a, b)
+    return a.new_empty(a.shape[0], b.shape[1]).addmm_(a, b, beta=0, alpha=s)
 
 
 def _triton_low_rank_add_kernel():
@@ -42,11 +54,12 @@ def _triton_low_rank_add_kernel():
 
     @triton.jit
     def low_rank_add_kernel(
-        y_ptr, o_ptr, a_ptr, b_ptr, M, N, K, stride_ym, stride_yn, stride_om, stride_on, stride_am, stride_ak,
-        stride_bk, stride_bn, alpha,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+        y_ptr, r_ptr, o_ptr, a_ptr, b_ptr, M, N, K, stride_ym, stride_yn, stride_rm, stride_om, stride_on, stride_am,
+        stride_ak, stride_bk, stride_bn, alpha,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
-        # One [BM, BN] tile: the whole (tiny) inner dimension in one dot, then y read, added to, written to o.
+        # One [BM, BN] tile: the whole (tiny) inner dimension in one dot, then y (and the residual: rows of unit
+        # column stride) read, added to, written to o.
         rm = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
         rn = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
         rk = tl.arange(0, BK)
@@ -60,7 +73,10 @@ def _triton_low_rank_add_kernel():
             acc = tl.dot(a, b)
         mask = (rm[:, None] < M) & (rn[None, :] < N)
         y = tl.load(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, mask=mask, other=0.0).to(tl.float32)
-        out = (y + alpha * acc).to(o_ptr.dtype.element_ty)
+        out = y + alpha * acc
+        if RESIDUAL:
+            out += tl.load(r_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+        out = out.to(o_ptr.dtype.element_ty)
         tl.store(o_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, out, mask=mask)
 
     return low_rank_add_kernel
@@ -69,22 +85,31 @@ def _triton_low_rank_add_kernel():
 _LOW_RANK_KERNEL = None
 
 
-def _low_rank_add_into(out: Tensor, y: Tensor, a: Tensor, b: Tensor, alpha: float, block: tuple[int, int]) -> Tensor:
-    """out = y + alpha * (a @ b) for 2-D y and out (out may be y: in place)."""
+def _low_rank_add_into(
+    out: Tensor, y: Tensor, a: Tensor, b: Tensor, alpha: float, block: tuple[int, int], residual: Tensor | None = None
+) -> Tensor:
+    """out = y + alpha * (a @ b) (+ residual) for 2-D y, out and residual (out may be y: in place)."""
     global _LOW_RANK_KERNEL
     triton_ok = y.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    small = y.device.type == "cuda" and y.numel() * y.element_size() < _LOW_RANK_MIN_BYTES
+    # cuBLAS adds one tensor (its C): with a residual the kernel is one pass where addmm + add would be two
+    small = y.device.type == "cuda" and y.numel() * y.element_size() < _LOW_RANK_MIN_BYTES and residual is None
     if not triton_ok or small or a.shape[1] > _LOW_RANK_MAX_K or y.dtype != a.dtype or a.dtype != b.dtype:
-        return out.addmm_(a, b, alpha=alpha) if out is y else torch.addmm(y, a, b, alpha=alpha, out=out)
+        if out is y:
+            out.addmm_(a, b, alpha=alpha)
+        else:
+            torch.addmm(y, a, b, alpha=alpha, out=out)
+        return out if residual is None else out.add_(residual)
     if _LOW_RANK_KERNEL is None:
         _LOW_RANK_KERNEL = _triton_low_rank_add_kernel()
     (m, n), k = y.shape, a.shape[1]
     bm, bn = block
+    res = y if residual is None else residual  # never read without RESIDUAL
     if m and n:
         _LOW_RANK_KERNEL[(cdiv(m, bm), cdiv(n, bn))](
-            y, out, a, b, m, n, k, y.stride(0), y.stride(1), out.stride(0), out.stride(1), a.stride(0), a.stride(1),
-            b.stride(0), b.stride(1), float(alpha),
-            BM=bm, BN=bn, BK=max(16, 1 << (k - 1).bit_length()), IEEE=y.dtype == torch.float32, num_warps=4,
+            y, res, out, a, b, m, n, k, y.stride(0), y.stride(1), res.stride(0), out.stride(0), out.stride(1),
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), float(alpha),
+            BM=bm, BN=bn, BK=max(16, 1 << (k - 1).bit_length()), RESIDUAL=residual is not None,
+            IEEE=y.dtype == torch.float32, num_warps=4,
         )  # fmt: skip
     return out
 
@@ -102,33 +127,47 @@ def add_low_rank_(y: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0, block: tu
 
 
 @torch.library.custom_op("surogate::low_rank_add", mutates_args=())
-def low_rank_add(y: Tensor, xa: Tensor, b: Tensor, scaling: float) -> Tensor:
-    """y [..., out] + scaling * xa [N, r] B^T (B [out, r]) as a new tensor, one pass over y."""
+def low_rank_add(y: Tensor, xa: Tensor, b: Tensor, scaling: float, residual: Tensor | None = None) -> Tensor:
+    """y [..., out] + scaling * xa [N, r] B^T (B [out, r]) (+ residual, y's shape) as a new tensor, one pass."""
+    if residual is not None and residual.shape != y.shape:
+        raise ValueError("low_rank_add: the residual must have y's shape")
     y2 = y.reshape(-1, y.shape[-1])
+    r2 = None if residual is None else residual.reshape(-1, y.shape[-1])
+    if r2 is not None and r2.stride(-1) != 1:
+        r2 = r2.contiguous()
     out = torch.empty(y2.shape, dtype=y.dtype, device=y.device)
-    return _low_rank_add_into(out, y2, xa, b.t(), scaling, (64, 128)).view(y.shape)
+    return _low_rank_add_into(out, y2, xa, b.t(), scaling, (64, 128), r2).view(y.shape)
 
 
 @low_rank_add.register_fake
-def _low_rank_add_fake(y, xa, b, scaling):
+def _low_rank_add_fake(y, xa, b, scaling, residual=None):
     return torch.empty_like(y, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    _y, xa, b, scaling = inputs
+    _y, xa, b, scaling, residual = inputs
     ctx.save_for_backward(xa, b)
     ctx.scaling = scaling
+    ctx.has_residual = residual is not None
+
+
+@torch.library.custom_op("surogate::low_rank_add_grad", mutates_args=())
+def low_rank_add_grad(grad_out: Tensor, xa: Tensor, b: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+    """(grad_xa = s g B, grad_B = s g^T xa): the scale as each GEMM's alpha, where graph ops would add a multiply
+    kernel per product."""
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    return mm_scaled(g2, b, scaling), mm_scaled(g2.t(), xa, scaling)
+
+
+@low_rank_add_grad.register_fake
+def _low_rank_add_grad_fake(grad_out, xa, b, scaling):
+    return xa.new_empty(xa.shape), b.new_empty(b.shape)
 
 
 def _backward(ctx, grad_out):
     xa, b = ctx.saved_tensors
-    g2 = grad_out.reshape(-1, grad_out.shape[-1])
-    grad_xa = grad_b = None
-    if ctx.needs_input_grad[1]:
-        grad_xa = torch.mm(g2, b) * ctx.scaling
-    if ctx.needs_input_grad[2]:
-        grad_b = torch.mm(g2.t(), xa) * ctx.scaling
-    return grad_out, grad_xa, grad_b, None
+    grad_xa, grad_b = low_rank_add_grad(grad_out, xa, b, ctx.scaling)
+    return grad_out, grad_xa, grad_b, None, grad_out if ctx.has_residual else None
 
 
 low_rank_add.register_autograd(_backward, setup_context=_setup_context)

@@ -140,6 +140,8 @@ def test_get_attr_parameters():
         "fuse_swiglu_lora": 0,
         "fuse_down_lora_into_swiglu": 0,
         "fuse_qkv_rope_lora": 0,
+        "fuse_residual_into_lora": 0,
+        "concat_lora_as": 0,  # the fused q/k/v group keeps its B's
     }
     x = torch.randn(2, 3, 24)
     assert rel_err(gm(x), module(x)) <= 1e-5
@@ -160,15 +162,21 @@ def test_tiny_block_op_structure_and_stats():
         "fuse_swiglu_lora": 1,
         "fuse_down_lora_into_swiglu": 1,
         "fuse_qkv_rope_lora": 0,  # the tiny block has q/k norm but no RoPE: left alone
+        "fuse_residual_into_lora": 2,  # o and down, each with the residual add after it
+        "concat_lora_as": 1,  # gate/up, which runs without B
     }
     # the per-projection outputs come from one split of the fused output; xa is read only by the SwiGLU op of the
     # gate/up group, which runs without B (swiglu_lora_fusion.py); the down projection runs its base alone, its LoRA
-    # made by that SwiGLU op (down_lora_fusion.py)
+    # made by that SwiGLU op (down_lora_fusion.py); o runs without B, its LoRA-B product added with the residual
+    # (residual_lora_fusion.py)
     for n in op_calls(gm):
         xa_users = [u for u in n.users if u.args[1] == 1]
         assert all(u.target is operator.getitem for u in n.users)
         assert len(xa_users) == (1 if not n.args[4] and n.args[3] else 0)
-    assert sorted((len(n.args[3]), len(n.args[4])) for n in op_calls(gm)) == [(0, 0), (1, 1), (2, 0), (3, 3)]
+    # gate/up's two A's arrive as one concatenated tensor (lora_a_concat.py)
+    assert sorted((len(n.args[3]), len(n.args[4])) for n in op_calls(gm)) == [(0, 0), (1, 0), (1, 0), (3, 3)]
+    low_rank_adds = [n for n in gm.graph.nodes if n.target is torch.ops.surogate.low_rank_add.default]
+    assert len(low_rank_adds) == 2 and all(len(n.args) == 5 for n in low_rank_adds)  # each with its residual
 
 
 def test_passes_off_leaves_graph_alone():

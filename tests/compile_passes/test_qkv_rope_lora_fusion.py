@@ -57,6 +57,11 @@ def test_rewritten_and_matches_eager(qk_norm):
     (gm,) = stats.graphs
     (fused,) = [n for n in gm.graph.nodes if n.target is FUSED]
     assert len(fused.args[4]) == (2 if qk_norm else 0)  # the q/k norm weights
+    # the q/k/v group now runs without B, so its three A's arrive as one concatenated tensor (lora_a_concat.py)
+    assert stats.rewrites["concat_lora_as"] == 1
+    (group,) = [n for n in gm.graph.nodes if n.target is torch.ops.surogate.lora_linear.default and len(n.args[1]) == 3]
+    (a,) = group.args[3]
+    assert a.target is torch.cat and len(a.args[0]) == 3
     assert not [n for n in gm.graph.nodes if n.op == "call_method" and n.target in ("chunk", "pow")]
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
     assert got.keys() == want.keys() and len(want) == 8

@@ -7,10 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_block import lora_grads
+from tiny_block import compiled_run, lora_grads
 from torch import nn
 
-from compile_passes import make_backend
 from surogate.lora import LoRALinear
 
 SWIGLU = torch.ops.surogate.swiglu_lora.default
@@ -38,13 +37,6 @@ class MLP(nn.Module):
         return self.down(F.silu(g) * u)
 
 
-def compiled_run(module: nn.Module, x: torch.Tensor):
-    backend = make_backend("bf16", keep_graphs=True, inductor=False)
-    torch._dynamo.reset()
-    out = torch.compile(module, backend=backend, fullgraph=True)(x)
-    return out, backend.stats
-
-
 @pytest.mark.parametrize("variant", ["plain", "swapped"])
 def test_rewritten_and_matches_eager(variant):
     torch.manual_seed(0)
@@ -62,6 +54,8 @@ def test_rewritten_and_matches_eager(variant):
     assert [n.target for n in gm.graph.nodes if n.target in (SWIGLU, SWIGLU_DOWN)] == [SWIGLU_DOWN]
     assert [n.target for n in gm.graph.nodes if n.target is LOW_RANK_ADD] == [LOW_RANK_ADD]  # down's B product
     assert not [n for n in gm.graph.nodes if n.target is F.silu]
+    (group,) = [n for n in gm.graph.nodes if n.target is torch.ops.surogate.lora_linear.default and len(n.args[1]) == 2]
+    assert [a.target for a in group.args[3]] == [torch.cat]  # gate/up's A's concatenated in the graph
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
     got = lora_grads(module)
     for name, g in want.items():

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compile_passes import make_backend  # (also registers our ops)
 from surogate.lora import LoRAConfig, apply_lora
 
 
@@ -82,3 +83,11 @@ def make_lora_block(
 
 def lora_grads(block: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in block.named_parameters() if p.requires_grad}
+
+
+def compiled_run(module: nn.Module, *inputs: torch.Tensor):
+    """`module(*inputs)` compiled with the bf16 recipe's passes (no Inductor), and the backend's stats (graphs kept)."""
+    backend = make_backend("bf16", keep_graphs=True, inductor=False)
+    torch._dynamo.reset()
+    out = torch.compile(module, backend=backend, fullgraph=True)(*inputs)
+    return out, backend.stats

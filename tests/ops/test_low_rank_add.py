@@ -75,13 +75,14 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def check_against_reference(y, xa, b, scaling, tol):
-    ref = low_rank_add_reference(y, xa, b, scaling)
-    out = low_rank_add(y, xa, b, scaling)
+def check_against_reference(y, xa, b, scaling, tol, residual=None):
+    ref = low_rank_add_reference(y, xa, b, scaling, residual)
+    out = low_rank_add(y, xa, b, scaling, residual)
     assert out.shape == y.shape and torch.isfinite(out).all() and rel(out, ref) < tol
     up = torch.randn_like(ref)
-    want = torch.autograd.grad(ref, [y, xa, b], up)
-    got = torch.autograd.grad(out, [y, xa, b], up)
+    inputs = [y, xa, b] + ([] if residual is None else [residual])
+    want = torch.autograd.grad(ref, inputs, up)
+    got = torch.autograd.grad(out, inputs, up)
     for g, w in zip(got, want):
         assert torch.isfinite(g).all() and rel(g, w) < tol, rel(g, w)
 
@@ -91,8 +92,25 @@ def test_op_matches_reference_cpu(lead, out, rank):
     check_against_reference(*op_inputs(lead, out, rank), -0.75, 1e-5)
 
 
+@pytest.mark.parametrize("lead,out,rank", [((2, 7), 24, 4), ((33,), 130, 16)])
+def test_op_with_residual_matches_reference_cpu(lead, out, rank):
+    y, xa, b = op_inputs(lead, out, rank)
+    residual = torch.randn(y.shape).requires_grad_()
+    check_against_reference(y, xa, b, 1.25, 1e-5, residual)
+
+
 def test_op_opcheck():
     torch.library.opcheck(OP, (*op_inputs((3, 5), 16, 4), 2.0))
+    y, xa, b = op_inputs((3, 5), 16, 4)
+    torch.library.opcheck(OP, (y, xa, b, 2.0, torch.randn(y.shape, requires_grad=True)))
+    g = torch.randn(y.shape)
+    torch.library.opcheck(torch.ops.surogate.low_rank_add_grad.default, (g, xa.detach(), b.detach(), 2.0))
+
+
+def test_op_refuses_a_residual_of_another_shape():
+    y, xa, b = op_inputs((3, 5), 16, 4)
+    with pytest.raises(ValueError, match="residual"):
+        low_rank_add(y, xa, b, 2.0, torch.randn(15, 16))
 
 
 def test_op_kernel_matches_reference_interpreted():
@@ -107,9 +125,10 @@ for lead, n_out, r in [((70,), 200, 16), ((3, 11), 40, 5)]:
     y = torch.randn(*lead, n_out, generator=g)
     xa = torch.randn(y.numel() // n_out, r, generator=g)
     b = torch.randn(n_out, r, generator=g)
-    out = low_rank_add(y, xa, b, 1.5)
-    want = low_rank_add_reference(y, xa, b, 1.5)
-    assert torch.isfinite(out).all() and ((out - want).norm() / want.norm()).item() < 1e-6
+    for residual in (None, torch.randn(y.shape, generator=g)):
+        out = low_rank_add(y, xa, b, 1.5, residual)
+        want = low_rank_add_reference(y, xa, b, 1.5, residual)
+        assert torch.isfinite(out).all() and ((out - want).norm() / want.norm()).item() < 1e-6
 print("ok")
 """
     )
@@ -118,8 +137,11 @@ print("ok")
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("m,out", [(4096, 4096), (4096, 8192)])  # below and above the Triton path's size
-def test_op_cuda_bf16(m, out):
-    check_against_reference(*op_inputs((m,), out, 16, torch.bfloat16, "cuda"), 2.0, 1e-2)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_op_cuda_bf16(m, out, with_residual):
+    y, xa, b = op_inputs((m,), out, 16, torch.bfloat16, "cuda")
+    residual = torch.randn(y.shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) if with_residual else None
+    check_against_reference(y, xa, b, 2.0, 1e-2, residual)
 
 
 @pytest.mark.gpu
