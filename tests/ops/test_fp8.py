@@ -81,11 +81,14 @@ _INTERPRETED = """
 import torch
 from ops.fp8 import E4M3, E5M2, quantize_rows_triton, quantize_rows_reference
 g = torch.Generator().manual_seed(5)
-for rows, cols, dtype, col, block in [(5, 300, E4M3, False, 128), (3, 1000, E5M2, True, 256), (4, 64, E4M3, False, 64)]:
+cases = [(5, 300, E4M3, False), (3, 1000, E5M2, True), (4, 64, E4M3, False)]
+for (rows, cols, dtype, col), in_registers_max, block in [  # each case through both kernels
+    (case, limit, block) for case in cases for limit, block in [(4096, 2048), (16, 128)]
+]:
     x = torch.randn(rows, cols, generator=g) * 3
     x[1] *= 0.0
     c = torch.rand(cols, generator=g) + 0.5 if col else None
-    q, s = quantize_rows_triton(x, dtype, c, block=block)
+    q, s = quantize_rows_triton(x, dtype, c, row_in_registers_max=in_registers_max, block=block)
     rq, rs = quantize_rows_reference(x, dtype, c)
     assert torch.equal(s, rs), (s, rs)
     diff = q.float() != rq.float()
@@ -252,9 +255,10 @@ def test_op_on_fp8_tensor_cores(stored, grad_format):
 @cuda
 @pytest.mark.parametrize("dtype", [E4M3, E5M2])
 @pytest.mark.parametrize("col", [False, True])
-def test_triton_quantize_on_gpu(dtype, col):
-    x = (torch.randn(513, 3000, device="cuda") * 4).bfloat16()
-    c = torch.rand(3000, device="cuda") + 0.5 if col else None
+@pytest.mark.parametrize("cols", [3000, 20000])  # the row held in registers; the two-pass kernel
+def test_triton_quantize_on_gpu(dtype, col, cols):
+    x = (torch.randn(513, cols, device="cuda") * 4).bfloat16()
+    c = torch.rand(cols, device="cuda") + 0.5 if col else None
     q, s = fp8.quantize_rows_triton(x, dtype, c)
     rq, rs = quantize_rows_reference(x, dtype, c)
     torch.testing.assert_close(s, rs)
