@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -31,3 +32,40 @@ def split_flat(flat: Tensor, shapes: list[tuple[int, ...]]) -> list[Tensor]:
     """Views of `flat` with the given shapes, back to back (the layout of `lora_grad_buffer`)."""
     sizes = [a * b for a, b in shapes]
     return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
+
+
+# xa in y's tail: a B-less LoRA op with `xa_tail=True` (`ops.lora_linear`, written by `compile_passes/lora_xa_tail.py`)
+# returns [y | xa] as one tensor and an empty xa ([N, 0]); its consumer's backward returns [dy | dxa] as one tensor.
+# Then the LoRA op's forward is one GEMM against [W; A] and its backward one GEMM of [dy | dxa] against it.
+
+
+def xa_from_tail(y: Tensor, xa: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """(y [..., width], xa [N, r]): views of y's columns when xa came in y's tail (xa is then [N, 0]); else as given."""
+    if xa.shape[-1] or y.shape[-1] == width:
+        return y, xa
+    return y[..., :width], y.reshape(-1, y.shape[-1])[:, width:]
+
+
+def grad_rows_with_tail(y: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """(y's gradient as allocated, [N, width (+ r)]; its first `width` columns: where a kernel writes dy)."""
+    full = torch.empty(y.shape, dtype=y.dtype, device=y.device).view(-1, y.shape[-1])
+    return full, full[:, :width]
+
+
+def round_lora_grads(flat: Tensor, dy_full: Tensor, width: int, dtype: torch.dtype) -> Tensor:
+    """The fp32 flat buffer (`lora_grad_buffer`: dxa first) rounded to `dtype`. With xa in y's tail, dxa is rounded
+    into dy_full's last columns instead, and the buffer returned holds only the rest (its dxa part is [N, 0])."""
+    m, tail = dy_full.shape[0], dy_full.shape[1] - width
+    if not tail:
+        return flat.to(dtype)
+    dy_full[:, width:].copy_(flat[: m * tail].view(m, tail))
+    return flat[m * tail :].to(dtype)
+
+
+def move_dxa_to_tail(dy: Tensor, flat: Tensor, y: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """`round_lora_grads` for the plain-torch backwards, whose dy [..., width] and flat (rounded) come separately."""
+    tail = y.shape[-1] - width
+    if not tail:
+        return dy.view(y.shape), flat
+    m = dy.numel() // width
+    return torch.cat([dy.reshape(m, width), flat[: m * tail].view(m, tail)], dim=1).view(y.shape), flat[m * tail :]

@@ -16,6 +16,14 @@ Without B (`lora_Bs` empty) the op is the base GEMM plus x A^T, and xa is a diff
 applies s xa B^T itself (`ops.swiglu_lora`, fused into SwiGLU by `compile_passes/swiglu_lora_fusion.py`) sends the
 op the gradient of xa, which takes the place of `dy B` in the backward.
 
+With `xa_tail=True` (B-less, shared input, one A: `compile_passes/lora_xa_tail.py`) the op returns [y | xa] as one
+tensor [N, sum out + r] and an empty xa [N, 0]; the consumer reads xa from y's last columns and sends back the
+gradient [dy | dxa] as one tensor. When the group's weights were packed with r spare rows after them
+(`pack_frozen_weights(..., spare_rows=r)`), A is copied into those rows and the forward is one GEMM against [W; A]
+(x is read once; no skinny `x A^T` GEMM) and the backward's dX one GEMM of [dy | dxa] against it (the LoRA dX is
+part of the reduction instead of a rank-r pass over dx afterwards). Otherwise the same two GEMMs as before write
+into the columns of one buffer.
+
 Dropout stays outside the op. `nn.Dropout` in the block becomes an ordinary `dropout` node in the Dynamo graph, so
 its RNG is whatever torch.compile does for every other dropout (Inductor's philox stream, or eager's with
 `fallback_random`), activation checkpointing replays it as usual, and the op itself is deterministic. The dropped
@@ -43,6 +51,7 @@ those two functions would change.
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import torch
@@ -171,22 +180,48 @@ def frozen_concat(weights: Sequence[Tensor]) -> Tensor:
         return fused
 
 
-def pack_frozen_weights(weights: Sequence[Tensor]) -> Tensor:
+def pack_frozen_weights(weights: Sequence[Tensor], spare_rows: int = 0) -> Tensor:
     """Re-home frozen weights (e.g. q/k/v of one block) into one [sum out, in] storage, in place, before compile.
 
     Optional: after it `frozen_concat` is a zero-copy view and the cache holds nothing, saving one copy of every
     fused group (~9 GB for Qwen3-8B in bf16). The parameters stay separate `nn.Parameter`s (same objects, same
     state-dict keys); only their storage is shared, so call it after loading and before compiling. Savers that
     refuse shared storage (safetensors) need `.contiguous()` copies; FSDP re-homes parameters anyway.
+    `spare_rows` more rows follow the weights in the storage: the op writes the group's LoRA A there (`xa_tail`).
     """
     if any(w.requires_grad for w in weights):
         raise ValueError("pack_frozen_weights is for frozen weights only")
-    packed = torch.cat([w.detach() for w in weights], dim=0)
+    packed = torch.cat([w.detach() for w in weights] + [weights[0].new_zeros(spare_rows, *weights[0].shape[1:])])
     offset = 0
     for w in weights:
         w.data = packed[offset : offset + w.shape[0]]
         offset += w.shape[0]
-    return packed
+    if spare_rows:  # only rows registered here are ever written: other storages may hold live data past a group
+        tail = packed[offset:]
+        _SPARE_ROWS[tail.data_ptr()] = (StorageWeakRef(tail.untyped_storage()), spare_rows)
+    return packed[:offset]
+
+
+_SPARE_ROWS: dict[int, tuple[StorageWeakRef, int]] = {}  # address after a packed group -> (its storage, spare rows)
+stats: Counter = Counter()  # "weight_tail_gemms": GEMMs run against [W; A] (xa_tail with packed weights)
+
+
+def weight_with_tail(weights: Sequence[Tensor], lora_A: Tensor) -> Tensor | None:
+    """[W_1; ...; W_n; A] as one view of the weights' packed storage with A copied into its spare rows, or None when
+    the weights were not packed with room for A (or A's dtype differs): see `xa_tail` in the module docstring."""
+    view = _adjacent_view(weights) if len(weights) > 1 else None
+    if view is None or lora_A.dtype != view.dtype or lora_A.shape[1:] != view.shape[1:]:
+        return None
+    spare = _SPARE_ROWS.get(view.data_ptr() + view.shape[0] * view.stride(0) * view.element_size())
+    if spare is None or spare[0].expired() or spare[1] < lora_A.shape[0]:
+        return None
+    # A tensor of its own over that memory: a write through a view of the weights would bump their autograd version
+    # counter, and anything that saved them for its backward (another op, an eager reference) would then refuse.
+    shape = (view.shape[0] + lora_A.shape[0], *view.shape[1:])
+    full = view.new_empty(0).set_(view.untyped_storage(), view.storage_offset(), shape, view.stride())
+    full[view.shape[0] :].copy_(lora_A)
+    stats["weight_tail_gemms"] += 1
+    return full
 
 
 def _drop_dead_entries() -> None:
@@ -269,10 +304,14 @@ def _lora_forward(
     scalings: Sequence[float],
     lora_inputs: Sequence[Tensor],
     base_linear: Callable[[Tensor], Tensor] | None = None,  # x [N, in] -> fresh x W^T [N, sum out]; default bf16
+    xa_tail: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """`base_linear` replaces the base GEMM (fp8/fp4 operands of a stored weight); `weights` are then unused."""
     in_features = x.shape[-1]
     x2 = x.reshape(-1, in_features)
+    if xa_tail:
+        y = _forward_xa_tail(x2, weights, lora_As[0])
+        return y.view(*x.shape[:-1], y.shape[1]), x2.new_empty(x2.shape[0], 0)
     if base_linear is None:
         y = F.linear(x2, weights[0] if len(weights) == 1 else frozen_concat(weights), bias)  # [N, sum out]
     else:
@@ -305,6 +344,31 @@ def _lora_forward(
     return y, xa
 
 
+def _forward_xa_tail(x2: Tensor, weights: Sequence[Tensor], lora_A: Tensor) -> Tensor:
+    """[x W^T | x A^T] [N, sum out + r]: one GEMM against [W; A] if the weights have room for A, else two GEMMs
+    writing the two column blocks of one buffer."""
+    w_ext = weight_with_tail(weights, lora_A)
+    if w_ext is not None:
+        return F.linear(x2, w_ext)
+    w = frozen_concat(weights)
+    y = x2.new_empty(x2.shape[0], w.shape[0] + lora_A.shape[0])
+    torch.mm(x2, w.t(), out=y[:, : w.shape[0]])
+    torch.mm(x2, lora_A.t(), out=y[:, w.shape[0] :])
+    return y
+
+
+def _grad_x_xa_tail(dy: Tensor, weights: Sequence[Tensor], lora_A: Tensor) -> Tensor:
+    """[dy | dxa] [W; A]: the base dX and the LoRA dX in one GEMM (inner size sum out + r), or the base dX GEMM and
+    the LoRA dX added in place when the weights have no room for A."""
+    w_ext = weight_with_tail(weights, lora_A)
+    if w_ext is not None:
+        return torch.mm(dy, w_ext)
+    w = frozen_concat(weights)
+    grad_x = torch.mm(dy[:, : w.shape[0]], w)
+    add_low_rank_(grad_x, dy[:, w.shape[0] :], lora_A)
+    return grad_x
+
+
 def _lora_backward(
     grad_y: Tensor,
     lora_inputs: Sequence[Tensor],
@@ -316,6 +380,7 @@ def _lora_backward(
     shared_input: bool,
     needs_grad_x: bool,
     base_grad_x: Callable[[Tensor], Tensor] | None = None,  # dy [N, sum out] -> fresh [N, in]; default dy W
+    xa_tail: bool = False,  # grad_y is [dy | dxa] (the forward ran with xa_tail)
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """Returns (grad_x or empty, grad_A_cat [sum r, in], grad_B_full [sum out, sum r], grad_lora_inputs).
 
@@ -333,6 +398,13 @@ def _lora_backward(
     n = len(lora_As)
     in_features = weights[0].shape[1]
     ranks = [a.shape[0] for a in lora_As]
+    if xa_tail:
+        dxa = dy[:, sum(w.shape[0] for w in weights) :]
+        grad_a = torch.mm(dxa.t(), lora_inputs[0].reshape(-1, in_features))
+        grad_b = dxa.new_empty(0, sum(ranks))
+        if not needs_grad_x:
+            return grad_y.new_empty(0), grad_a, grad_b, []
+        return _grad_x_xa_tail(dy, weights, lora_As[0]).view(*grad_y.shape[:-1], in_features), grad_a, grad_b, []
     if not lora_Bs:  # B applied by the consumer (`ops.swiglu_lora`): `xa` holds the gradient of xa, no dB here
         dxa, grad_b = xa, xa.new_empty(0, sum(ranks))
     else:
@@ -424,16 +496,21 @@ def lora_linear(
     lora_Bs: list[Tensor],
     scalings: list[float],
     lora_inputs: list[Tensor],
+    xa_tail: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Returns (y [..., sum out], xa [N, sum r]). See the module docstring."""
-    return _lora_forward(x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs)
+    """Returns (y [..., sum out], xa [N, sum r]), or with `xa_tail` ([y | xa], [N, 0]). See the module docstring."""
+    if xa_tail and (lora_Bs or lora_inputs or bias is not None or len(lora_As) != 1):
+        raise ValueError("lora_linear: xa_tail needs one (concatenated) A, no B, no bias and a shared input")
+    return _lora_forward(x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs, xa_tail=xa_tail)
 
 
 @lora_linear.register_fake
-def _lora_linear_fake(x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs):
+def _lora_linear_fake(x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs, xa_tail=False):
     n = x.numel() // x.shape[-1]
     out = sum(w.shape[0] for w in weights)
     rank = sum(a.shape[0] for a in lora_As)
+    if xa_tail:
+        return x.new_empty(*x.shape[:-1], out + rank), x.new_empty(n, 0)
     return x.new_empty(*x.shape[:-1], out), x.new_empty(n, rank)
 
 
@@ -448,6 +525,7 @@ def lora_linear_grad(
     scalings: list[float],
     shared_input: bool,
     needs_grad_x: bool,
+    xa_tail: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """Returns (grad_x or empty, grad_A_cat, grad_B_full, grad_lora_inputs (empty if shared_input)).
 
@@ -456,7 +534,9 @@ def lora_linear_grad(
     compiled code cached before the change calls the old name and fails loudly instead of misreading the outputs.
     Clear the cache (or set TORCHINDUCTOR_CACHE_DIR) after changing this op's outputs.
     """
-    return _lora_backward(grad_y, lora_inputs, xa, weights, lora_As, lora_Bs, scalings, shared_input, needs_grad_x)
+    return _lora_backward(
+        grad_y, lora_inputs, xa, weights, lora_As, lora_Bs, scalings, shared_input, needs_grad_x, xa_tail=xa_tail
+    )
 
 
 def lora_grad_fake(
@@ -479,12 +559,15 @@ def lora_grad_fake(
 
 
 @lora_linear_grad.register_fake
-def _lora_linear_backward_fake(grad_y, lora_inputs, xa, weights, lora_As, lora_Bs, scalings, shared_input, needs_x):
+def _lora_linear_backward_fake(
+    grad_y, lora_inputs, xa, weights, lora_As, lora_Bs, scalings, shared_input, needs_x, xa_tail=False
+):
     return lora_grad_fake(grad_y, lora_inputs, lora_As, weights[0].shape[1], shared_input, needs_x, bool(lora_Bs))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs = inputs
+    x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs = inputs[:7]
+    ctx.xa_tail = len(inputs) > 7 and bool(inputs[7])
     if any(w.requires_grad for w in weights) or (bias is not None and bias.requires_grad):
         raise RuntimeError(
             "surogate::lora_linear never computes a base weight/bias gradient; freeze the base linear "
@@ -532,12 +615,13 @@ def _backward(ctx, grad_y, grad_xa):
     # needs_input_grad mirrors the inputs' structure: a bool per tensor, a list of bools per tensor list.
     needs_grad_x = ctx.needs_input_grad[0] or any(ctx.needs_input_grad[6])
     grad_x, grad_a, grad_b, grad_lora_inputs = lora_linear_grad(
-        grad_y, lora_inputs, xa, weights, lora_As, lora_Bs, ctx.scalings, ctx.shared_input, needs_grad_x
+        grad_y, lora_inputs, xa, weights, lora_As, lora_Bs, ctx.scalings, ctx.shared_input, needs_grad_x, ctx.xa_tail
     )
     grad_As, grad_Bs = _split_grads(grad_a, grad_b, ctx.ranks, ctx.outs)
     if not needs_grad_x:
         grad_x, grad_lora_inputs = None, [None] * (0 if ctx.shared_input else k)
-    return grad_x, [None] * n, None, grad_As, grad_Bs, None, grad_lora_inputs  # frozen weights: never a gradient
+    grads = (grad_x, [None] * n, None, grad_As, grad_Bs, None, grad_lora_inputs, None)  # frozen weights: no gradient
+    return grads[: len(ctx.needs_input_grad)]  # one slot per input as passed (xa_tail may be left to its default)
 
 
 lora_linear.register_autograd(_backward, setup_context=_setup_context)

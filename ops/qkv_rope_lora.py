@@ -33,7 +33,17 @@ import os
 import torch
 from torch import Tensor
 
-from ops._launch import as_rows, cdiv, lora_grad_buffer, rank_block, split_flat
+from ops._launch import (
+    as_rows,
+    cdiv,
+    grad_rows_with_tail,
+    lora_grad_buffer,
+    move_dxa_to_tail,
+    rank_block,
+    round_lora_grads,
+    split_flat,
+    xa_from_tail,
+)
 
 __all__ = ["qkv_rope_lora", "qkv_rope_lora_reference"]
 
@@ -132,6 +142,7 @@ def _kernel_operands(y, lora_Bs, norm_weights, cos, sin, head_dim):
 
 
 def _forward(y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps) -> tuple[Tensor, Tensor, Tensor]:
+    y, xa = xa_from_tail(y, xa, sum(b.shape[0] for b in lora_Bs))
     lead = y.shape[:-1]
     if not _use_triton(y, lora_Bs, head_dim):
         with torch.no_grad():
@@ -154,10 +165,14 @@ def _forward(y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps) ->
 
 
 def _backward(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps):
-    """(dy [..., Nq + Nk + Nv], the LoRA gradients dxa [N, r_q + r_k + r_v], dB_q, dB_k, dB_v flat in xa's dtype)."""
+    """(dy [..., Nq + Nk + Nv], the LoRA gradients dxa [N, r_q + r_k + r_v], dB_q, dB_k, dB_v flat in xa's dtype).
+    With xa in y's tail (`ops._launch`), dy is [dy | dxa] and the flat buffer holds the dB's."""
+    y_in, width = y, sum(b.shape[0] for b in lora_Bs)
+    y, xa = xa_from_tail(y, xa, width)
     triton_ok = _use_triton(y, lora_Bs, head_dim) and not torch.are_deterministic_algorithms_enabled()
     if not triton_ok:  # CPU; deterministic mode (the kernel sums with atomics)
-        return _backward_torch(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps)
+        dy, flat = _backward_torch(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps)
+        return move_dxa_to_tail(dy, flat, y_in, width)
     from ops.qkv_rope_lora_kernels import qkv_rope_lora_bwd_kernel
 
     y2, bs, ws, cos2, sin2, (hq, hkv), ranks = _kernel_operands(y, lora_Bs, norm_weights, cos, sin, head_dim)
@@ -167,7 +182,7 @@ def _backward(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim,
     # memory order); the kernel needs unit stride in D
     gs = [g.reshape(-1, seq, g.shape[-2], head_dim) for g in grads]
     gs = [g if g.stride(-1) == 1 else g.contiguous() for g in gs]
-    dy = torch.empty_like(y2)
+    dy_full, dy = grad_rows_with_tail(y_in, width)
     shapes = lora_grad_buffer(m, xa.shape[1], [b.shape for b in lora_Bs])
     flat = torch.zeros(sum(a * b for a, b in shapes), device=y.device, dtype=torch.float32)  # atomics: fp32
     dxa, *dbs = split_flat(flat, shapes)
@@ -183,7 +198,7 @@ def _backward(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim,
             D2=head_dim // 2, BM=bm, BR=rank_block(lora_Bs), NORM=bool(norm_weights), IEEE=y.dtype == torch.float32,
             num_warps=warps,
         )  # fmt: skip
-    return dy.view(y.shape), flat.to(xa.dtype)
+    return dy_full.view(y_in.shape), round_lora_grads(flat, dy_full, width, xa.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -191,11 +206,15 @@ def _backward(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim,
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check(y: Tensor, lora_Bs: list[Tensor], scalings: list[float], norm_weights: list[Tensor], head_dim: int) -> None:
+def _check(
+    y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float], norm_weights: list[Tensor], head_dim: int
+) -> None:
     widths = [b.shape[0] for b in lora_Bs]
-    if len(lora_Bs) != 3 or len(scalings) != 3 or y.shape[-1] != sum(widths) or len(norm_weights) not in (0, 2):
+    tail = 0 if xa.shape[-1] else sum(b.shape[1] for b in lora_Bs)  # xa in y's tail (`ops._launch`)
+    if len(lora_Bs) != 3 or len(scalings) != 3 or y.shape[-1] != sum(widths) + tail or len(norm_weights) not in (0, 2):
         raise ValueError(
-            "qkv_rope_lora takes y [..., Nq + Nk + Nv], the q, k and v B matrices, and 0 or 2 norm weights"
+            "qkv_rope_lora takes y [..., Nq + Nk + Nv] (+ r_q + r_k + r_v with xa in its tail), the q, k and v B"
+            " matrices, and 0 or 2 norm weights"
         )
     if any(w % head_dim for w in widths) or head_dim % 2 or y.dim() < 2:
         raise ValueError(f"qkv_rope_lora: widths {widths} must be whole heads of even head_dim {head_dim}")
@@ -214,7 +233,7 @@ def qkv_rope_lora(
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(q, k, v), each [..., heads, head_dim]. See the module docstring."""
-    _check(y, lora_Bs, scalings, norm_weights, head_dim)
+    _check(y, xa, lora_Bs, scalings, norm_weights, head_dim)
     return _forward(y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps)
 
 

@@ -40,7 +40,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ops._launch import as_rows, cdiv, lora_grad_buffer, rank_block, split_flat
+from ops._launch import (
+    as_rows,
+    cdiv,
+    grad_rows_with_tail,
+    lora_grad_buffer,
+    move_dxa_to_tail,
+    rank_block,
+    round_lora_grads,
+    split_flat,
+    xa_from_tail,
+)
 
 __all__ = ["swiglu_lora", "swiglu_lora_down", "swiglu_lora_down_reference", "swiglu_lora_reference"]
 
@@ -93,9 +103,10 @@ def _forward(
     y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float], down_A: Tensor | None = None
 ) -> tuple[Tensor, Tensor | None]:
     """(h [..., I], and with `down_A` [r_d, I] the down projection's xa_down = h A_down^T [N, r_d])."""
+    inter = lora_Bs[0].shape[0]
+    y, xa = xa_from_tail(y, xa, 2 * inter)
     y2 = as_rows(y)
-    m, width = y2.shape
-    inter = width // 2
+    m = y2.shape[0]
     h = y2.new_empty(m, inter)
     xad = None
     if not _use_triton(y, lora_Bs, down_A):
@@ -139,7 +150,10 @@ def _backward(
 ) -> tuple[Tensor, Tensor]:
     """(dy [..., 2I], the LoRA gradients dxa [N, r_g + r_u], dB_g, dB_u (and dA_down) flat in xa's dtype: see
     `_grad_layout`). With `down_A`, grad_h is the down projection's base dX only and grad_xad the gradient of
-    xa_down: its LoRA dX (grad_xad A_down) is added here."""
+    xa_down: its LoRA dX (grad_xad A_down) is added here. With xa in y's tail (`ops._launch`), dy is [dy | dxa]
+    and the flat buffer holds the rest."""
+    y_in, width = y, 2 * lora_Bs[0].shape[0]
+    y, xa = xa_from_tail(y, xa, width)
     y2, dh = as_rows(y), as_rows(grad_h)
     (b_g, b_u), (s_g, s_u) = lora_Bs, scalings
     if not _use_triton(y, lora_Bs, down_A) or torch.are_deterministic_algorithms_enabled():  # atomics: docstring
@@ -155,9 +169,9 @@ def _backward(
         dxa = torch.cat([s_g * (dg @ b_g), s_u * (du @ b_u)], dim=1)
         lora = [dxa, s_g * (dg.t() @ x_g), s_u * (du.t() @ x_u)] + ([] if dad is None else [dad])
         dy, flat = torch.cat([dg, du], dim=1), torch.cat([t.flatten().to(xa.dtype) for t in lora])
-    else:
-        dy, flat = _backward_triton(dh, y2, xa, b_g, b_u, float(s_g), float(s_u), down_A, grad_xad)
-    return dy.view(y.shape), flat
+        return move_dxa_to_tail(dy, flat, y_in, width)
+    dy_full, flat = _backward_triton(dh, y_in, y2, xa, b_g, b_u, float(s_g), float(s_u), down_A, grad_xad)
+    return dy_full.view(y_in.shape), flat
 
 
 def _grad_layout(xa: Tensor, lora_Bs: list[Tensor], down_A: Tensor | None) -> list[tuple[int, ...]]:
@@ -169,6 +183,7 @@ def _grad_layout(xa: Tensor, lora_Bs: list[Tensor], down_A: Tensor | None) -> li
 
 def _backward_triton(
     dh: Tensor,
+    y_in: Tensor,  # y as the op got it: with xa in its tail, dy gets dxa in its tail too
     y2: Tensor,
     xa: Tensor,
     b_g: Tensor,
@@ -183,7 +198,7 @@ def _backward_triton(
     m, width = y2.shape
     inter = width // 2
     r_g, r_u = b_g.shape[1], b_u.shape[1]
-    dy = torch.empty_like(y2)
+    dy_full, dy = grad_rows_with_tail(y_in, width)
     shapes = _grad_layout(xa, [b_g, b_u], down_A)
     flat = torch.zeros(sum(a * b for a, b in shapes), device=y2.device, dtype=torch.float32)  # atomics: fp32
     dxa, db_g, db_u, *rest = split_flat(flat, shapes)
@@ -203,7 +218,7 @@ def _backward_triton(
             BM=bm, BN=bn, BR=rank_block([b_g, b_u]), BRD=_down_rank_block(down_A), DOWN=down_A is not None,
             IEEE=y2.dtype == torch.float32, num_warps=warps,
         )  # fmt: skip
-    return dy, flat.to(xa.dtype)
+    return dy_full, round_lora_grads(flat, dy_full, width, xa.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,21 +226,25 @@ def _backward_triton(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check(y: Tensor, lora_Bs: list[Tensor], scalings: list[float]) -> None:
-    if len(lora_Bs) != 2 or len(scalings) != 2 or y.shape[-1] != 2 * lora_Bs[0].shape[0]:
-        raise ValueError("swiglu_lora takes y [..., 2I], xa and the gate and up B matrices ([I, r] each)")
+def _check(y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float]) -> None:
+    tail = 0 if xa.shape[-1] else sum(b.shape[1] for b in lora_Bs)  # xa in y's tail (`ops._launch`)
+    if len(lora_Bs) != 2 or len(scalings) != 2 or y.shape[-1] != 2 * lora_Bs[0].shape[0] + tail:
+        raise ValueError(
+            "swiglu_lora takes y [..., 2I] and xa [N, r_g + r_u] (or y [..., 2I + r_g + r_u] and xa [N, 0]) and the"
+            " gate and up B matrices ([I, r] each)"
+        )
 
 
 @torch.library.custom_op("surogate::swiglu_lora", mutates_args=())
 def swiglu_lora(y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float]) -> Tensor:
     """h [..., I] = silu(g) * u; y [..., 2I] (gate columns first), xa [N, r_g + r_u], lora_Bs [B_g, B_u] ([I, r])."""
-    _check(y, lora_Bs, scalings)
+    _check(y, xa, lora_Bs, scalings)
     return _forward(y, xa, lora_Bs, scalings)[0]
 
 
 @swiglu_lora.register_fake
 def _swiglu_lora_fake(y, xa, lora_Bs, scalings):
-    return y.new_empty(*y.shape[:-1], y.shape[-1] // 2)
+    return y.new_empty(*y.shape[:-1], lora_Bs[0].shape[0])
 
 
 @torch.library.custom_op("surogate::swiglu_lora_grad", mutates_args=())
@@ -263,7 +282,7 @@ def swiglu_lora_down(
 ) -> tuple[Tensor, Tensor]:
     """(h, xa_down = h A_down^T [N, r_d]): `swiglu_lora` that also makes the down projection's LoRA product, so the
     down projection runs its base GEMM alone and h is never read again for its LoRA (see the module docstring)."""
-    _check(y, lora_Bs, scalings)
+    _check(y, xa, lora_Bs, scalings)
     if down_A.shape[-1] != lora_Bs[0].shape[0]:
         raise ValueError("swiglu_lora_down takes the down projection's A as [r, I]")
     return _forward(y, xa, lora_Bs, scalings, down_A)
@@ -271,7 +290,7 @@ def swiglu_lora_down(
 
 @swiglu_lora_down.register_fake
 def _swiglu_lora_down_fake(y, xa, lora_Bs, scalings, down_A):
-    h = y.new_empty(*y.shape[:-1], y.shape[-1] // 2)
+    h = y.new_empty(*y.shape[:-1], lora_Bs[0].shape[0])
     return h, y.new_empty(xa.shape[0], down_A.shape[0])
 
 
@@ -303,7 +322,7 @@ def _setup_context_down(ctx, inputs, output) -> None:
 def _backward_formula_down(ctx, grad_h, grad_xa_down):
     y, xa, b_g, b_u, down_A = ctx.saved_tensors
     if grad_h is None:
-        grad_h = y.new_zeros(*y.shape[:-1], y.shape[-1] // 2)
+        grad_h = y.new_zeros(*y.shape[:-1], b_g.shape[0])
     if grad_xa_down is None:
         grad_xa_down = xa.new_zeros(xa.shape[0], down_A.shape[0])
     grad_y, flat = swiglu_lora_down_grad(grad_h, grad_xa_down, y, xa, [b_g, b_u], ctx.scalings, down_A)

@@ -52,7 +52,10 @@ def colocate_block(block: nn.Module) -> int:
             continue  # only frozen, materialized, unquantized weights
         if len({(w.dtype, w.device, w.shape[1:]) for w in weights}) != 1 or _adjacent_view(weights) is not None:
             continue
-        pack_frozen_weights(weights)
+        # room for the group's LoRA A after its weights: the bf16 op's forward and dX then run one GEMM against
+        # [W; A] (`xa_tail` in ops/lora_linear.py); a few hundred KB per group
+        spare = sum(m.lora_A.shape[0] for m in modules) if all(hasattr(m, "lora_A") for m in modules) else 0
+        pack_frozen_weights(weights, spare_rows=spare)
         moved += 1
     return moved
 

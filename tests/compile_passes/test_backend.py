@@ -125,10 +125,19 @@ def _tiny_qwen3_with_lora():
     return model, copy.deepcopy(model), args
 
 
-def test_qwen3_blocks_compiled_match_eager():
+@pytest.mark.parametrize("packed", [False, True])
+def test_qwen3_blocks_compiled_match_eager(packed):
+    """packed: the q/k/v and gate/up weights share one storage each with spare rows for A (as training runs), so
+    the xa_tail groups run one GEMM against [W; A] each way; else the op's two-GEMM fallback."""
+    from ops.lora_linear import stats
+    from surogate.parallelize import colocate_shared_input_weights
+
     model, reference, args = _tiny_qwen3_with_lora()
+    if packed:
+        assert colocate_shared_input_weights(model) == 2 * len(model.model.layers)
     backend = make_backend("bf16", keep_graphs=True)
     torch._dynamo.reset()
+    tail_gemms = stats["weight_tail_gemms"]
     for i, layer in enumerate(model.model.layers):
         model.model.layers[i] = torch.compile(layer, backend=backend, fullgraph=True)
 
@@ -150,6 +159,10 @@ def test_qwen3_blocks_compiled_match_eager():
     assert backend.stats.rewrites["fuse_swiglu_lora"] == len(model.model.layers)
     assert backend.stats.rewrites["fuse_qkv_rope_lora"] == len(model.model.layers)
     assert backend.stats.rewrites["fuse_down_lora_into_swiglu"] == len(model.model.layers)
+    assert backend.stats.rewrites["put_xa_in_tail"] == 2 * len(model.model.layers)  # q/k/v and gate/up
+    # both groups' forwards and dX against [W; A] in every block (but the first block's q/k/v, whose input, from the
+    # frozen embedding, needs no gradient), or never without the packing
+    assert stats["weight_tail_gemms"] - tail_gemms == (4 * len(model.model.layers) - 1 if packed else 0)
 
 
 def test_checkpointed_blocks_get_the_ops_and_match_eager():

@@ -142,6 +142,7 @@ def test_get_attr_parameters():
         "fuse_qkv_rope_lora": 0,
         "fuse_residual_into_lora": 0,
         "concat_lora_as": 0,  # the fused q/k/v group keeps its B's
+        "put_xa_in_tail": 0,
     }
     x = torch.randn(2, 3, 24)
     assert rel_err(gm(x), module(x)) <= 1e-5
@@ -164,6 +165,7 @@ def test_tiny_block_op_structure_and_stats():
         "fuse_qkv_rope_lora": 0,  # the tiny block has q/k norm but no RoPE: left alone
         "fuse_residual_into_lora": 2,  # o and down, each with the residual add after it
         "concat_lora_as": 1,  # gate/up, which runs without B
+        "put_xa_in_tail": 1,  # gate/up: [y | xa] in one tensor for its SwiGLU op
     }
     # the per-projection outputs come from one split of the fused output; xa is read only by the SwiGLU op of the
     # gate/up group, which runs without B (swiglu_lora_fusion.py); the down projection runs its base alone, its LoRA
@@ -173,8 +175,9 @@ def test_tiny_block_op_structure_and_stats():
         xa_users = [u for u in n.users if u.args[1] == 1]
         assert all(u.target is operator.getitem for u in n.users)
         assert len(xa_users) == (1 if not n.args[4] and n.args[3] else 0)
-    # gate/up's two A's arrive as one concatenated tensor (lora_a_concat.py)
+    # gate/up's two A's arrive as one concatenated tensor (lora_a_concat.py), and its xa in y's tail (lora_xa_tail.py)
     assert sorted((len(n.args[3]), len(n.args[4])) for n in op_calls(gm)) == [(0, 0), (1, 0), (1, 0), (3, 3)]
+    assert [len(n.args[1]) for n in op_calls(gm) if len(n.args) == 8 and n.args[7]] == [2]
     low_rank_adds = [n for n in gm.graph.nodes if n.target is torch.ops.surogate.low_rank_add.default]
     assert len(low_rank_adds) == 2 and all(len(n.args) == 5 for n in low_rank_adds)  # each with its residual
 

@@ -88,6 +88,14 @@ for batch, seq, norm, ranks in [(2, 21, True, (8, 16, 4)), (1, 37, False, (16, 1
     got = torch.autograd.grad(out, [y, xa, *Bs], dos)
     for g, w in zip(got, want):
         assert torch.isfinite(g).all() and rel(g, w) < 1e-5, rel(g, w)
+    # xa in y's tail (a LoRA op with xa_tail=True): the gradient of [y | xa] is [dy | dxa]
+    y_ext = torch.cat([y.detach(), xa.detach().view(batch, seq, -1)], -1).requires_grad_()
+    tail = op.qkv_rope_lora(y_ext, xa.detach()[:, :0], Bs, s, ws, cos, sin, 32, 1e-6)
+    for o, r in zip(tail, out):
+        assert rel(o, r) < 1e-6, rel(o, r)
+    got_tail = torch.autograd.grad(tail, [y_ext, *Bs], dos)
+    for g, w in zip(got_tail, [torch.cat([got[0], got[1].view(batch, seq, -1)], -1), *got[2:]]):
+        assert torch.isfinite(g).all() and rel(g, w) < 1e-6, rel(g, w)
 print("ok")
 """
 
@@ -112,13 +120,15 @@ def test_lora_op_without_b_then_qkv_rope_lora_matches_eager():
     y_ref = lora_linear_reference(x, ws, None, As, Bs, s)
     q, k, v = (t.view(batch, seq, -1, head_dim) for t in y_ref.split(outs, dim=-1))
     ref = apply_rope(norms[0](q), cos, sin), apply_rope(norms[1](k), cos, sin), v
-    y, xa = LORA(x, ws, None, As, [], s, [])
-    out = qkv_rope_lora(y, xa, Bs, s, [n.weight for n in norms], cos, sin, head_dim, 1e-6)
-    for o, r in zip(out, ref):
-        assert rel(o, r) < 1e-5
     flat = lambda ts: torch.cat([t.flatten() for t in ts])  # noqa: E731
-    for got, want in zip(lora_grads(flat(out), x, As, Bs), lora_grads(flat(ref), x, As, Bs)):
-        assert rel(got, want) < 1e-5
+    for tail in (False, True):  # xa_tail: [y | xa] from the op, xa read from y's last columns (unpacked weights)
+        y, xa = LORA(x, ws, None, [torch.cat(As)] if tail else As, [], s, [], tail)
+        assert xa.shape == (batch * seq, 0 if tail else 12)
+        out = qkv_rope_lora(y, xa, Bs, s, [n.weight for n in norms], cos, sin, head_dim, 1e-6)
+        for o, r in zip(out, ref):
+            assert rel(o, r) < 1e-5
+        for got, want in zip(lora_grads(flat(out), x, As, Bs), lora_grads(flat(ref), x, As, Bs)):
+            assert rel(got, want) < 1e-5
 
 
 @pytest.mark.gpu

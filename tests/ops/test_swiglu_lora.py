@@ -8,7 +8,7 @@ from lora_cases import lora_grads, lora_inputs, rel, run_interpreted
 
 import ops.fp8  # noqa: F401  (registers surogate::lora_linear_fp8)
 import ops.low_rank_add  # noqa: F401  (registers surogate::low_rank_add)
-from ops.lora_linear import lora_linear_reference
+from ops.lora_linear import lora_linear_reference, pack_frozen_weights, weight_with_tail
 from ops.swiglu_lora import swiglu_lora, swiglu_lora_down, swiglu_lora_down_reference, swiglu_lora_reference
 
 OP = torch.ops.surogate.swiglu_lora.default
@@ -86,6 +86,19 @@ for m, inter, rg, ru, rd in [(150, 200, 8, 16, 16), (70, 48, 16, 16, 5)]:
             assert torch.isfinite(o).all() and rel(o, r) < 1e-5, rel(o, r)
         for g, w in zip(got, want):
             assert torch.isfinite(g).all() and rel(g, w) < 1e-5, rel(g, w)
+    # xa in y's tail (a LoRA op with xa_tail=True): the gradient of [y | xa] is [dy | dxa]
+    y_ext, xa0 = torch.cat([y.detach(), xa.detach()], 1).requires_grad_(), xa.detach()[:, :0]
+    for op, extra in [(swiglu_lora, ()), (swiglu_lora_down, (down_A,))]:
+        ref = op(y, xa, Bs, s, *extra)
+        out = op(y_ext, xa0, Bs, s, *extra)
+        refs, outs = (ref, out) if isinstance(ref, tuple) else ((ref,), (out,))
+        ups = [torch.randn_like(r) for r in refs]
+        want = torch.autograd.grad(refs, [y, xa, *Bs], ups)
+        got = torch.autograd.grad(outs, [y_ext, *Bs], ups)
+        for o, r in zip(outs, refs):
+            assert rel(o, r) < 1e-6, rel(o, r)
+        for g, w in zip(got, [torch.cat(want[:2], 1), *want[2:]]):
+            assert torch.isfinite(g).all() and rel(g, w) < 1e-6, rel(g, w)
 print("ok")
 """
 
@@ -104,6 +117,27 @@ def test_lora_op_without_b_then_swiglu_matches_eager():
     g, u = y_ref.chunk(2, dim=-1)
     ref = F.silu(g) * u
     y, xa = LORA(x, ws, None, As, [], s, [])
+    out = swiglu_lora(y, xa, Bs, s)
+    assert rel(out, ref) < 1e-5
+    for got, want in zip(lora_grads(out, x, As, Bs), lora_grads(ref, x, As, Bs)):
+        assert rel(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_lora_op_with_xa_in_tail_then_swiglu_matches_eager(packed):
+    """`xa_tail` (compile_passes/lora_xa_tail.py): the gate/up group returns [y | xa] and SwiGLU reads xa from y's
+    tail. With the weights packed with spare rows the op runs one GEMM against [W; A] each way (checked), else the
+    two GEMMs into one buffer; both against eager LoRA + SwiGLU, every gradient."""
+    inter = 24
+    x, ws, As, Bs = lora_inputs((2, 5), 16, (inter, inter), (4, 4))
+    s = [2.0, 2.0]
+    if packed:
+        pack_frozen_weights(ws, spare_rows=8)
+    g, u = lora_linear_reference(x, ws, None, As, Bs, s).chunk(2, dim=-1)
+    ref = F.silu(g) * u
+    assert (weight_with_tail(ws, torch.cat(As).detach()) is not None) == packed
+    y, xa = LORA(x, ws, None, [torch.cat(As)], [], s, [], True)
+    assert y.shape == (2, 5, 2 * inter + 8) and xa.shape == (10, 0)
     out = swiglu_lora(y, xa, Bs, s)
     assert rel(out, ref) < 1e-5
     for got, want in zip(lora_grads(out, x, As, Bs), lora_grads(ref, x, As, Bs)):
