@@ -137,6 +137,24 @@ def test_opcheck(n_proj, dropout):
         torch.library.opcheck(BWD, (*args, not lora_inputs, needs_grad_x))
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_opcheck_xa_tail(packed):
+    """[y | xa] in one output (the q/k/v group's shapes), with and without the weights packed with room for A; the
+    backward op with [dy | dxa]."""
+    from ops.lora_linear import pack_frozen_weights
+
+    x, weights, As, _, scalings, _ = make_inputs((2, 5), 24, [16, 8, 8], [7, 7, 7], torch.float32)
+    if packed:
+        pack_frozen_weights(weights, spare_rows=21)
+    a = torch.cat(As).detach().requires_grad_()
+    torch.library.opcheck(OP, (x, weights, None, [a], [], scalings, [], True))
+    y, xa = OP(x, weights, None, [a], [], scalings, [], True)
+    assert y.shape == (2, 5, 32 + 21) and xa.shape == (10, 0)
+    grad_y = torch.randn_like(y)
+    args = (grad_y, [x.detach()], xa.detach(), weights, [a.detach()], [], scalings, True, True, True)
+    torch.library.opcheck(BWD, args)
+
+
 def test_dropout_statistics_through_eager_dropout():
     # p > 0 with a real dropout in front: E[y] over masks equals the p = 0 output (inverted dropout is unbiased).
     torch.manual_seed(0)
