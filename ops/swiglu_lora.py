@@ -57,6 +57,7 @@ __all__ = ["swiglu_lora", "swiglu_lora_down", "swiglu_lora_down_reference", "swi
 _MAX_RANK = 64  # per projection; the kernels pad the rank to a power of two >= 16 for one tl.dot per tile
 # (BM, BN, warps)
 _FWD_CONFIG = (64, 128, 4)
+_FWD_DOWN_CONFIG = (32, 64, 2)  # with the down projection's A: 4-6% faster than (64, 128, 4) on Qwen3 1.7B-14B shapes
 _BWD_CONFIG = (64, 64, 4)
 _BWD_DOWN_CONFIG = (64, 64, 4)  # with the down projection's A: more live state per tile
 _BWD_MAX_ROW_TILES = 8  # row tiles per backward program (dB partial sums kept in registers across them) ...
@@ -121,7 +122,7 @@ def _forward(
         rank_d = 0 if down_A is None else down_A.shape[0]
         xad32 = torch.zeros(m, rank_d, device=y.device, dtype=torch.float32)  # atomics accumulate in fp32
         ad = xad32 if down_A is None else down_A  # never read without DOWN
-        bm, bn, warps = _FWD_CONFIG
+        bm, bn, warps = _FWD_CONFIG if down_A is None else _FWD_DOWN_CONFIG
         if m and inter:
             swiglu_lora_fwd_kernel[(cdiv(m, bm), cdiv(inter, bn))](
                 y2, xa, b_g, b_u, h, ad, xad32, m, inter, b_g.shape[1], b_u.shape[1], rank_d, y2.stride(0),
