@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from tiny_block import MLP, compiled_run, lora_grads
+from tiny_block import MLP, assert_compiled_matches_eager, compiled_run
 from torch import nn
 
 from compile_passes import make_backend
@@ -38,24 +38,13 @@ def _with_lora(module: nn.Module) -> nn.Module:
 
 
 def test_gate_up_xa_in_tail_and_matches_eager():
-    module = _with_lora(nn.Sequential(MLP(16, 24)))
-    x = torch.randn(2, 5, 16, requires_grad=True)
-    ref = module(x)
-    ref.square().sum().backward()
-    want = lora_grads(module)
-    module.zero_grad()
-    out, stats = compiled_run(module, x)
-    out.square().sum().backward()
+    stats = assert_compiled_matches_eager(_with_lora(nn.Sequential(MLP(16, 24))), torch.randn(2, 5, 16))
     assert stats.rewrites["put_xa_in_tail"] == 1
     (gm,) = stats.graphs
     (group,) = [n for n in gm.graph.nodes if n.target is LORA and len(n.args) == 8]
     assert group.args[7] is True and len(group.args[1]) == 2
     (consumer,) = [n for n in gm.graph.nodes if n.target in SWIGLU]
     assert consumer.args[1].meta["example_value"].shape == (10, 0)  # xa comes in y's tail
-    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
-    got = lora_grads(module)
-    for name, g in want.items():
-        assert torch.isfinite(got[name]).all() and ((got[name] - g).norm() / g.norm()).item() < 1e-5, name
 
 
 def test_left_alone_when_y_is_read_elsewhere():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_block import compiled_run, lora_grads
+from tiny_block import assert_compiled_matches_eager, compiled_run
 from torch import nn
 
 from surogate.lora import LoRALinear
@@ -41,13 +41,7 @@ class MLP(nn.Module):
 def test_rewritten_and_matches_eager(variant):
     torch.manual_seed(0)
     module = MLP(variant)
-    x = torch.randn(2, 5, 16)
-    ref = module(x)
-    ref.square().sum().backward()
-    want = lora_grads(module)
-    module.zero_grad()
-    out, stats = compiled_run(module, x)
-    out.square().sum().backward()
+    stats = assert_compiled_matches_eager(module, torch.randn(2, 5, 16))
     assert stats.rewrites["fuse_swiglu_lora"] == 1
     assert stats.rewrites["fuse_down_lora_into_swiglu"] == 1  # the down projection has LoRA: down_lora_fusion.py
     (gm,) = stats.graphs
@@ -56,11 +50,6 @@ def test_rewritten_and_matches_eager(variant):
     assert not [n for n in gm.graph.nodes if n.target is F.silu]
     (group,) = [n for n in gm.graph.nodes if n.target is torch.ops.surogate.lora_linear.default and len(n.args[1]) == 2]
     assert [a.target for a in group.args[3]] == [torch.cat]  # gate/up's A's concatenated in the graph
-    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
-    got = lora_grads(module)
-    for name, g in want.items():
-        assert torch.isfinite(got[name]).all()
-        assert ((got[name] - g).norm() / g.norm()).item() < 1e-5, name
 
 
 @pytest.mark.parametrize("variant,dropout", [("silu_reused", 0.0), ("plain", 0.1)])

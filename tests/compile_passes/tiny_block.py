@@ -91,3 +91,19 @@ def compiled_run(module: nn.Module, *inputs: torch.Tensor):
     torch._dynamo.reset()
     out = torch.compile(module, backend=backend, fullgraph=True)(*inputs)
     return out, backend.stats
+
+
+def assert_compiled_matches_eager(module: nn.Module, x: torch.Tensor, tol: float = 1e-5):
+    """Eager, then compiled (`compiled_run`): output and every LoRA gradient of `out.square().sum()` within `tol`
+    (relative, NaN refused). Returns the backend's stats for the test's own checks of the rewritten graph."""
+    ref = module(x)
+    ref.square().sum().backward()
+    want = lora_grads(module)
+    module.zero_grad()
+    out, stats = compiled_run(module, x)
+    out.square().sum().backward()
+    assert torch.isfinite(out).all() and ((out - ref).norm() / ref.norm()).item() < tol
+    got = lora_grads(module)
+    for name, g in want.items():
+        assert torch.isfinite(got[name]).all() and ((got[name] - g).norm() / g.norm()).item() < tol, name
+    return stats
