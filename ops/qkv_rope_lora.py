@@ -21,6 +21,9 @@ product and RoPE stay in fp32 until the output is rounded. dxa and dB are summed
 depend on the order blocks run in); with `torch.use_deterministic_algorithms(True)` the backward takes the
 plain-torch path.
 
+xa may also come as y's last columns (xa then [N, 0]; `xa_tail` in ops/lora_linear.py,
+`compile_passes/lora_xa_tail.py`): the op reads it there and its backward returns [dy | dxa] as one tensor.
+
 Kernels: Triton on CUDA (`ops/qkv_rope_lora_kernels.py`; also on CPU tensors under TRITON_INTERPRET=1, for tests)
 for head_dim a power of two >= 32 and ranks <= `_MAX_RANK`; plain torch otherwise (CPU training).
 `qkv_rope_lora_reference` is the autograd-differentiable definition both are tested against.

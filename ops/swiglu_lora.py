@@ -27,6 +27,9 @@ recomputes (`compile_passes/down_lora_fusion.py` writes it). The down projection
 h is not kept for its backward: on Qwen3-8B, 535 -> 427 us per block and micro-step for these kernels plus the
 three GEMMs they replace, and 3.4 GiB less peak memory (H100, benchmarks/NOTES.md).
 
+xa may also come as y's last columns (xa then [N, 0]; `xa_tail` in ops/lora_linear.py,
+`compile_passes/lora_xa_tail.py`): the op reads it there and its backward returns [dy | dxa] as one tensor.
+
 Kernels: Triton on CUDA (`ops/swiglu_lora_kernels.py`; also on CPU tensors under TRITON_INTERPRET=1, for tests);
 plain torch otherwise (CPU training) and for ranks above `_MAX_RANK`. `swiglu_lora_reference` is the
 autograd-differentiable definition both are tested against.
