@@ -137,7 +137,7 @@ def test_qwen3_blocks_compiled_match_eager(packed):
         assert colocate_shared_input_weights(model) == 2 * len(model.model.layers)
     backend = make_backend("bf16", keep_graphs=True)
     torch._dynamo.reset()
-    tail_gemms = stats["weight_tail_gemms"]
+    tail_gemms, tail_copies = stats["weight_tail_gemms"], stats["weight_tail_copies"]
     for i, layer in enumerate(model.model.layers):
         model.model.layers[i] = torch.compile(layer, backend=backend, fullgraph=True)
 
@@ -163,6 +163,8 @@ def test_qwen3_blocks_compiled_match_eager(packed):
     # both groups' forwards and dX against [W; A] in every block (but the first block's q/k/v, whose input, from the
     # frozen embedding, needs no gradient), or never without the packing
     assert stats["weight_tail_gemms"] - tail_gemms == (4 * len(model.model.layers) - 1 if packed else 0)
+    # A copied next to the weights by each forward; each backward reuses its forward's copy
+    assert stats["weight_tail_copies"] - tail_copies == (2 * len(model.model.layers) if packed else 0)
 
 
 def test_checkpointed_blocks_get_the_ops_and_match_eager():

@@ -155,6 +155,28 @@ def test_opcheck_xa_tail(packed):
     torch.library.opcheck(BWD, args)
 
 
+def test_xa_tail_backward_after_another_forward_of_the_group():
+    """The backward reuses the A its forward copied next to the weights, unless another forward of the same group
+    copied a different A since: then it copies its own again (the gradients stay those of its own A)."""
+    from ops.lora_linear import pack_frozen_weights, stats
+
+    x, weights, As, _, scalings, _ = make_inputs((2, 5), 24, [16, 8, 8], [4, 4, 4], torch.float32)
+    pack_frozen_weights(weights, spare_rows=12)
+    a1, a2 = torch.cat(As).detach(), torch.randn(12, 24) / 24**0.5
+    y_ref = torch.cat([x @ w.t() for w in weights] + [x @ a1.t()], dim=-1)
+    g = torch.randn_like(y_ref)
+    (want,) = torch.autograd.grad(y_ref, x, g)
+    copies = stats["weight_tail_copies"]
+    y1, _ = OP(x, weights, None, [a1], [], scalings, [], True)
+    (alone,) = torch.autograd.grad(y1, x, g)
+    assert stats["weight_tail_copies"] - copies == 1  # its backward reused the forward's copy
+    y1, _ = OP(x, weights, None, [a1], [], scalings, [], True)
+    OP(x, weights, None, [a2], [], scalings, [], True)  # overwrites the rows with a2
+    (after_other,) = torch.autograd.grad(y1, x, g)
+    assert stats["weight_tail_copies"] - copies == 4  # two forwards, and a1 copied back for the backward
+    assert rel_err(y1, y_ref) < 1e-6 and rel_err(alone, want) < 1e-6 and rel_err(after_other, want) < 1e-6
+
+
 def test_dropout_statistics_through_eager_dropout():
     # p > 0 with a real dropout in front: E[y] over masks equals the p = 0 output (inverted dropout is unbiased).
     torch.manual_seed(0)
