@@ -24,6 +24,7 @@ from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from compile_passes.down_lora_fusion import fuse_down_lora_into_swiglu
+from compile_passes.keep_lora_xa import checkpoint_bodies, keep_lora_xa
 from compile_passes.lora_a_concat import concat_lora_as
 from compile_passes.lora_rewrite import rewrite_lora_linears
 from compile_passes.lora_xa_tail import put_xa_in_tail
@@ -77,6 +78,8 @@ def run_passes(gm: fx.GraphModule, ops: RecipeOps) -> dict[str, int]:
     for module in gm.modules():
         if isinstance(module, fx.GraphModule):
             counts.update(_run_passes_on_graph(module, ops))
+    for body in checkpoint_bodies(gm):  # what selective checkpointing may save (surogate/recompute.py)
+        counts["keep_lora_xa"] += keep_lora_xa(body)
     return dict(counts)
 
 

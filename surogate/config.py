@@ -25,6 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from surogate.lora import DEFAULT_TARGETS, ROUTER_TARGET
+from surogate.recompute import RECOMPUTE_SAVES
 
 __all__ = [
     "ConfigError",
@@ -163,11 +164,19 @@ class TrainConfig:
         ("auto", "true", "false"),
     )
     use_passes: bool = opt(True, "compile with surogate's FX passes (fused LoRA ops) instead of plain Inductor")
-    recompute: bool = opt(False, "activation checkpointing per decoder block (less memory, ~30% more compute)")
+    recompute: bool = opt(
+        False, "activation checkpointing per decoder block: less memory, the backward recomputes part of the forward"
+    )
     recompute_layers: int | None = opt(
         None,
         "with recompute=true: checkpoint only the first N decoder blocks (null = all); the others keep their "
         "activations, so fewer is faster and takes more memory",
+    )
+    recompute_saves: list[str] = opt(
+        list(RECOMPUTE_SAVES),
+        "with recompute=true: what each checkpointed block keeps instead of recomputing (selective checkpointing): "
+        "lora_xa (rank-sized, ~0 bytes), residual (2 x hidden_size bytes per token and block), attention (its output: "
+        "2 x num_heads x head_dim bytes); [] = plain checkpointing, the least memory (surogate/recompute.py)",
     )
     cuda_graphs: str = opt(
         "auto",
@@ -225,6 +234,7 @@ def validate(cfg: TrainConfig) -> None:
     if isinstance(cfg.lora_target_modules, str):
         cfg.lora_target_modules = [m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()]
     cfg.lora_target_modules = list(cfg.lora_target_modules)
+    cfg.recompute_saves = list(cfg.recompute_saves)
     cfg.resume_from_checkpoint = str(cfg.resume_from_checkpoint)
     if cfg.resume_from_checkpoint.lower() in ("true", "false"):
         cfg.resume_from_checkpoint = cfg.resume_from_checkpoint.lower()
@@ -239,6 +249,12 @@ def validate(cfg: TrainConfig) -> None:
         cfg.recompute_layers is None or cfg.recompute,
         "recompute_layers is set but recompute=false: set recompute=true (or recompute_layers=null)",
     )
+    for save in cfg.recompute_saves:
+        _require(
+            save in RECOMPUTE_SAVES,
+            f"recompute_saves: {save!r} is not something a block can keep: use some of {list(RECOMPUTE_SAVES)} "
+            "(or [] for plain checkpointing)",
+        )
     _require(cfg.sequence_len >= 8, f"sequence_len={cfg.sequence_len} is too small: set it to at least 8 (e.g. 2048)")
     for name in (
         "per_device_train_batch_size",
@@ -366,10 +382,10 @@ def _check_no_interpolation(value: Any, source: str, name: str = "") -> None:
 
 def _normalize(layer: DictConfig) -> DictConfig:
     """A single string where a list is expected becomes a one-element list (datasets=a.jsonl)."""
-    for key in ("datasets", "lora_target_modules"):
+    for key in ("datasets", "lora_target_modules", "recompute_saves"):
         if key in layer and isinstance(layer[key], str):
             value = layer[key]
-            layer[key] = [v.strip() for v in value.split(",")] if key == "lora_target_modules" else [value]
+            layer[key] = [v.strip() for v in value.split(",") if v.strip()] if key != "datasets" else [value]
     return layer
 
 

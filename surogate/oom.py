@@ -98,11 +98,13 @@ def estimate_memory_gib(args: Any, cfg: Any, dtype_bytes: int) -> dict[str, floa
     dense_mlp = 3 * inter
     moe_mlp = args.num_experts_per_tok * (2 * h + 3 * args.moe_intermediate_size) + args.num_experts if moe else 0
     per_token_all_layers = args.num_layers * attn + (args.num_layers - moe) * dense_mlp + moe * moe_mlp
-    if getattr(cfg, "recompute", False):  # only block inputs are kept, plus one block's worth during its backward
+    if getattr(cfg, "recompute", False):  # block inputs (and saves) are kept, plus one block's worth in its backward
         layers = args.num_layers
         ckpt = layers if getattr(cfg, "recompute_layers", None) is None else min(cfg.recompute_layers, layers)
         whole = per_token_all_layers * (layers - ckpt) / layers  # blocks left out of checkpointing keep everything
-        act_elems = tokens * (ckpt * h + whole + attn + max(dense_mlp, moe_mlp))
+        saves = getattr(cfg, "recompute_saves", ())  # selective checkpointing (surogate/recompute.py)
+        kept = ("residual" in saves) * h + ("attention" in saves) * q  # lora_xa is rank-sized: ignored
+        act_elems = tokens * (ckpt * (h + kept) + whole + attn + max(dense_mlp, moe_mlp))
     else:
         act_elems = tokens * per_token_all_layers
     act_bytes = act_elems * dtype_bytes
@@ -154,11 +156,16 @@ def oom_message(cfg: Any, args: Any, device: torch.device, dtype_bytes: int, ret
     else:
         options.append(f"a shorter sequence_len (now {cfg.sequence_len})")
     if not cfg.recompute:
-        options.append("recompute=true (activation checkpointing: much less activation memory, ~30% slower)")
+        options.append("recompute=true (activation checkpointing: much less activation memory, ~20% slower)")
     elif getattr(cfg, "recompute_layers", None) is not None:
         options.append(
             f"a larger recompute_layers (now {cfg.recompute_layers}; null checkpoints every block), each block "
             "checkpointed frees its activations"
+        )
+    elif getattr(cfg, "recompute_saves", ()):
+        options.append(
+            "recompute_saves=[] (plain checkpointing: each block keeps only its input, not also "
+            f"{'+'.join(cfg.recompute_saves)})"
         )
     smaller = _smaller_storage_recipe(cfg.recipe)
     if smaller is not None:

@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+from surogate.recompute import RECOMPUTE_SAVES, checkpoint_block
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +249,7 @@ def parallelize(
     use_passes: bool = True,
     recompute: bool = False,
     recompute_layers: int | None = None,
+    recompute_saves: tuple[str, ...] = RECOMPUTE_SAVES,
 ) -> nn.Module:
     """Apply activation checkpointing, then per-block compilation, to `model.model.layers` in place.
 
@@ -259,7 +261,8 @@ def parallelize(
 
     `recompute_layers`: with `recompute`, checkpoint only the first N blocks (None: all). Every block kept whole
     saves its activations (~0.6 GiB per block for Qwen3-8B at 2 x 2048 tokens) and skips its recomputed forward, so
-    a memory budget is met at the least recompute by keeping as many blocks whole as fit.
+    a memory budget is met at the least recompute by keeping as many blocks whole as fit. `recompute_saves`: what a
+    checkpointed block keeps besides its input (surogate/recompute.py; empty: nothing).
     """
     layers = model.model.layers
     precision = resolve_precision(recipe, precision)
@@ -276,7 +279,7 @@ def parallelize(
         log.info("%s weight storage: %d LoRA base weights in %d of %d blocks", stored, n, sum(quantized), len(layers))
     if recompute:
         for i in range(len(layers) if recompute_layers is None else min(recompute_layers, len(layers))):
-            layers[i] = checkpoint_wrapper(layers[i])
+            layers[i] = checkpoint_block(layers[i], recompute_saves)
     if compile:
         cache_t = True
         if precision is not None and precision.weights == "bf16" and precision.compute == "fp8":

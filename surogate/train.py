@@ -162,6 +162,7 @@ _RESUME_FREE = {
     "use_passes",
     "recompute",
     "recompute_layers",
+    "recompute_saves",
     "cuda_graphs",
     "attn_backend",
     "shard_base_weights",
@@ -275,6 +276,7 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
         use_passes=plan.use_passes,
         recompute=cfg.recompute,
         recompute_layers=cfg.recompute_layers,
+        recompute_saves=tuple(cfg.recompute_saves),
     )
     if world_size > 1:
         distributed.setup_data_parallel(model, shard_base)  # after checkpointing and compile: torchtitan's order

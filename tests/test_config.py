@@ -43,6 +43,7 @@ def test_merge_order_defaults_recipe_file_cli(tmp_path, monkeypatch):
         (["learning_rate=-1"], "learning_rate=-1.0 must be > 0"),
         (["lr_scheduler_type=step"], "set it to one of linear, cosine, constant"),
         (["lora_target_modules=[q_proj,qq_proj]"], "'qq_proj' is not a linear layer"),
+        (["recompute=true", "recompute_saves=[attention,mlp]"], "recompute_saves: 'mlp' is not something a block"),
         (["lora_dropout=1.0"], "lora_dropout=1.0 must be in [0, 1)"),
         (["max_steps=0"], "max_steps=0: set -1"),
         (["recipe=fp9"], "unknown recipe 'fp9': available recipes are bf16"),
@@ -53,6 +54,15 @@ def test_bad_options_raise_one_line_config_errors(argv, needle):
     with pytest.raises(ConfigError) as e:
         load_config(argv)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_recompute_saves_forms():
+    assert load_config([]).recompute_saves == ["lora_xa", "residual", "attention"]
+    assert load_config(["recompute=true", "recompute_saves=[]"]).recompute_saves == []
+    assert load_config(["recompute=true", "recompute_saves=residual,attention"]).recompute_saves == [
+        "residual",
+        "attention",
+    ]
 
 
 def test_unknown_key_in_a_config_file(tmp_path):

@@ -69,3 +69,14 @@ def test_partial_recompute_estimate_sits_between_none_and_all():
     two_whole = estimate_memory_gib(args, partial, 2)["activations"]
     assert full < two_whole < none
     assert 0.7 < two_whole - full < 1.5  # two blocks' activations (measured: 1.0 GiB)
+
+
+def test_selective_recompute_estimate_counts_the_saves():
+    # measured on one H100 (benchmarks/NOTES.md, session 11): qwen3-8b bf16 17.52 GiB with plain checkpointing,
+    # 18.62 keeping the residual too, 19.77 keeping residual and attention output (1.1 GiB each over 36 blocks)
+    args = PRESETS["qwen3-8b"]
+    plain = estimate_memory_gib(args, _cfg(recompute=True), 2)["activations"]
+    saves = SimpleNamespace(**{**vars(_cfg(recompute=True)), "recompute_saves": ["lora_xa", "residual", "attention"]})
+    residual = SimpleNamespace(**{**vars(saves), "recompute_saves": ["lora_xa", "residual"]})
+    assert 1.0 < estimate_memory_gib(args, residual, 2)["activations"] - plain < 1.25
+    assert 2.0 < estimate_memory_gib(args, saves, 2)["activations"] - plain < 2.5

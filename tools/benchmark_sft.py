@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from surogate.attention import one_document_per_row  # noqa: E402
 from surogate.models.qwen3 import ModelArgs  # noqa: E402
+from surogate.recompute import RECOMPUTE_SAVES  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results.jsonl"
 README = ROOT / "README.md"
@@ -105,6 +106,7 @@ def build_ours(
     cuda_graphs="auto",
     precision_overrides=(),
     recompute_layers=None,
+    recompute_saves=(),
 ):
     """Our model as training runs it; returns (model, args, micro_step(batch, total_tokens): forward + backward)."""
     from surogate import distributed
@@ -139,7 +141,7 @@ def build_ours(
         eager_loss = _mean_loss(model, check_batch)
     parallelize(
         model, recipe=recipe, precision=precision, compile=compile, use_passes=passes, recompute=recompute,
-        recompute_layers=recompute_layers,
+        recompute_layers=recompute_layers, recompute_saves=tuple(recompute_saves),
     )  # fmt: skip
     if check:
         compiled_loss = _mean_loss(model, check_batch)
@@ -315,6 +317,7 @@ def run_one(name: str, model_name: str, recipe: str, cli, device, s: Setting) ->
             cli.cuda_graphs,
             cli.precision,
             cli.recompute_layers,
+            cli.recompute_saves,
         )
     build_s = time.perf_counter() - t_build
     batches = random_batches(args.vocab_size, s, device, seed=rank)
@@ -332,6 +335,7 @@ def run_one(name: str, model_name: str, recipe: str, cli, device, s: Setting) ->
         "shard_base": bool(getattr(model, "shard_base", False)),
         "recompute": bool(cli.recompute) and name == "ours",
         **({"recompute_layers": cli.recompute_layers} if cli.recompute_layers is not None and name == "ours" else {}),
+        **({"recompute_saves": list(cli.recompute_saves)} if cli.recompute and name == "ours" else {}),
         **({"precision": " ".join(cli.precision)} if cli.precision and name == "ours" else {}),
         **({"docs_per_row": s.docs_per_row} if s.docs_per_row != 1 else {}),
         "cuda_graphs": getattr(micro_step, "graphed", None) is not None,
@@ -375,7 +379,8 @@ def render_table(rows: list[dict]) -> str:
         if r.get("gpu", "cpu") == "cpu" or r.get("seq_len", 2048) != 2048:
             continue
         key = (r["gpu"], r.get("num_gpus", 1), r["model"], r["recipe"], r.get("framework", "surogate"))
-        key += (r.get("passes"), r["recompute"], r.get("recompute_layers"), r.get("shard_base", False))
+        key += (r.get("passes"), r["recompute"], r.get("recompute_layers"), tuple(r.get("recompute_saves", ())))
+        key += (r.get("shard_base", False),)
         key += (r.get("precision"), r.get("docs_per_row", 1))
         latest[key] = r
     lines = [
@@ -404,7 +409,9 @@ def _recipe_cell(r: dict) -> str:
 def _recompute_cell(r: dict) -> str:
     if not r["recompute"]:
         return "off"
-    return "on" if r.get("recompute_layers") is None else f"first {r['recompute_layers']} blocks"
+    blocks = "on" if r.get("recompute_layers") is None else f"first {r['recompute_layers']} blocks"
+    saves = r.get("recompute_saves")  # rows from before selective checkpointing have none: plain checkpointing
+    return f"{blocks}, keeps {' + '.join(saves)}" if saves else blocks
 
 
 def update_readme() -> None:
@@ -424,6 +431,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-passes", action="store_true", help="our model compiled by Inductor alone, no custom ops")
     p.add_argument("--baseline", choices=["hf-peft", "unsloth"], default=None)
     p.add_argument("--recompute", action="store_true", help="activation checkpointing on every block")
+    p.add_argument(
+        "--recompute-saves", nargs="*", default=list(RECOMPUTE_SAVES), choices=RECOMPUTE_SAVES, metavar="SAVE",
+        help=f"with recompute: what a checkpointed block keeps (any of {', '.join(RECOMPUTE_SAVES)}; none: plain "
+        "checkpointing; surogate/recompute.py)",
+    )  # fmt: skip
     p.add_argument(
         "--recompute-layers", type=int, default=None, help="with recompute: checkpoint only the first N blocks"
     )
