@@ -15,9 +15,9 @@ picks from:
                num_heads x head_dim x 2 bytes (+ 4 per head) per token and block.
 
 What is still recomputed: the norms, the q/k/v and gate/up GEMMs and their fused LoRA/RoPE/SwiGLU ops (their
-outputs are the big ones). On Qwen3-8B (2 x 2048 tokens) the three saves keep ~64 MiB per block (~2.3 GiB over
-36 blocks) and remove ~80 ms of a ~1.28 s step's recompute (benchmarks/NOTES.md). An empty list is plain
-checkpointing: only the block input is kept.
+outputs are the big ones). On Qwen3-8B bf16 (2 x 2048 tokens, one H100) the three saves keep 64 MiB per block
+(2.25 GiB over 36 blocks) and take the step from 12.7k to 13.5k tokens/s (peak 17.5 -> 19.8 GiB;
+benchmarks/NOTES.md). An empty list is plain checkpointing: only the block input is kept.
 
 The residual and lora_xa saves name our ops, so they take effect with the passes on (`use_passes=true`).
 """
