@@ -1,19 +1,17 @@
-"""surogate/recompute.py: selective activation checkpointing keeps what `recompute_saves` names, so the compiled
-backward does not recompute the ops behind it, and the arithmetic does not change."""
+"""surogate/recompute.py, through surogate/parallelize.py with our passes: selective activation checkpointing keeps
+what `recompute_saves` names, so the compiled backward does not recompute the ops behind it, and the arithmetic
+does not change."""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections import Counter
 
 import pytest
 import torch
+from tiny_lora import random_batch, tiny_lora_model
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from surogate.lora import LoRAConfig, apply_lora
-from surogate.models.checkpoint import load_model
-from surogate.models.presets import PRESETS
 from surogate.parallelize import parallelize
 from surogate.recompute import RECOMPUTE_SAVES, checkpoint_policy
 
@@ -40,26 +38,14 @@ class CountOps(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def _tiny_qwen3():
-    args = dataclasses.replace(PRESETS["tiny"], num_layers=2)
-    torch.manual_seed(0)
-    model, args = load_model(args, "cpu", torch.float32)
-    apply_lora(model, LoRAConfig(rank=4))
-    for p in model.parameters():
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.02)  # B != 0: every path matters
-    return model, args
-
-
 def _recomputed_in_backward(saves: tuple[str, ...]) -> tuple[Counter, float, float]:
     """(ops the compiled backward runs, loss rel. error, worst LoRA-grad rel. error) for a tiny Qwen3 whose
     blocks are checkpointed with `saves`, against the eager model without checkpointing."""
-    model, args = _tiny_qwen3()
+    model, args = tiny_lora_model(2)
     reference = copy.deepcopy(model)
     torch._dynamo.reset()
     parallelize(model, recipe="bf16", compile=True, recompute=True, recompute_saves=saves)
-    ids = torch.randint(0, args.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
-    pos, labels = torch.arange(32).repeat(2, 1), ids.roll(-1, 1)
+    ids, pos, labels = random_batch(args)
     model(ids, pos, labels)[0].backward()  # compiles forward and backward
     model.zero_grad(set_to_none=True)
     loss = model(ids, pos, labels)[0]
