@@ -38,18 +38,25 @@ RECOMPUTE_SAVES = ("lora_xa", "residual", "attention")
 
 
 def _attention_ops() -> tuple:
-    """The attention ops of every backend in surogate/attention.py that this torch has (SDPA's fused kernels,
-    FlexAttention's higher-order op, varlen flash attention)."""
+    """The attention ops of every backend in surogate/attention.py that this torch has: SDPA's fused kernels,
+    FlexAttention's higher-order op, varlen attention's custom op."""
     names = (
         "_scaled_dot_product_cudnn_attention",
         "_scaled_dot_product_flash_attention",
         "_scaled_dot_product_efficient_attention",
         "_scaled_dot_product_flash_attention_for_cpu",
-        "_flash_attention_forward",
     )
     found = [getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n)]
     flex = getattr(torch.ops.higher_order, "flex_attention", None)
-    return (*found, *([flex] if flex is not None else []))
+    if flex is not None:
+        found.append(flex)
+    try:
+        from torch.nn.attention import varlen  # noqa: F401  (registers torch_attn::_varlen_attn)
+
+        found.append(torch.ops.torch_attn._varlen_attn.default)
+    except (ImportError, AttributeError):
+        pass  # a torch without varlen attention: surogate/attention.py does not offer that backend then
+    return tuple(found)
 
 
 def _saved_ops(saves: Sequence[str]) -> frozenset:
