@@ -43,14 +43,23 @@ __all__ = ["GraphedMicroStep", "cuda_graphs_enabled"]
 log = logging.getLogger(__name__)
 
 
-def cuda_graphs_enabled(setting: str, device: torch.device, shard_base: bool = False) -> bool:
+def cuda_graphs_enabled(
+    setting: str, device: torch.device, shard_base: bool = False, attn_backend: str = "flex"
+) -> bool:
     """`cuda_graphs` auto|true|false -> whether to capture micro-steps (auto: on CUDA unless the frozen base is
-    sharded across ranks, where FSDP communicates inside every micro-step)."""
-    possible = device.type == "cuda" and not shard_base
-    if setting == "true" and not possible:
-        why = "a CUDA device" if device.type != "cuda" else "a replicated base (shard_base_weights=false)"
+    sharded across ranks, where FSDP communicates inside every micro-step, or the attention backend is varlen, whose
+    mask reads each batch's document lengths on the host: a capture may not synchronize)."""
+    if device.type != "cuda":
+        why = "a CUDA device"
+    elif shard_base:
+        why = "a replicated base (shard_base_weights=false)"
+    elif attn_backend == "varlen":
+        why = "an attention backend without host syncs (attn_backend=flex or sdpa)"
+    else:
+        return setting != "false"
+    if setting == "true":
         raise ValueError(f"cuda_graphs=true needs {why}; set cuda_graphs=auto or false")
-    return possible and setting != "false"
+    return False
 
 
 class _Captured(NamedTuple):

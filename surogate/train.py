@@ -139,7 +139,7 @@ def preflight(cfg: TrainConfig) -> Plan:
             log.warning("compile_passes backend not available (%s): compiling with plain Inductor", e)
             use_passes = False
     try:
-        graphs = cuda_graphs_enabled(cfg.cuda_graphs, device)  # asked again once the base's sharding is known
+        graphs = cuda_graphs_enabled(cfg.cuda_graphs, device, attn_backend=backend)  # again once sharding is known
     except ValueError as e:
         raise ConfigError(str(e)) from None
     dataset = build_checked_dataset(cfg, data_cfg, tokenizer)  # last: the one check that reads every row
@@ -230,7 +230,7 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
         shard_base, shard_why = distributed.decide_shard_base(
             cfg.shard_base_weights, base_bytes, plan.device, cfg.precision
         )
-        plan.cuda_graphs = cuda_graphs_enabled(cfg.cuda_graphs, plan.device, shard_base)  # not with FSDP
+        plan.cuda_graphs = cuda_graphs_enabled(cfg.cuda_graphs, plan.device, shard_base, plan.attn_backend)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     load_device = torch.device("cpu") if shard_base else plan.device

@@ -25,6 +25,11 @@ def test_auto_is_on_for_cuda_unless_the_base_is_sharded():
         cuda_graphs_enabled("true", cpu)
     with pytest.raises(ValueError, match="replicated base"):
         cuda_graphs_enabled("true", cuda, shard_base=True)
+    # varlen's mask reads document lengths on the host every batch: a capture may not synchronize
+    assert not cuda_graphs_enabled("auto", cuda, attn_backend="varlen")
+    assert cuda_graphs_enabled("auto", cuda, attn_backend="sdpa")
+    with pytest.raises(ValueError, match="attn_backend=flex or sdpa"):
+        cuda_graphs_enabled("true", cuda, attn_backend="varlen")
 
 
 def test_forcing_graphs_on_cpu_is_a_config_error(tmp_path):

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from surogate.attention import one_document_per_row  # noqa: E402
+from surogate.attention import one_document_per_row, resolve_backend  # noqa: E402
 from surogate.models.qwen3 import ModelArgs  # noqa: E402
 from surogate.recompute import RECOMPUTE_SAVES  # noqa: E402
 
@@ -150,7 +150,7 @@ def build_ours(
         distributed.setup_data_parallel(model, shard_base)  # replicated LoRA, or FSDP2 with a sharded base
     model.shard_base = shard_base
 
-    if cuda_graphs_enabled(cuda_graphs, device, shard_base):
+    if cuda_graphs_enabled(cuda_graphs, device, shard_base, resolve_backend(attn_backend, device)):
         from surogate.cuda_graphs import GraphedMicroStep
 
         graphed = GraphedMicroStep(model)
