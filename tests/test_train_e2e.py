@@ -47,6 +47,18 @@ def test_short_run_writes_adapter_metrics_chart_and_loss_falls(tmp_path):
     assert first > 7.5 and last < first - 0.6, (first, last)  # random tiny base: starts near ln(4096) = 8.3
 
 
+def test_selective_recompute_trains_the_same_curve(tmp_path):
+    """recompute=true with the default recompute_saves, compiled with our passes (as on a GPU): the checkpointed
+    blocks recompute part of the forward, and the losses equal an eager run without checkpointing."""
+    steps = ["max_steps=4", "logging_steps=1"]
+    plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
+    assert main([f"output_dir={plain}", *steps, *FAST]) == 0
+    assert main([f"output_dir={ckpt}", *steps, *FAST, "compile=true", "recompute=true"]) == 0
+    want, got = [r["loss"] for r in _metrics(plain)], [r["loss"] for r in _metrics(ckpt)]
+    assert len(got) == len(want) == 4
+    assert all(math.isfinite(g) and abs(g - w) <= 1e-4 * abs(w) for g, w in zip(got, want)), (got, want)
+
+
 def test_gradient_accumulation_is_token_weighted():
     """accumulating two micro-batches == one batch of both rows, even when they carry different token counts."""
     torch.manual_seed(0)
