@@ -218,15 +218,16 @@ def quantize_rows_triton(
     dtype: torch.dtype = E4M3,
     col_scale: Tensor | None = None,
     row_in_registers_max: int = ROW_IN_REGISTERS_MAX,
-    block: int = 2048,  # the two-pass kernel's chunk
+    block: int = 8192,  # the two-pass kernel's chunk
 ) -> tuple[Tensor, Tensor]:
     """The fused kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1 in tests).
 
     Rows up to 16384 wide are read once: the row stays in registers between its absmax and the cast. On an H100 (4096
     rows; microbench, CUDA-graphed) that took 2048 / 2560 / 9728 / 12288-wide rows from 8.4 / 12.4 / 47.4 / 54.8 us
     to 5.2 / 7.7 / 41.4 / 51.8 with the warps below (4 up to 4096 wide, 8 beyond). Wider rows (Qwen3-4B/8B gate/up
-    gradients, 19456 / 24576) were no faster that way, so they keep the two-pass kernel with 16 warps, whose second
-    read hits L2."""
+    gradients, 19456 / 24576) were no faster that way, so they keep the two-pass kernel, whose second read hits L2:
+    chunks of 8192 with 16 warps, 32 beyond 20480 wide (H100, 4096 rows, us, against chunks of 2048 with 16 warps:
+    17408 79.7 -> 77.9, 19456 89.3 -> 85.2, 24576 112.8 -> 105.6, 34816 198 -> 156, 51200 > 340 -> 245)."""
     global _KERNELS
     if _KERNELS is None:
         _KERNELS = _triton_quantize_kernels()
@@ -249,7 +250,7 @@ def quantize_rows_triton(
         long_rows[(rows,)](
             x, col, codes, scale, k, x.stride(0), codes.stride(0),
             FMAX=FP8_MAX[dtype], HAS_COL=col_scale is not None, BLOCK=min(block, max(16, 1 << (k - 1).bit_length())),
-            num_warps=16,
+            num_warps=16 if k <= 20480 else 32,
         )  # fmt: skip
     return codes, scale
 
