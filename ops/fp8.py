@@ -224,10 +224,12 @@ def quantize_rows_triton(
 
     Rows up to 16384 wide are read once: the row stays in registers between its absmax and the cast. On an H100 (4096
     rows; microbench, CUDA-graphed) that took 2048 / 2560 / 9728 / 12288-wide rows from 8.4 / 12.4 / 47.4 / 54.8 us
-    to 5.2 / 7.7 / 41.4 / 51.8 with the warps below (4 up to 4096 wide, 8 beyond). Wider rows (Qwen3-4B/8B gate/up
-    gradients, 19456 / 24576) were no faster that way, so they keep the two-pass kernel, whose second read hits L2:
-    chunks of 8192 with 16 warps, 32 beyond 20480 wide (H100, 4096 rows, us, against chunks of 2048 with 16 warps:
-    17408 79.7 -> 77.9, 19456 89.3 -> 85.2, 24576 112.8 -> 105.6, 34816 198 -> 156, 51200 > 340 -> 245)."""
+    to 5.2 / 7.7 / 41.4 / 51.8 with 4 warps up to 4096 wide and 8 beyond; 2 warps up to 2560 wide then took 2048-wide
+    rows from 5.9 to 4.7 us (a later sweep of 2 to 32 warps: every other width was within 1% of its best). Wider
+    rows (Qwen3-4B/8B gate/up gradients, 19456 / 24576) were no faster that way, so they keep the two-pass kernel,
+    whose second read hits L2: chunks of 8192 with 16 warps, 32 beyond 20480 wide (H100, 4096 rows, us, against
+    chunks of 2048 with 16 warps: 17408 79.7 -> 77.9, 19456 89.3 -> 85.2, 24576 112.8 -> 105.6, 34816 198 -> 156,
+    51200 > 340 -> 245)."""
     global _KERNELS
     if _KERNELS is None:
         _KERNELS = _triton_quantize_kernels()
@@ -244,7 +246,7 @@ def quantize_rows_triton(
         in_registers[(rows,)](
             x, col, codes, scale, k, x.stride(0), codes.stride(0),
             FMAX=FP8_MAX[dtype], HAS_COL=col_scale is not None, BLOCK=max(16, 1 << (k - 1).bit_length()),
-            num_warps=4 if k <= 4096 else 8,
+            num_warps=2 if k <= 2560 else 4 if k <= 4096 else 8,
         )  # fmt: skip
     else:
         long_rows[(rows,)](
