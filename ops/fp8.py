@@ -18,11 +18,14 @@ Formats and scales (`scale` is always the *dequantization* multiplier, what `tor
 The dX GEMM `dx = dy W` needs W with `out` as the contiguous (K) axis, because Hopper FP8 GEMMs are TN only:
     fp8   caches a second orientation, W^T [in, out] e4m3 with one scale per input column (its own absmax: the
           best accuracy for dX), so the backward does no layout work. With `cache_transposed=False` (the op
-          option; `precision.fp8_cache_transposed`, auto = off when the bf16 base is over a quarter of the GPU,
-          e.g. Qwen3-14B on 80 GB) only the row codes are cached and dX runs as qfp8's does, below.
+          option), or for the weights quantized once `set_transposed_budget`'s cap is reached
+          (`precision.fp8_cache_transposed`: auto keeps the bf16 base plus the transposed codes within 40% of the
+          GPU, which on 80 GB is all of Qwen3-8B's weights and about half of Qwen3-14B's), only the row codes are
+          cached and dX runs as qfp8's does, below.
     qfp8  keeps one copy (memory is the point of the recipe) and uses dy W = (dy diag(s)) C with C the row codes:
           the row scales s of W fold into dy before it is quantized (the quantize kernel takes a column
-          multiplier), and C is transposed per backward (1 byte/param read + write, ~1-2% of a step).
+          multiplier), and C is transposed per backward (1 byte/param read + write: 3.3% of a Qwen3-14B fp8 step
+          on an H100 when every weight's dX ran this way).
 The LoRA products (x A^T, (x A^T) B^T and their gradients) stay in the activation dtype, as in `lora_linear`.
 
 `precision.compute: bf16` with fp8 weights dequantizes the codes inside the op, forward and backward (nothing bf16
@@ -353,6 +356,22 @@ class Fp8Weight:
 
 
 WEIGHT_CACHE = FrozenWeightCache()  # fp8 recipe: each frozen bf16 weight (group) quantized once
+_transposed_budget: int | None = None  # bytes of W^T codes WEIGHT_CACHE may hold; None: no cap
+
+
+def set_transposed_budget(nbytes: int | None) -> None:
+    """Cap the bytes of transposed codes `cached_fp8_weight` keeps (None: no cap). A weight quantized once the cap
+    is reached keeps only its row codes, and its dX runs as qfp8's does (the codes transposed per backward). Set by
+    `surogate.parallelize` from `precision.fp8_cache_transposed`."""
+    global _transposed_budget
+    _transposed_budget = nbytes
+
+
+def _room_for_transposed(numel: int) -> bool:
+    if _transposed_budget is None:
+        return True
+    held = sum(fw.codes_t.numel() for fw in WEIGHT_CACHE.values() if fw.codes_t is not None)
+    return held + numel <= _transposed_budget
 
 
 def quantize_weight(w: Tensor, transposed: bool = True) -> Fp8Weight:
@@ -367,7 +386,8 @@ def quantize_weight(w: Tensor, transposed: bool = True) -> Fp8Weight:
 
 def cached_fp8_weight(weights: Sequence[Tensor], transposed: bool = True) -> Fp8Weight:
     """The (concatenated) bf16 base weights quantized once; later calls hit the cache (fp8 recipe). `transposed`:
-    also cache W^T's codes for dX (1 more byte per weight); without it dX runs as qfp8's does (transpose per call).
+    also cache W^T's codes for dX (1 more byte per weight) while `set_transposed_budget` leaves room; without them
+    dX runs as qfp8's does (transpose per call).
 
     See `ops.lora_linear.FrozenWeightCache` for the keying (an in-place write re-quantizes).
     """
@@ -375,7 +395,7 @@ def cached_fp8_weight(weights: Sequence[Tensor], transposed: bool = True) -> Fp8
 
     def quantize() -> Fp8Weight:
         stats["weights_quantized"] += 1
-        return quantize_weight(w, transposed)
+        return quantize_weight(w, transposed and _room_for_transposed(w.numel()))
 
     return WEIGHT_CACHE.get(w, (transposed,), quantize)
 

@@ -257,7 +257,7 @@ class FrozenWeightCache:
 
     def __init__(self) -> None:
         self._entries: dict[tuple, tuple[int, StorageWeakRef, object]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # `make` may read the cache (ops.fp8: its transposed-codes budget)
 
     def get(self, w: Tensor, options: tuple, make: Callable[[], object]) -> object:
         key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype, w.device, *options)
@@ -265,6 +265,7 @@ class FrozenWeightCache:
             hit = self._entries.get(key)
             if hit is not None and hit[0] == w._version and not hit[1].expired():
                 return hit[2]
+            self._entries.pop(key, None)  # stale: gone before `make` runs (its memory, and `values`, no longer hold it)
             for k in [k for k, (_, ref, _) in self._entries.items() if ref.expired()]:
                 del self._entries[k]
             value = make()
@@ -272,8 +273,9 @@ class FrozenWeightCache:
             return value
 
     def values(self) -> list:
+        """The values of weights still alive."""
         with self._lock:
-            return [entry[2] for entry in self._entries.values()]
+            return [value for _, ref, value in self._entries.values() if not ref.expired()]
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -80,8 +80,9 @@ class PrecisionConfig:
     )
     fp8_cache_transposed: str = opt(
         "auto",
-        "fp8 recipe: also cache each frozen weight's transposed FP8 codes for the dX GEMM (+1 byte per weight, a "
-        "little faster); auto = when the bf16 base is at most a quarter of the GPU's memory",
+        "fp8 recipe: also cache each frozen weight's transposed FP8 codes for the dX GEMM (+1 byte per weight, "
+        "saves a transpose per backward); auto = as many weights' as keep the bf16 base plus those codes within "
+        "40% of the GPU's memory (all of Qwen3-8B's on 80 GB, about half of Qwen3-14B's)",
         ("auto", "true", "false"),
     )
     fp4_format: str = opt(

@@ -110,22 +110,27 @@ def block_recipe(recipe: str, precision, quantized: bool, cache_transposed: bool
     return fp8_recipe_ops(precision.fp8_grad_format, precision.compute, cache_transposed, precision.fp8_min_features)
 
 
-# fp8 recipe, fp8_cache_transposed=auto: cache W^T's codes too while the bf16 base is at most this share of the GPU.
-# Both orientations cost as much as the bf16 weights themselves (1 + 1 byte): Qwen3-8B's 15 GiB of targeted weights
-# on an 80 GB H100 (19%) take them, Qwen3-14B's 27 GiB (35%) would then not fit its activations.
-FP8_TRANSPOSED_CACHE_SHARE = 0.25
+# fp8 recipe, fp8_cache_transposed=auto: W^T's codes are cached while the bf16 base plus those codes (1 byte per
+# weight) stay within this share of the GPU; weights quantized past it keep only their row codes (transposed in every
+# backward). On an 80 GB H100: Qwen3-8B's 15 GiB of targeted weights take all of theirs (28% with the codes),
+# Qwen3-14B's 27 GiB about half (a whole copy would not leave room for its activations).
+FP8_TRANSPOSED_CACHE_SHARE = 0.40
 
 
-def fp8_cache_transposed(precision, model: nn.Module) -> bool:
-    """Whether the fp8 recipe caches each weight's transposed codes too (`precision.fp8_cache_transposed`)."""
+def fp8_transposed_budget(precision, model: nn.Module) -> int | None:
+    """Bytes of transposed FP8 codes the fp8 recipe caches (`precision.fp8_cache_transposed`; `ops.fp8`'s
+    `set_transposed_budget`): None for every weight's (true; auto off the GPU or when they all fit), 0 for none
+    (false), else what fits the share above."""
     setting = getattr(precision, "fp8_cache_transposed", "auto") if precision is not None else "auto"
     if setting != "auto":
-        return setting == "true"
+        return None if setting == "true" else 0
     weights = [m.weight for m in model.modules() if hasattr(m, "lora_A") and getattr(m, "weight", None) is not None]
     if not weights or weights[0].device.type != "cuda":
-        return True
+        return None
     base = sum(w.numel() * w.element_size() for w in weights)
-    return base <= FP8_TRANSPOSED_CACHE_SHARE * torch.cuda.get_device_properties(weights[0].device).total_memory
+    codes = sum(w.numel() for w in weights)
+    room = int(FP8_TRANSPOSED_CACHE_SHARE * torch.cuda.get_device_properties(weights[0].device).total_memory) - base
+    return None if room >= codes else max(0, room)
 
 
 def quantize_block_experts(block: nn.Module, weights: str) -> bool:
@@ -281,10 +286,15 @@ def parallelize(
         for i in range(len(layers) if recompute_layers is None else min(recompute_layers, len(layers))):
             layers[i] = checkpoint_block(layers[i], recompute_saves)
     if compile:
-        cache_t = True
+        from ops.fp8 import set_transposed_budget
+
+        budget = None
         if precision is not None and precision.weights == "bf16" and precision.compute == "fp8":
-            cache_t = fp8_cache_transposed(precision, model)
-            log.info("fp8: caching %s of each frozen weight", "both FP8 orientations" if cache_t else "the FP8 codes")
+            budget = fp8_transposed_budget(precision, model)
+            room = "all" if budget is None else f"{budget / 2**30:.1f} GiB"
+            log.info("fp8: caching each frozen weight's FP8 codes, and transposed codes for dX: %s", room)
+        set_transposed_budget(budget)  # process-wide (the weight cache is): reset by every compiled model
+        cache_t = budget != 0
         backends = {}  # one backend per distinct block recipe (fp8 blocks share one: regional compilation)
         for i, block in enumerate(layers):
             if quantized[i] not in backends:

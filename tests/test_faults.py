@@ -226,3 +226,20 @@ def test_oom_suggests_a_recipe_that_stores_fewer_bytes():
     assert "recipe=qfp8 (" in suggestion("bf16") and "recipe=qfp8 (" in suggestion("fp4")
     assert "recipe=qfp4 (" in suggestion("qfp8") and "recipe=qnf4 (" in suggestion("qfp4")
     assert "recipe=" not in suggestion("qnf4")  # nothing stores less
+
+
+def test_oom_suggests_dropping_the_transposed_fp8_codes():
+    from types import SimpleNamespace
+
+    from surogate.oom import oom_message
+
+    def message(cache_transposed: str, compute: str = "fp8") -> str:
+        precision = SimpleNamespace(weights="bf16", compute=compute, fp8_cache_transposed=cache_transposed)
+        cfg = SimpleNamespace(
+            recipe="fp8", precision=precision, per_device_train_batch_size=1, gradient_accumulation_steps=1,
+            sequence_len=64, recompute=True, oom_retry=False,
+        )  # fmt: skip
+        return oom_message(cfg, None, torch.device("cpu"), 2)
+
+    assert "precision.fp8_cache_transposed=false" in message("auto")
+    assert "fp8_cache_transposed" not in message("false") and "fp8_cache_transposed" not in message("auto", "bf16")

@@ -60,8 +60,9 @@ def test_transposed_cache_setting():
 
     model, _ = tiny_lora_model(1)
     p = recipe_precision("fp8")
-    assert par.fp8_cache_transposed(p, model)  # auto on CPU: cache both (no GPU memory to fit)
-    assert not par.fp8_cache_transposed(dataclasses.replace(p, fp8_cache_transposed="false"), model)
+    assert par.fp8_transposed_budget(p, model) is None  # auto on CPU: cache both (no GPU memory to fit)
+    assert par.fp8_transposed_budget(dataclasses.replace(p, fp8_cache_transposed="false"), model) == 0
+    assert par.fp8_transposed_budget(dataclasses.replace(p, fp8_cache_transposed="true"), model) is None
     with pytest.raises(ConfigError, match="fp8_cache_transposed"):
         load_config(["recipe=fp8", "precision.fp8_cache_transposed=maybe"])
 

@@ -222,6 +222,28 @@ def test_row_codes_only_cache_matches_the_qfp8_arithmetic():
     assert rel(_grads(y, x, As, Bs)[0], _grads(both, x, As, Bs)[0]) < 6e-2
 
 
+def test_transposed_budget_caps_the_transposed_codes():
+    """`set_transposed_budget`: weights quantized while the cap has room get W^T's own codes, later ones only their
+    row codes (dX then runs as qfp8's does); both backwards match their references."""
+    fp8.clear_fp8_weight_cache()
+    x, ws, As, Bs = _inputs((2, 8), 64, [32], [4])
+    x2, ws2, As2, Bs2 = _inputs((2, 8), 64, [32], [4])
+    try:
+        fp8.set_transposed_budget(ws[0].numel())  # room for the first weight's codes only
+        y, _ = OP(x, ws, None, As, Bs, [2.0], [])
+        y2, _ = OP(x2, ws2, None, As2, Bs2, [2.0], [])
+    finally:
+        fp8.set_transposed_budget(None)
+    first, second = fp8.WEIGHT_CACHE.values()
+    assert first.codes_t is not None and second.codes_t is None
+    want = lora_linear_fp8_reference(x2, second.codes, As2[0], Bs2[0], 2.0, second.scale.view(-1))
+    for got, ref in zip(_grads(y2, x2, As2, Bs2), _grads(want, x2, As2, Bs2)):
+        assert rel(got, ref) < 1e-6
+    want = lora_linear_fp8_reference(x, ws[0], As[0], Bs[0], 2.0)  # W^T quantized with its own absmax
+    for got, ref in zip(_grads(y, x, As, Bs), _grads(want, x, As, Bs)):
+        assert rel(got, ref) < 1e-6
+
+
 def test_opcheck():
     x, ws, As, Bs = _inputs((2, 4), 32, [16], [2])
     torch.library.opcheck(OP, (x, ws, None, As, Bs, [2.0], []), test_utils=("test_schema", "test_faketensor"))
