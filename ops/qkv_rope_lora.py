@@ -53,8 +53,12 @@ __all__ = ["qkv_rope_lora", "qkv_rope_lora_reference"]
 _MAX_RANK = 64  # per projection; the kernels pad the rank to a power of two >= 16 for one tl.dot per half tile
 _FWD_CONFIG = (16, 4)  # (BM rows, warps); H100 sweeps in benchmarks/NOTES.md
 _BWD_CONFIG = (32, 4)  # (BM rows, warps)
-_BWD_MAX_ROW_TILES = 16  # row tiles per backward program (dB partial sums in registers across them) ...
-_BWD_PROGRAMS = 256  # ... as long as about this many programs remain
+# Row tiles per backward program (its dB partial sums stay in registers across them): as many as spread the grid
+# over one wave when runs of up to 16 do, else 8. At 255 registers and 78 KB of shared memory per program an H100
+# SM holds 2 of them; a grid just over one wave (Qwen3-4B/8B's 48 heads x 8 programs: 384) ran its second,
+# half-full wave at the cost of a full one. H100 sweep in benchmarks/NOTES.md (session 13).
+_BWD_ROW_TILES = (16, 8)
+_BWD_PROGRAMS_PER_SM = 2
 
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -167,6 +171,14 @@ def _forward(y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps) ->
     return q, k, v
 
 
+def _bwd_row_tiles_per_program(heads: int, row_tiles: int, device: torch.device) -> int:
+    long_run, short_run = _BWD_ROW_TILES
+    if device.type != "cuda":  # the interpreter (CPU tests): short runs, so that programs share a head
+        return short_run
+    groups = max(1, _BWD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count // heads)
+    return cdiv(row_tiles, groups) if groups >= cdiv(row_tiles, long_run) else short_run
+
+
 def _backward(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps):
     """(dy [..., Nq + Nk + Nv], the LoRA gradients dxa [N, r_q + r_k + r_v], dB_q, dB_k, dB_v flat in xa's dtype).
     With xa in y's tail (`ops._launch`), dy is [dy | dxa] and the flat buffer holds the dB's."""
@@ -192,7 +204,7 @@ def _backward(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim,
     bm, warps = _BWD_CONFIG
     row_tiles = cdiv(m, bm)
     heads = hq + 2 * hkv
-    per_program = max(1, min(_BWD_MAX_ROW_TILES, heads * row_tiles // _BWD_PROGRAMS))
+    per_program = _bwd_row_tiles_per_program(heads, row_tiles, y.device)
     if m:
         qkv_rope_lora_bwd_kernel[(heads, cdiv(row_tiles, per_program))](
             *gs, y2, xa, *bs, *ws, cos2, sin2, dy, dxa, *dbs, m, seq, hq, hkv, *ranks,

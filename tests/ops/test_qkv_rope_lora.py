@@ -75,7 +75,7 @@ sys.path.insert(0, "tests/ops")
 from test_qkv_rope_lora import qkv_inputs
 # rows not a multiple of the row tile, ranks under 16 (padded), several row tiles per backward program (the last
 # running past M), and output gradients in attention's [B, H, S, D] memory layout (strided rows)
-op._FWD_CONFIG, op._BWD_CONFIG, op._BWD_PROGRAMS = (16, 4), (16, 4), 4
+op._FWD_CONFIG, op._BWD_CONFIG, op._BWD_ROW_TILES = (16, 4), (16, 4), (4, 2)
 rel = lambda a, b: ((a - b).norm() / b.norm()).item()
 for batch, seq, norm, ranks in [(2, 21, True, (8, 16, 4)), (1, 37, False, (16, 16, 16))]:
     y, xa, Bs, s, ws, cos, sin = qkv_inputs(batch, seq, 4, 2, 32, ranks, norm=norm)
