@@ -12,6 +12,7 @@ Pattern (as `shared_input_fusion.py` leaves Qwen3's attention; `surogate/models/
     q, k, v = q.view(B, S, -1, D), k.view(...), v.view(...)
     q, k = rms_norm(q), rms_norm(k)            # optional (Llama has none): weight * (xf * rsqrt(...)).to(dtype)
     q, k = rope(q, cos, sin), rope(k, cos, sin)   # x * cos + cat((-x2, x1), -1) * sin
+                                               # (cos = cat((c, c), -1) when given as one half c: the op gets c)
 
 becomes
 
@@ -135,6 +136,14 @@ def _match_rope(z: fx.Node, ndim: int) -> tuple[fx.Node, fx.Node, fx.Node, list[
     return add, cos, sin, [chunk, x1, x2, neg, cat, mul_sin, mul_cos, add]
 
 
+def _one_half(t: fx.Node, ndim: int) -> fx.Node:
+    """c for t = cat((c, c), -1): cos/sin given as the one half both halves share (`rope_cos_sin`); else t."""
+    if not is_call(t, (torch.cat,)) or len(t.args[0]) != 2 or t.args[0][0] is not t.args[0][1]:
+        return t
+    dim = t.args[1] if len(t.args) > 1 else t.kwargs.get("dim", 0)
+    return t.args[0][0] if _last_dim(dim, ndim) else t
+
+
 class _Match:
     def __init__(self, call, y, split, views, outs, cos, sin, norm_weights, eps, head_dim, dead):
         self.call, self.y, self.split, self.views, self.outs = call, y, split, views, outs
@@ -179,8 +188,8 @@ def _match(gm: fx.GraphModule, call: fx.Node, op) -> _Match | None:
         if r is None:
             return None
         out, cos, sin, nodes = r
-        cos_sin.add((cos, sin))
-        dead += nodes
+        cos_sin.add((_one_half(cos, ndim), _one_half(sin, ndim)))
+        dead = [t for t in (cos, sin) if _one_half(t, ndim) is not t] + dead + nodes  # erased last
         outs.append(out)
     if len(cos_sin) != 1 or len(norm) not in (0, 2) or len({eps for _, eps in norm}) > 1:
         return None
@@ -188,7 +197,7 @@ def _match(gm: fx.GraphModule, call: fx.Node, op) -> _Match | None:
     if not all(is_frozen(gm, t) for t in (cos, sin, *norm_weights)):
         return None
     cos_value = example_value(gm, cos)
-    if cos_value is None or cos_value.dim() != ndim or cos_value.shape[-2:] != (1, head_dim):
+    if cos_value is None or cos_value.dim() != ndim or cos_value.shape[-2:] not in ((1, head_dim), (1, head_dim // 2)):
         return None
     if any(depends_on(t, {call}) for t in (cos, sin, *norm_weights)):
         return None

@@ -5,7 +5,8 @@ kernel's helpers only among module globals.
 One launch for q, k and v; a program owns one head (head_dim columns, split in the two halves RoPE rotates against
 each other) and a block of BM token rows (the kernels branch on which projection the head belongs to). The LoRA-B
 product of a tile is one `tl.dot` per half of inner size BR (the rank, padded with zeros to >= 16), from
-xa [M, r_q + r_k + r_v] and the head's rows of B.
+xa [M, r_q + r_k + r_v] and the head's rows of B. With HALF, cos/sin rows hold the one half of the angles that
+both halves share (`surogate/models/qwen3.py`: `rope_cos_sin`): half the loads, and two fewer tiles in registers.
 """
 
 import triton
@@ -37,13 +38,22 @@ def _preactivation(y_ptr, xa, b1, b2, rm, M, col, stride_ym, scale, D2: tl.const
 
 
 @triton.jit
-def _load_halves(ptr, rm, M, stride_m, col, D2: tl.constexpr):
+def _load_half(ptr, rm, M, stride_m, col, D2: tl.constexpr):
     d = tl.arange(0, D2)
-    tile = ptr + rm[:, None] * stride_m + col + d[None, :]
-    row_ok = rm[:, None] < M
-    return tl.load(tile, mask=row_ok, other=0.0).to(tl.float32), tl.load(tile + D2, mask=row_ok, other=0.0).to(
-        tl.float32
-    )
+    return tl.load(ptr + rm[:, None] * stride_m + col + d[None, :], mask=rm[:, None] < M, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_rotation(cos_ptr, sin_ptr, rm, M, stride_cm, D2: tl.constexpr, HALF: tl.constexpr):
+    """(c1, c2, s1, s2): the two halves of the rows' cos and sin; with HALF the rows hold one half, both halves'."""
+    c1 = _load_half(cos_ptr, rm, M, stride_cm, 0, D2)
+    s1 = _load_half(sin_ptr, rm, M, stride_cm, 0, D2)
+    if HALF:
+        c2, s2 = c1, s1
+    else:
+        c2 = _load_half(cos_ptr, rm, M, stride_cm, D2, D2)
+        s2 = _load_half(sin_ptr, rm, M, stride_cm, D2, D2)
+    return c1, c2, s1, s2
 
 
 @triton.jit
@@ -56,7 +66,8 @@ def _rms_stats(p1, p2, eps, D2: tl.constexpr):
 def _fwd_head(
     y_ptr, xa_ptr, b_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rm, M, head, col0, xcol, rank, stride_ym, stride_xm,
     stride_b, stride_cm, stride_om, scale, eps,
-    D2: tl.constexpr, BR: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr,
+    D2: tl.constexpr, BR: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr,
+    IEEE: tl.constexpr,
 ):  # fmt: skip
     """out[rm, head] = rope(norm(y[rm, col0 + head] + s xa B^T)): y read once, out written once."""
     d = tl.arange(0, D2)
@@ -68,8 +79,7 @@ def _fwd_head(
         p1 = (p1 * rstd).to(out_ptr.dtype.element_ty).to(tl.float32) * tl.load(w_ptr + d).to(tl.float32)[None, :]
         p2 = (p2 * rstd).to(out_ptr.dtype.element_ty).to(tl.float32) * tl.load(w_ptr + D2 + d).to(tl.float32)[None, :]
     if ROPE:  # rotate-half: (x1, x2) -> (x1 cos1 - x2 sin1, x2 cos2 + x1 sin2)
-        c1, c2 = _load_halves(cos_ptr, rm, M, stride_cm, 0, D2)
-        s1, s2 = _load_halves(sin_ptr, rm, M, stride_cm, 0, D2)
+        c1, c2, s1, s2 = _load_rotation(cos_ptr, sin_ptr, rm, M, stride_cm, D2, HALF)
         p1, p2 = p1 * c1 - p2 * s1, p2 * c2 + p1 * s2
     out = out_ptr + rm[:, None] * stride_om + head * 2 * D2 + d[None, :]
     row_ok = rm[:, None] < M
@@ -82,7 +92,8 @@ def qkv_rope_lora_fwd_kernel(
     y_ptr, xa_ptr, bq_ptr, bk_ptr, bv_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, M, heads_q,
     heads_kv, rank_q, rank_k, rank_v, stride_ym, stride_xm, stride_bq, stride_bk, stride_bv, stride_cm, scale_q,
     scale_k, scale_v, eps,
-    D2: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr,
+    D2: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, NORM: tl.constexpr, HALF: tl.constexpr,
+    IEEE: tl.constexpr,
 ):  # fmt: skip
     """One [BM, head_dim] tile of q, k or v (grid axis 1: the q heads, then the k heads, then the v heads)."""
     rm = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
@@ -91,18 +102,18 @@ def qkv_rope_lora_fwd_kernel(
     if h < heads_q:
         _fwd_head(
             y_ptr, xa_ptr, bq_ptr, wq_ptr, cos_ptr, sin_ptr, q_ptr, rm, M, h, 0, 0, rank_q, stride_ym, stride_xm,
-            stride_bq, stride_cm, heads_q * D, scale_q, eps, D2, BR, NORM, True, IEEE,
+            stride_bq, stride_cm, heads_q * D, scale_q, eps, D2, BR, NORM, True, HALF, IEEE,
         )  # fmt: skip
     elif h < heads_q + heads_kv:
         _fwd_head(
             y_ptr, xa_ptr, bk_ptr, wk_ptr, cos_ptr, sin_ptr, k_ptr, rm, M, h - heads_q, heads_q * D, rank_q, rank_k,
-            stride_ym, stride_xm, stride_bk, stride_cm, heads_kv * D, scale_k, eps, D2, BR, NORM, True, IEEE,
+            stride_ym, stride_xm, stride_bk, stride_cm, heads_kv * D, scale_k, eps, D2, BR, NORM, True, HALF, IEEE,
         )  # fmt: skip
     else:
         _fwd_head(
             y_ptr, xa_ptr, bv_ptr, wq_ptr, cos_ptr, sin_ptr, v_ptr, rm, M, h - heads_q - heads_kv,
             (heads_q + heads_kv) * D, rank_q + rank_k, rank_v, stride_ym, stride_xm, stride_bv, stride_cm,
-            heads_kv * D, scale_v, eps, D2, BR, False, False, IEEE,
+            heads_kv * D, scale_v, eps, D2, BR, False, False, HALF, IEEE,
         )  # fmt: skip
 
 
@@ -112,7 +123,7 @@ def _bwd_head(
     stride_db, stride_ds, stride_dh, stride_ym, stride_xm, stride_b, stride_cm, stride_dym, stride_dxm, scale, eps,
     row_tiles,
     D2: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
-    IEEE: tl.constexpr,
+    HALF: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """One head over `row_tiles` tiles of BM rows. Per tile: the output gradient (dout [B, S, H, 2 D2], any strides)
     taken back through RoPE and the RMSNorm (pre-activation recomputed from y, xa and B), written to dy in y's dtype,
@@ -135,8 +146,7 @@ def _bwd_head(
         g1 = tl.load(g, mask=row_ok, other=0.0).to(tl.float32)
         g2 = tl.load(g + D2, mask=row_ok, other=0.0).to(tl.float32)
         if ROPE:  # the rotation's transpose
-            c1, c2 = _load_halves(cos_ptr, rm, M, stride_cm, 0, D2)
-            s1, s2 = _load_halves(sin_ptr, rm, M, stride_cm, 0, D2)
+            c1, c2, s1, s2 = _load_rotation(cos_ptr, sin_ptr, rm, M, stride_cm, D2, HALF)
             g1, g2 = g1 * c1 + g2 * s2, g2 * c2 - g1 * s1
         xa = _load_xa(xa_ptr, rm, M, xcol, rank, stride_xm, BR)
         if NORM:  # d/dp of w * (p rstd): rstd (dn - n mean(dn n)), dn = g w, n = p rstd (rounding: straight through)
@@ -168,7 +178,8 @@ def qkv_rope_lora_bwd_kernel(
     dbq_ptr, dbk_ptr, dbv_ptr, M, seq, heads_q, heads_kv, rank_q, rank_k, rank_v, sq_b, sq_s, sq_h, sk_b, sk_s, sk_h,
     sv_b, sv_s, sv_h, stride_ym, stride_xm, stride_bq, stride_bk, stride_bv, stride_cm, stride_dym, stride_dxm,
     scale_q, scale_k, scale_v, eps, row_tiles,
-    D2: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr,
+    D2: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, NORM: tl.constexpr, HALF: tl.constexpr,
+    IEEE: tl.constexpr,
 ):  # fmt: skip
     """One head of q, k or v (grid axis 0: the q heads, then the k heads, then the v heads) over a block of rows."""
     h = tl.program_id(0)
@@ -177,18 +188,18 @@ def qkv_rope_lora_bwd_kernel(
         _bwd_head(
             dq_ptr, y_ptr, xa_ptr, bq_ptr, wq_ptr, cos_ptr, sin_ptr, dy_ptr, dxa_ptr, dbq_ptr, M, seq, h, 0, 0,
             rank_q, sq_b, sq_s, sq_h, stride_ym, stride_xm, stride_bq, stride_cm, stride_dym, stride_dxm, scale_q,
-            eps, row_tiles, D2, BM, BR, NORM, True, IEEE,
+            eps, row_tiles, D2, BM, BR, NORM, True, HALF, IEEE,
         )  # fmt: skip
     elif h < heads_q + heads_kv:
         _bwd_head(
             dk_ptr, y_ptr, xa_ptr, bk_ptr, wk_ptr, cos_ptr, sin_ptr, dy_ptr, dxa_ptr, dbk_ptr, M, seq, h - heads_q,
             heads_q * D, rank_q, rank_k, sk_b, sk_s, sk_h, stride_ym, stride_xm, stride_bk, stride_cm, stride_dym,
-            stride_dxm, scale_k, eps, row_tiles, D2, BM, BR, NORM, True, IEEE,
+            stride_dxm, scale_k, eps, row_tiles, D2, BM, BR, NORM, True, HALF, IEEE,
         )  # fmt: skip
     else:
         _bwd_head(
             dv_ptr, y_ptr, xa_ptr, bv_ptr, wq_ptr, cos_ptr, sin_ptr, dy_ptr, dxa_ptr, dbv_ptr, M, seq,
             h - heads_q - heads_kv, (heads_q + heads_kv) * D, rank_q + rank_k, rank_v, sv_b, sv_s, sv_h, stride_ym,
             stride_xm, stride_bv, stride_cm, stride_dym, stride_dxm, scale_v, eps, row_tiles, D2, BM, BR, False,
-            False, IEEE,
+            False, HALF, IEEE,
         )  # fmt: skip

@@ -204,14 +204,18 @@ def rope_inv_freq(args: ModelArgs, device: torch.device | None = None) -> torch.
 
 
 def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """cos/sin as [B, S, 1, head_dim] in `dtype`; angles in fp32 (positions up to ~1e5 need the mantissa)."""
-    freqs = position_ids[..., None].float() * inv_freq  # [B, S, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    """cos/sin of the D/2 angles as [B, S, 1, head_dim / 2] in `dtype` (pair (i, i + D/2) turns by angle i, so the
+    two halves of HF's [B, S, 1, head_dim] cos/sin are equal: one is enough, and the fused q/k/v op reads one);
+    angles in fp32 (positions up to ~1e5 need the mantissa)."""
+    freqs = (position_ids[..., None].float() * inv_freq)[:, :, None, :]  # [B, S, 1, D/2]
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + D/2) of x: [B, S, H, D] (the "rotate half" layout of HF checkpoints)."""
+    """Rotate pairs (i, i + D/2) of x: [B, S, H, D] (the "rotate half" layout of HF checkpoints). cos/sin: one
+    half ([..., D/2], `rope_cos_sin`) or both ([..., D])."""
+    if cos.shape[-1] != x.shape[-1]:
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 

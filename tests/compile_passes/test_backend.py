@@ -155,6 +155,10 @@ def test_qwen3_blocks_compiled_match_eager(packed):
     for gm in backend.stats.graphs:
         calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is OP]
         assert sorted(len(n.args[1]) for n in calls) == [1, 1, 2, 3]  # o; down (base alone); gate/up; q/k/v
+        # RoPE's cos/sin reach the q/k/v op as the model's one half, the graph's cat((c, c), -1) nodes gone
+        rope = [n for n in gm.graph.nodes if n.target is torch.ops.surogate.qkv_rope_lora.default]
+        assert len(rope) == 1 and all(t.op == "placeholder" for t in rope[0].args[5:7])
+        assert not [n for n in gm.graph.nodes if n.target is torch.cat and n.args[0][0] in rope[0].args[5:7]]
     # the real model's MLP and attention are what swiglu_lora_fusion.py and qkv_rope_lora_fusion.py match
     assert backend.stats.rewrites["fuse_swiglu_lora"] == len(model.model.layers)
     assert backend.stats.rewrites["fuse_qkv_rope_lora"] == len(model.model.layers)

@@ -13,16 +13,19 @@ LORA = torch.ops.surogate.lora_linear.default
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def rope_cos_sin(batch, seq, head_dim, dtype, device, offset=0):
-    """The model's cos/sin ([B, S, 1, D], rotate-half layout), positions offset per row so rows differ."""
+def rope_cos_sin(batch, seq, head_dim, dtype, device, offset=0, half=False):
+    """HF's cos/sin ([B, S, 1, D], rotate-half layout: equal halves), or with `half` the one half both share (the
+    model's, [B, S, 1, D/2]); positions offset per row so rows differ."""
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
     pos = torch.arange(seq).float()[None, :] + offset * torch.arange(batch).float()[:, None]
     freqs = pos[..., None] * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+    emb = (freqs if half else torch.cat((freqs, freqs), dim=-1))[:, :, None, :]
     return emb.cos().to(device, dtype), emb.sin().to(device, dtype)
 
 
-def qkv_inputs(batch, seq, heads, kv_heads, head_dim, ranks, norm=True, dtype=torch.float32, device="cpu", seed=0):
+def qkv_inputs(
+    batch, seq, heads, kv_heads, head_dim, ranks, norm=True, dtype=torch.float32, device="cpu", seed=0, half=False
+):
     """y [B, S, Nq + Nk + Nv], xa, B_q/B_k/B_v (nonzero), scalings, norm weights (not ones), cos, sin."""
     g = torch.Generator().manual_seed(seed)
     outs = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
@@ -30,7 +33,7 @@ def qkv_inputs(batch, seq, heads, kv_heads, head_dim, ranks, norm=True, dtype=to
     xa = torch.randn(batch * seq, sum(ranks), generator=g).to(device, dtype).requires_grad_()
     Bs = [(torch.randn(o, r, generator=g) * 0.3).to(device, dtype).requires_grad_() for o, r in zip(outs, ranks)]
     ws = [(1 + 0.2 * torch.randn(head_dim, generator=g)).to(device, dtype) for _ in range(2)] if norm else []
-    cos, sin = rope_cos_sin(batch, seq, head_dim, dtype, device, offset=3)
+    cos, sin = rope_cos_sin(batch, seq, head_dim, dtype, device, offset=3, half=half)
     return y, xa, Bs, [1.5, 0.75, 2.0], ws, cos, sin
 
 
@@ -40,13 +43,17 @@ def grads(outs, inputs, seed=1):
     return torch.autograd.grad(outs, inputs, dos)
 
 
+@pytest.mark.parametrize("half", [False, True])
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("shape", [(2, 7, 4, 2, 16, (4, 4, 2)), (1, 9, 2, 1, 8, (3, 5, 4))])
-def test_matches_reference_cpu(norm, shape):
+def test_matches_reference_cpu(norm, shape, half):
+    """Against the reference with HF's full cos/sin, also when the op gets the one half (the model's layout)."""
     *dims, ranks = shape
     y, xa, Bs, s, ws, cos, sin = qkv_inputs(*dims, ranks, norm=norm)
     head_dim = dims[4]
     ref = qkv_rope_lora_reference(y, xa, Bs, s, ws, cos, sin, head_dim, 1e-6)
+    if half:
+        cos, sin = rope_cos_sin(dims[0], dims[1], head_dim, torch.float32, "cpu", offset=3, half=True)
     out = qkv_rope_lora(y, xa, Bs, s, ws, cos, sin, head_dim, 1e-6)
     for o, r in zip(out, ref):
         assert o.shape == r.shape and rel(o, r) < 1e-6
@@ -65,6 +72,8 @@ def test_wrong_widths_refused():
         qkv_rope_lora(y, xa, Bs, s, ws, cos, sin, 6, 1e-6)
     with pytest.raises(ValueError, match="Nq \\+ Nk \\+ Nv"):
         qkv_rope_lora(y[..., :30], xa, Bs, s, ws, cos, sin, 8, 1e-6)
+    with pytest.raises(ValueError, match="cos/sin"):
+        qkv_rope_lora(y, xa, Bs, s, ws, cos[..., :3], sin[..., :3], 8, 1e-6)
 
 
 _INTERPRETED = """
@@ -77,9 +86,12 @@ from test_qkv_rope_lora import qkv_inputs
 # running past M), and output gradients in attention's [B, H, S, D] memory layout (strided rows)
 op._FWD_CONFIG, op._BWD_CONFIG, op._BWD_ROW_TILES = (16, 4), (16, 4), (4, 2)
 rel = lambda a, b: ((a - b).norm() / b.norm()).item()
-for batch, seq, norm, ranks in [(2, 21, True, (8, 16, 4)), (1, 37, False, (16, 16, 16))]:
+# cos/sin as HF's full rows and as the one half both halves share (the model's layout; reference from full rows)
+for batch, seq, norm, ranks, half in [(2, 21, True, (8, 16, 4), True), (1, 37, False, (16, 16, 16), False)]:
     y, xa, Bs, s, ws, cos, sin = qkv_inputs(batch, seq, 4, 2, 32, ranks, norm=norm)
     ref = op.qkv_rope_lora_reference(y, xa, Bs, s, ws, cos, sin, 32, 1e-6)
+    if half:
+        cos, sin = qkv_inputs(batch, seq, 4, 2, 32, ranks, norm=norm, half=True)[5:]
     out = op.qkv_rope_lora(y, xa, Bs, s, ws, cos, sin, 32, 1e-6)
     for o, r in zip(out, ref):
         assert torch.isfinite(o).all() and rel(o, r) < 1e-5, rel(o, r)
@@ -106,7 +118,7 @@ def test_triton_kernels_match_reference_interpreted():
 
 def test_lora_op_without_b_then_qkv_rope_lora_matches_eager():
     """The graph the fusion pass writes: the q/k/v group with no B, then qkv_rope_lora, against eager LoRA, the
-    model's RMSNorm and apply_rope; every gradient (x, A_q/k/v, B_q/k/v)."""
+    model's RMSNorm and apply_rope with the model's one-half cos/sin; every gradient (x, A_q/k/v, B_q/k/v)."""
     from surogate.models.qwen3 import RMSNorm, apply_rope
 
     batch, seq, heads, kv_heads, head_dim = 2, 5, 4, 2, 8
@@ -116,7 +128,7 @@ def test_lora_op_without_b_then_qkv_rope_lora_matches_eager():
     norms = [RMSNorm(head_dim, 1e-6) for _ in range(2)]
     for n in norms:
         n.weight.requires_grad_(False).mul_(1.3)
-    cos, sin = rope_cos_sin(batch, seq, head_dim, torch.float32, "cpu", offset=2)
+    cos, sin = rope_cos_sin(batch, seq, head_dim, torch.float32, "cpu", offset=2, half=True)
     y_ref = lora_linear_reference(x, ws, None, As, Bs, s)
     q, k, v = (t.view(batch, seq, -1, head_dim) for t in y_ref.split(outs, dim=-1))
     ref = apply_rope(norms[0](q), cos, sin), apply_rope(norms[1](k), cos, sin), v
@@ -133,10 +145,10 @@ def test_lora_op_without_b_then_qkv_rope_lora_matches_eager():
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("shape", [(2, 2048, 32, 8, 128, 16, True), (1, 1000, 16, 8, 64, 8, False)])
+@pytest.mark.parametrize("shape", [(2, 2048, 32, 8, 128, 16, True, True), (1, 1000, 16, 8, 64, 8, False, False)])
 def test_cuda_bf16_matches_fp32_reference(shape):
-    *dims, rank, norm = shape
-    y, xa, Bs, s, ws, cos, sin = qkv_inputs(*dims, (rank,) * 3, norm, torch.bfloat16, "cuda")
+    *dims, rank, norm, half = shape
+    y, xa, Bs, s, ws, cos, sin = qkv_inputs(*dims, (rank,) * 3, norm, torch.bfloat16, "cuda", half=half)
     head_dim = dims[4]
     fp32 = [t.detach().float().requires_grad_() for t in (y, xa, *Bs)]
     ref = qkv_rope_lora_reference(fp32[0], fp32[1], fp32[2:], s, [w.float() for w in ws], cos.float(), sin.float(),
