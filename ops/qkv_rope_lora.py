@@ -235,14 +235,7 @@ def _backward(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim,
 
 
 def _check(
-    y: Tensor,
-    xa: Tensor,
-    lora_Bs: list[Tensor],
-    scalings: list[float],
-    norm_weights: list[Tensor],
-    cos: Tensor,
-    sin: Tensor,
-    head_dim: int,
+    y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float], norm_weights: list[Tensor], head_dim: int
 ) -> None:
     widths = [b.shape[0] for b in lora_Bs]
     tail = 0 if xa.shape[-1] else sum(b.shape[1] for b in lora_Bs)  # xa in y's tail (`ops._launch`)
@@ -253,6 +246,9 @@ def _check(
         )
     if any(w % head_dim for w in widths) or head_dim % 2 or y.dim() < 2:
         raise ValueError(f"qkv_rope_lora: widths {widths} must be whole heads of even head_dim {head_dim}")
+
+
+def _check_rotation(cos: Tensor, sin: Tensor, head_dim: int) -> None:
     if cos.shape[-1] not in (head_dim, head_dim // 2) or sin.shape != cos.shape:
         raise ValueError(f"qkv_rope_lora: cos/sin must be [..., {head_dim}] or [..., {head_dim // 2}], the same shape")
 
@@ -270,7 +266,8 @@ def qkv_rope_lora(
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(q, k, v), each [..., heads, head_dim]. See the module docstring."""
-    _check(y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim)
+    _check(y, xa, lora_Bs, scalings, norm_weights, head_dim)
+    _check_rotation(cos, sin, head_dim)
     return _forward(y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps)
 
 
