@@ -18,11 +18,13 @@ where the add on its own would read the update's output again and write another 
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 from torch import Tensor
 
 from ops._launch import cdiv
+from ops.compile_ahead import compile_ahead, launch, on_gpu
 
 __all__ = ["add_low_rank_", "low_rank_add", "low_rank_add_reference", "mm_scaled"]
 
@@ -83,29 +85,38 @@ def _triton_low_rank_add_kernel():
 
 
 _LOW_RANK_KERNEL = None
+_KERNEL_LOCK = threading.Lock()
+
+
+def _low_rank_kernel():
+    """The Triton kernel, made once. Under a lock: the first call may come from a compile-ahead worker
+    (ops/compile_ahead.py) beside another, and every thread must share one kernel object (and so its compiled cache)."""
+    global _LOW_RANK_KERNEL
+    with _KERNEL_LOCK:
+        if _LOW_RANK_KERNEL is None:
+            _LOW_RANK_KERNEL = _triton_low_rank_add_kernel()
+    return _LOW_RANK_KERNEL
 
 
 def _low_rank_add_into(
     out: Tensor, y: Tensor, a: Tensor, b: Tensor, alpha: float, block: tuple[int, int], residual: Tensor | None = None
 ) -> Tensor:
     """out = y + alpha * (a @ b) (+ residual) for 2-D y, out and residual (out may be y: in place)."""
-    global _LOW_RANK_KERNEL
-    triton_ok = y.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    triton_ok = on_gpu(y) or os.environ.get("TRITON_INTERPRET") == "1"
     # cuBLAS adds one tensor (its C): with a residual the kernel is one pass where addmm + add would be two
-    small = y.device.type == "cuda" and y.numel() * y.element_size() < _LOW_RANK_MIN_BYTES and residual is None
+    small = on_gpu(y) and y.numel() * y.element_size() < _LOW_RANK_MIN_BYTES and residual is None
     if not triton_ok or small or a.shape[1] > _LOW_RANK_MAX_K or y.dtype != a.dtype or a.dtype != b.dtype:
         if out is y:
             out.addmm_(a, b, alpha=alpha)
         else:
             torch.addmm(y, a, b, alpha=alpha, out=out)
         return out if residual is None else out.add_(residual)
-    if _LOW_RANK_KERNEL is None:
-        _LOW_RANK_KERNEL = _triton_low_rank_add_kernel()
     (m, n), k = y.shape, a.shape[1]
     bm, bn = block
     res = y if residual is None else residual  # never read without RESIDUAL
     if m and n:
-        _LOW_RANK_KERNEL[(cdiv(m, bm), cdiv(n, bn))](
+        launch(
+            _low_rank_kernel(), (cdiv(m, bm), cdiv(n, bn)),
             y, res, out, a, b, m, n, k, y.stride(0), y.stride(1), res.stride(0), out.stride(0), out.stride(1),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), float(alpha),
             BM=bm, BN=bn, BK=max(16, 1 << (k - 1).bit_length()), RESIDUAL=residual is not None,
@@ -131,6 +142,10 @@ def low_rank_add(y: Tensor, xa: Tensor, b: Tensor, scaling: float, residual: Ten
     """y [..., out] + scaling * xa [N, r] B^T (B [out, r]) (+ residual, y's shape) as a new tensor, one pass."""
     if residual is not None and residual.shape != y.shape:
         raise ValueError("low_rank_add: the residual must have y's shape")
+    return _low_rank_add(y, xa, b, scaling, residual)
+
+
+def _low_rank_add(y: Tensor, xa: Tensor, b: Tensor, scaling: float, residual: Tensor | None) -> Tensor:
     y2 = y.reshape(-1, y.shape[-1])
     r2 = None if residual is None else residual.reshape(-1, y.shape[-1])
     if r2 is not None and r2.stride(-1) != 1:
@@ -141,6 +156,7 @@ def low_rank_add(y: Tensor, xa: Tensor, b: Tensor, scaling: float, residual: Ten
 
 @low_rank_add.register_fake
 def _low_rank_add_fake(y, xa, b, scaling, residual=None):
+    compile_ahead(_low_rank_add, y, xa, b, scaling, residual)  # ops/compile_ahead.py
     return torch.empty_like(y, memory_format=torch.contiguous_format)
 
 

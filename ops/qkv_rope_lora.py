@@ -51,6 +51,7 @@ from ops._launch import (
     split_flat,
     xa_from_tail,
 )
+from ops.compile_ahead import compile_ahead, gpu_multiprocessors, launch, on_gpu
 
 __all__ = ["qkv_rope_lora", "qkv_rope_lora_reference"]
 
@@ -111,7 +112,7 @@ def qkv_rope_lora_reference(
 
 
 def _use_triton(y: Tensor, lora_Bs: list[Tensor], head_dim: int) -> bool:
-    on_device = y.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    on_device = on_gpu(y) or os.environ.get("TRITON_INTERPRET") == "1"
     pow2 = head_dim >= 32 and head_dim & (head_dim - 1) == 0
     return on_device and pow2 and max(b.shape[1] for b in lora_Bs) <= _MAX_RANK
 
@@ -173,7 +174,8 @@ def _forward(y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps) ->
     q, k, v = (y.new_empty(*lead, h, head_dim) for h in (hq, hkv, hkv))
     bm, warps = _FWD_CONFIG
     if m:
-        qkv_rope_lora_fwd_kernel[(cdiv(m, bm), hq + 2 * hkv)](
+        launch(
+            qkv_rope_lora_fwd_kernel, (cdiv(m, bm), hq + 2 * hkv),
             y2, xa, *bs, *ws, cos2, sin2, q, k, v, m, hq, hkv, *ranks, y2.stride(0), xa.stride(0),
             *(b.stride(0) for b in bs), cos2.stride(0), *map(float, scalings), float(eps),
             D2=head_dim // 2, BM=bm, BR=rank_block(lora_Bs), NORM=bool(norm_weights), HALF=cos.shape[-1] < head_dim,
@@ -183,11 +185,11 @@ def _forward(y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps) ->
     return q, k, v
 
 
-def _bwd_row_tiles_per_program(heads: int, row_tiles: int, device: torch.device) -> int:
+def _bwd_row_tiles_per_program(heads: int, row_tiles: int, multiprocessors: int | None) -> int:
     long_run, short_run = _BWD_ROW_TILES
-    if device.type != "cuda":  # the interpreter (CPU tests): short runs, so that programs share a head
+    if multiprocessors is None:  # the interpreter (CPU tests): short runs, so that programs share a head
         return short_run
-    groups = max(1, _BWD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count // heads)
+    groups = max(1, _BWD_PROGRAMS_PER_SM * multiprocessors // heads)
     return cdiv(row_tiles, groups) if groups >= cdiv(row_tiles, long_run) else short_run
 
 
@@ -216,9 +218,10 @@ def _backward(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim,
     bm, warps = _BWD_CONFIG
     row_tiles = cdiv(m, bm)
     heads = hq + 2 * hkv
-    per_program = _bwd_row_tiles_per_program(heads, row_tiles, y.device)
+    per_program = _bwd_row_tiles_per_program(heads, row_tiles, gpu_multiprocessors(y))
     if m:
-        qkv_rope_lora_bwd_kernel[(heads, cdiv(row_tiles, per_program))](
+        launch(
+            qkv_rope_lora_bwd_kernel, (heads, cdiv(row_tiles, per_program)),
             *gs, y2, xa, *bs, *ws, cos2, sin2, dy, dxa, *dbs, m, seq, hq, hkv, *ranks,
             *(st for g in gs for st in g.stride()[:3]), y2.stride(0), xa.stride(0), *(b.stride(0) for b in bs),
             cos2.stride(0), dy.stride(0), dxa.stride(0), *map(float, scalings), float(eps), per_program,
@@ -273,6 +276,7 @@ def qkv_rope_lora(
 
 @qkv_rope_lora.register_fake
 def _qkv_rope_lora_fake(y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps):
+    compile_ahead(_forward, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps)  # ops/compile_ahead.py
     return tuple(y.new_empty(*y.shape[:-1], b.shape[0] // head_dim, head_dim) for b in lora_Bs)
 
 
@@ -298,6 +302,8 @@ def qkv_rope_lora_grad(
 
 @qkv_rope_lora_grad.register_fake
 def _qkv_rope_lora_grad_fake(grad_q, grad_k, grad_v, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps):
+    grads = (grad_q, grad_k, grad_v)
+    compile_ahead(_backward, grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps)
     return y.new_empty(y.shape), xa.new_empty(xa.numel() + sum(b.numel() for b in lora_Bs))
 
 

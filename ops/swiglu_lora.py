@@ -54,6 +54,7 @@ from ops._launch import (
     split_flat,
     xa_from_tail,
 )
+from ops.compile_ahead import compile_ahead, launch, on_gpu
 
 __all__ = ["swiglu_lora", "swiglu_lora_down", "swiglu_lora_down_reference", "swiglu_lora_reference"]
 
@@ -91,7 +92,7 @@ def swiglu_lora_down_reference(
 
 
 def _use_triton(y: Tensor, lora_Bs: list[Tensor], down_A: Tensor | None = None) -> bool:
-    on_device = y.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    on_device = on_gpu(y) or os.environ.get("TRITON_INTERPRET") == "1"
     ranks = [b.shape[1] for b in lora_Bs] + ([] if down_A is None else [down_A.shape[0]])
     return on_device and max(ranks) <= _MAX_RANK
 
@@ -127,7 +128,8 @@ def _forward(
         ad = xad32 if down_A is None else down_A  # never read without DOWN
         bm, bn, warps = _FWD_CONFIG if down_A is None else _FWD_DOWN_CONFIG
         if m and inter:
-            swiglu_lora_fwd_kernel[(cdiv(m, bm), cdiv(inter, bn))](
+            launch(
+                swiglu_lora_fwd_kernel, (cdiv(m, bm), cdiv(inter, bn)),
                 y2, xa, b_g, b_u, h, ad, xad32, m, inter, b_g.shape[1], b_u.shape[1], rank_d, y2.stride(0),
                 xa.stride(0), b_g.stride(0), b_g.stride(1), b_u.stride(0), b_u.stride(1), h.stride(0), ad.stride(0),
                 xad32.stride(0), float(s_g), float(s_u),
@@ -215,7 +217,8 @@ def _backward_triton(
         # programs remain to fill the GPU (~1500 for the 8B gate/up group).
         per_program = max(1, min(_BWD_MAX_ROW_TILES, col_blocks * row_tiles // _BWD_PROGRAMS))
         grid = (col_blocks, cdiv(row_tiles, per_program))
-        swiglu_lora_bwd_kernel[grid](
+        launch(
+            swiglu_lora_bwd_kernel, grid,
             y2, xa, b_g, b_u, dh, dy, dxa, db_g, db_u, ad, gxd, dad, m, inter, r_g, r_u, rank_d, y2.stride(0),
             xa.stride(0), b_g.stride(0), b_g.stride(1), b_u.stride(0), b_u.stride(1), dh.stride(0), dy.stride(0),
             dxa.stride(0), ad.stride(0), gxd.stride(0), s_g, s_u, per_program,
@@ -248,6 +251,7 @@ def swiglu_lora(y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[flo
 
 @swiglu_lora.register_fake
 def _swiglu_lora_fake(y, xa, lora_Bs, scalings):
+    compile_ahead(_forward, y, xa, lora_Bs, scalings)  # ops/compile_ahead.py
     return y.new_empty(*y.shape[:-1], lora_Bs[0].shape[0])
 
 
@@ -261,6 +265,7 @@ def swiglu_lora_grad(
 
 @swiglu_lora_grad.register_fake
 def _swiglu_lora_grad_fake(grad_h, y, xa, lora_Bs, scalings):
+    compile_ahead(_backward, grad_h, y, xa, lora_Bs, scalings)
     return y.new_empty(y.shape), xa.new_empty(xa.numel() + sum(b.numel() for b in lora_Bs))
 
 
@@ -294,6 +299,7 @@ def swiglu_lora_down(
 
 @swiglu_lora_down.register_fake
 def _swiglu_lora_down_fake(y, xa, lora_Bs, scalings, down_A):
+    compile_ahead(_forward, y, xa, lora_Bs, scalings, down_A)
     h = y.new_empty(*y.shape[:-1], lora_Bs[0].shape[0])
     return h, y.new_empty(xa.shape[0], down_A.shape[0])
 
@@ -314,6 +320,7 @@ def swiglu_lora_down_grad(
 
 @swiglu_lora_down_grad.register_fake
 def _swiglu_lora_down_grad_fake(grad_h, grad_xa_down, y, xa, lora_Bs, scalings, down_A):
+    compile_ahead(_backward, grad_h, y, xa, lora_Bs, scalings, down_A, grad_xa_down)
     return y.new_empty(y.shape), xa.new_empty(xa.numel() + sum(b.numel() for b in lora_Bs) + down_A.numel())
 
 
