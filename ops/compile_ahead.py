@@ -14,8 +14,8 @@ AOTAutograd traces the block (forward and backward) with fake tensors of the exa
 real calls will get. `compile_ahead` hands the op's launcher meta tensors of that layout on a worker thread, where
 `launch` compiles (`JITFunction.warmup`) instead of running; the kernel is then in Triton's in-memory cache when
 the step launches it. Triton holds the GIL little while it compiles (LLVM, ptxas), so the workers run beside
-Dynamo and Inductor (two of our largest kernels: 9.5 s one after the other, 5.8 s on two threads, on the H100
-machine's CPU).
+Dynamo and Inductor (two specializations of the q/k/v backward: 9.5 s one after the other, 5.8 s on two threads,
+on the H100 machine's CPU).
 
 Best effort by design: a launcher that fails on meta tensors, or a specialization that differs from the real
 call's (a pointer that is not 16-byte aligned, say), only means that the real launch compiles, as it always did.
