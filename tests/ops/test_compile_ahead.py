@@ -26,6 +26,32 @@ def test_cpu_tensors_submit_nothing():
         assert ahead.compile_ahead(lambda t: t, y) is None
 
 
+class _RecordingKernel:
+    """Stands in for a Triton kernel: records warmups, refuses to run."""
+
+    def __init__(self):
+        self.warmups = []
+
+    def warmup(self, *args, grid, **meta):
+        self.warmups.append((args, grid, meta))
+
+    def __getitem__(self, grid):
+        raise AssertionError("a compile-ahead worker ran a kernel")
+
+
+def test_launch_on_a_worker_compiles_with_dtypes_in_place_of_tensors():
+    kernel = _RecordingKernel()
+    x = torch.empty(4, 8, dtype=torch.bfloat16, device="meta")
+    ahead._local.device = torch.device("cuda", 0)  # what `_run` sets on a worker thread
+    try:
+        assert ahead.on_gpu(x)
+        ahead.launch(kernel, (3, 2), x, 4, 0.5, BM=16, num_warps=4)
+    finally:
+        ahead._local.device = None
+    assert kernel.warmups == [((torch.bfloat16, 4, 0.5), (3, 2), {"BM": 16, "num_warps": 4})]
+    assert not ahead.on_gpu(x)  # off a worker, a meta tensor is no GPU tensor
+
+
 def _cases(device):
     """(op, its arguments): shapes no other test uses, so that each case's layouts are submitted here first."""
     y, xa, bs, s, ws, cos, sin = qkv_inputs(2, 37, 4, 2, 64, (16, 16, 16), dtype=torch.bfloat16, device=device)
