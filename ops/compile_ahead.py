@@ -95,7 +95,7 @@ def wait() -> None:
 
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
     """`kernel[grid](*args, **meta)`; on a compile-ahead worker, only the compile."""
-    if getattr(_local, "device", None) is not None:
+    if _worker_device() is not None:
         with _kernel_lock(kernel):
             kernel.warmup(*(a.dtype if isinstance(a, Tensor) else a for a in args), grid=grid, **meta)
         return
@@ -108,13 +108,18 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
 
 def on_gpu(t: Tensor) -> bool:
     """t is a CUDA tensor, or a meta tensor standing in for one on a compile-ahead worker."""
-    return t.is_cuda or (t.is_meta and getattr(_local, "device", None) is not None)
+    return t.is_cuda or (t.is_meta and _worker_device() is not None)
 
 
 def gpu_multiprocessors(t: Tensor) -> int | None:
     """The SM count of t's GPU (of the GPU a worker compiles for, for its meta tensors); None off the GPU."""
-    device = t.device if t.is_cuda else getattr(_local, "device", None) if t.is_meta else None
+    device = t.device if t.is_cuda else _worker_device() if t.is_meta else None
     return None if device is None else torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _worker_device() -> torch.device | None:
+    """The device this thread compiles for when it is a compile-ahead worker (set by `_run`); None elsewhere."""
+    return getattr(_local, "device", None)
 
 
 def _static(t: Tensor) -> bool:

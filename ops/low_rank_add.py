@@ -92,9 +92,10 @@ def _low_rank_kernel():
     """The Triton kernel, made once. Under a lock: the first call may come from a compile-ahead worker
     (ops/compile_ahead.py) beside another, and every thread must share one kernel object (and so its compiled cache)."""
     global _LOW_RANK_KERNEL
-    with _KERNEL_LOCK:
-        if _LOW_RANK_KERNEL is None:
-            _LOW_RANK_KERNEL = _triton_low_rank_add_kernel()
+    if _LOW_RANK_KERNEL is None:  # the lock only until it exists (launches are a hot path when not graphed)
+        with _KERNEL_LOCK:
+            if _LOW_RANK_KERNEL is None:
+                _LOW_RANK_KERNEL = _triton_low_rank_add_kernel()
     return _LOW_RANK_KERNEL
 
 
