@@ -17,6 +17,12 @@ the step launches it. Triton holds the GIL little while it compiles (LLVM, ptxas
 Dynamo and Inductor (two specializations of the q/k/v backward: 9.5 s one after the other, 5.8 s on two threads,
 on the H100 machine's CPU).
 
+The FP8 and 4-bit LoRA ops hand over their whole implementation the same way: on a worker it runs on meta tensors,
+so the frozen-weight caches skip what it makes (`on_worker`) and the ops' `stats` do not count it (`OpCounts`); its
+quantize, dequantize, transpose and low-rank kernels compile on the way. The loss's cross-entropy kernel, which no
+compiled graph traces, is submitted by the model's builder (`ops.cross_entropy.compile_ce_ahead`). A worker also
+loads each binary it compiled (`launch`), and a CUDA-graph capture waits for the workers (`wait`).
+
 Best effort by design: a launcher that fails on meta tensors, or a specialization that differs from the real
 call's (a pointer that is not 16-byte aligned, say), only means that the real launch compiles, as it always did.
 `SUROGATE_COMPILE_AHEAD=0` turns it off (to measure what it saves).
@@ -27,17 +33,19 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map_only
 
-__all__ = ["compile_ahead", "gpu_multiprocessors", "launch", "on_gpu", "wait"]
+__all__ = ["OpCounts", "compile_ahead", "gpu_multiprocessors", "launch", "on_gpu", "on_worker", "shared", "wait"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _local = threading.local()  # .device: the CUDA device a worker compiles for (set only on worker threads)
 _lock = threading.Lock()
@@ -94,16 +102,54 @@ def wait() -> None:
 
 
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
-    """`kernel[grid](*args, **meta)`; on a compile-ahead worker, only the compile."""
+    """`kernel[grid](*args, **meta)`; on a compile-ahead worker, only the compile and the loading of the binary.
+
+    Loading matters as much as compiling: Triton builds a kernel's launcher (a C module, on Triton 3.6) and loads
+    its binary at the first launch, not at `warmup`, 0.24-0.51 s per kernel on the H100 machine. `compiled[grid]`
+    does both without running the kernel."""
     if _worker_device() is not None:
         with _kernel_lock(kernel):
-            kernel.warmup(*(a.dtype if isinstance(a, Tensor) else a for a in args), grid=grid, **meta)
+            compiled = kernel.warmup(*(a.dtype if isinstance(a, Tensor) else a for a in args), grid=grid, **meta)
+            if compiled is not None and hasattr(compiled, "__getitem__"):
+                compiled[grid]  # initializes the handles (launcher and module); runs nothing
         return
     busy = _kernel_locks.get(id(kernel)) if _kernel_locks else None
     if busy is not None and busy.locked():  # a worker is compiling it: wait, rather than compile it twice
         with busy:
             pass
     kernel[grid](*args, **meta)
+
+
+def shared(make: Callable[[], T]) -> Callable[[], T]:
+    """A getter of `make()`'s result, made at the first call and the same object after. Our Triton kernels are made
+    lazily (importing triton is optional on CPU); the first call may come from two compile-ahead workers at once,
+    and every thread must get one kernel object, whose in-memory cache holds what the workers compiled."""
+    lock = threading.Lock()
+    made: list[T] = []
+
+    def get() -> T:
+        if not made:  # the lock only until it exists: launches are a hot path when not CUDA-graphed
+            with lock:
+                if not made:
+                    made.append(make())
+        return made[0]
+
+    return get
+
+
+def on_worker() -> bool:
+    """This thread is a compile-ahead worker: the op code it runs sees meta tensors, and what it makes must not
+    enter the ops' caches or counts."""
+    return _worker_device() is not None
+
+
+class OpCounts(Counter):
+    """The ops' `stats` counters (what ran, for tests and reports), blind to compile-ahead workers: an op run on
+    meta tensors there runs nothing."""
+
+    def __setitem__(self, key: Any, value: int) -> None:
+        if _worker_device() is None:
+            super().__setitem__(key, value)
 
 
 def on_gpu(t: Tensor) -> bool:

@@ -45,7 +45,6 @@ torchao is not needed; the tests check our quantizers against torchao's `nvfp4_q
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -53,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ops.compile_ahead import OpCounts, compile_ahead, launch, on_gpu
 from ops.fp8 import (
     E4M3,
     FP8_MAX,
@@ -126,7 +126,7 @@ _SCALE_TABLES = {
     "mxfp4": torch.tensor([2.0 ** (b - 127) for b in range(255)] + [float("nan")], dtype=torch.float32),
 }
 _CONSTANTS: dict[tuple[str, torch.device], Tensor] = {}
-stats: Counter = Counter()  # "fp4_gemms" (emulated), "weights_quantized" (fp4 cache), "fp4_dequantized" (stored)
+stats = OpCounts()  # "fp4_gemms" (emulated), "weights_quantized" (fp4 cache), "fp4_dequantized" (stored)
 
 
 def _on(name: str, device: torch.device) -> Tensor:
@@ -250,17 +250,17 @@ def dequantize_fp4_triton(
     from ops.dequant_kernels import fp4_dequantize_kernel, tile_launch
 
     fmt = _format(fp4_format)
-    launch = tile_launch(codes, dtype, out, tile)
+    tiles = tile_launch(codes, dtype, out, tile)
     values = _on("e2m1", codes.device)
     row = row_scale.float().contiguous() if row_scale is not None else values  # dummy pointer when unused
     if codes.numel():
-        fp4_dequantize_kernel[launch.grid](
-            codes.contiguous(), block_scale.contiguous().view(torch.uint8), global_scale.float(), values,
-            _on(f"scale_{fmt.name}", codes.device), row, launch.out, codes.shape[0], codes.shape[1] * 2, launch.ld,
-            BLOCK=fmt.block, BR=launch.br, BC=launch.bc, HAS_ROW=row_scale is not None,
-            FMAX=FP8_MAX.get(dtype, 0.0), TRANSPOSED=launch.transposed, num_warps=4,
+        launch(
+            fp4_dequantize_kernel, tiles.grid, codes.contiguous(), block_scale.contiguous().view(torch.uint8),
+            global_scale.float(), values, _on(f"scale_{fmt.name}", codes.device), row, tiles.out, codes.shape[0],
+            codes.shape[1] * 2, tiles.ld, BLOCK=fmt.block, BR=tiles.br, BC=tiles.bc, HAS_ROW=row_scale is not None,
+            FMAX=FP8_MAX.get(dtype, 0.0), TRANSPOSED=tiles.transposed, num_warps=4,
         )  # fmt: skip
-    return launch.out
+    return tiles.out
 
 
 def dequantize_fp4(
@@ -268,7 +268,7 @@ def dequantize_fp4(
     dtype: torch.dtype = torch.bfloat16,
 ) -> Tensor:  # fmt: skip
     """FP4 -> `dtype`: the Triton kernel on CUDA, the reference elsewhere (bit-identical results)."""
-    if codes.device.type == "cuda":
+    if on_gpu(codes):
         return dequantize_fp4_triton(codes, block_scale, global_scale, fp4_format, dtype)
     return dequantize_fp4_reference(codes, block_scale, global_scale, fp4_format, dtype)
 
@@ -300,7 +300,7 @@ def fp4_to_fp8(
 
     def write(i: int, dst: Tensor, inv: Tensor) -> None:
         stored = (codes[i], block_scales[i], global_scales[i], fp4_format, E4M3)
-        if dst.device.type == "cuda":
+        if on_gpu(dst):
             dequantize_fp4_triton(*stored, row_scale=inv, out=dst)
         else:
             dst.copy_(dequantize_fp4_reference(*stored, row_scale=inv))
@@ -555,13 +555,7 @@ def _in_features(weights, block_scales) -> int:
     return weights[0].shape[1] * (2 if block_scales is not None else 1)
 
 
-@torch.library.custom_op(
-    "surogate::lora_linear_fp4",
-    mutates_args=(),
-    schema="(Tensor x, Tensor[] weights, Tensor? bias, Tensor[] lora_As, Tensor[] lora_Bs, float[] scalings, "
-    f"Tensor[] lora_inputs, {_OPTIONS}) -> (Tensor, Tensor)",
-)
-def lora_linear_fp4(
+def _lora_linear_fp4(
     x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs, block_scales=None, global_scales=None,
     fp4_format="nvfp4", compute="fp4", stochastic_rounding=True, hadamard=True, grad_format="e5m2",
 ):  # fmt: skip
@@ -571,22 +565,25 @@ def lora_linear_fp4(
     return _lora_forward(x, [], bias, lora_As, lora_Bs, scalings, lora_inputs, base_linear=base.linear)
 
 
+lora_linear_fp4 = torch.library.custom_op(
+    "surogate::lora_linear_fp4",
+    _lora_linear_fp4,
+    mutates_args=(),
+    schema="(Tensor x, Tensor[] weights, Tensor? bias, Tensor[] lora_As, Tensor[] lora_Bs, float[] scalings, "
+    f"Tensor[] lora_inputs, {_OPTIONS}) -> (Tensor, Tensor)",
+)
+
+
 @lora_linear_fp4.register_fake
 def _(x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs, block_scales=None, global_scales=None, *options):
+    args = (x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs, block_scales, global_scales, *options)
+    compile_ahead(_lora_linear_fp4, *args)  # ops/compile_ahead.py
     n = x.numel() // x.shape[-1]
     out = sum(w.shape[0] for w in weights)
     return x.new_empty(*x.shape[:-1], out), x.new_empty(n, sum(a.shape[0] for a in lora_As))
 
 
-@torch.library.custom_op(
-    "surogate::lora_linear_fp4_grad",
-    mutates_args=(),
-    schema="(Tensor grad_y, Tensor[] lora_inputs, Tensor xa, Tensor[] weights, Tensor[]? block_scales, "
-    "Tensor[]? global_scales, Tensor[] lora_As, Tensor[] lora_Bs, float[] scalings, bool shared_input, "
-    "bool needs_grad_x, str fp4_format, str compute, bool stochastic_rounding, bool hadamard, str grad_format) "
-    "-> (Tensor, Tensor, Tensor, Tensor[])",
-)
-def lora_linear_fp4_grad(
+def _lora_linear_fp4_grad(
     grad_y, lora_inputs, xa, weights, block_scales, global_scales, lora_As, lora_Bs, scalings, shared_input,
     needs_grad_x, fp4_format, compute, stochastic_rounding, hadamard, grad_format,
 ):  # fmt: skip
@@ -600,8 +597,21 @@ def lora_linear_fp4_grad(
     )  # fmt: skip
 
 
+lora_linear_fp4_grad = torch.library.custom_op(
+    "surogate::lora_linear_fp4_grad",
+    _lora_linear_fp4_grad,
+    mutates_args=(),
+    schema="(Tensor grad_y, Tensor[] lora_inputs, Tensor xa, Tensor[] weights, Tensor[]? block_scales, "
+    "Tensor[]? global_scales, Tensor[] lora_As, Tensor[] lora_Bs, float[] scalings, bool shared_input, "
+    "bool needs_grad_x, str fp4_format, str compute, bool stochastic_rounding, bool hadamard, str grad_format) "
+    "-> (Tensor, Tensor, Tensor, Tensor[])",
+)
+
+
 @lora_linear_fp4_grad.register_fake
 def _(grad_y, lora_inputs, xa, weights, block_scales, global_scales, lora_As, lora_Bs, scalings, shared, needs_x, *o):
+    args = (grad_y, lora_inputs, xa, weights, block_scales, global_scales, lora_As, lora_Bs, scalings, shared, needs_x)
+    compile_ahead(_lora_linear_fp4_grad, *args, *o)
     in_features = _in_features(weights, block_scales)
     return lora_grad_fake(grad_y, lora_inputs, lora_As, in_features, shared, needs_x, bool(lora_Bs))
 

@@ -43,7 +43,6 @@ References: `lora_linear_fp8_reference` (plain torch, differentiable: quantize -
 from __future__ import annotations
 
 import os
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -51,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ops.compile_ahead import OpCounts, compile_ahead, launch, on_gpu, shared
 from ops.lora_linear import (
     FrozenWeightCache,
     _lora_backward,
@@ -96,7 +96,7 @@ E5M2 = torch.float8_e5m2
 FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
 GRAD_FORMATS = {"e5m2": E5M2, "e4m3": E4M3}
 EPS = 1e-12  # absmax floor: an all-zero row gets a tiny scale, not a division by zero
-stats: Counter = Counter()  # "fp8_gemms": FP8 GEMMs run; "weights_quantized": frozen weights quantized (fp8 recipe)
+stats = OpCounts()  # "fp8_gemms": FP8 GEMMs run; "weights_quantized": frozen weights quantized (fp8 recipe)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -212,7 +212,7 @@ def _triton_quantize_kernels():
     return quantize_rows_kernel, quantize_long_rows_kernel
 
 
-_KERNELS = None
+_quantize_kernels = shared(_triton_quantize_kernels)  # made at the first launch, one object for every thread
 ROW_IN_REGISTERS_MAX = 16384  # longer rows take the two-pass kernel (one row in registers would spill)
 
 
@@ -233,10 +233,7 @@ def quantize_rows_triton(
     whose second read hits L2: chunks of 8192 with 16 warps, 32 beyond 20480 wide (H100, 4096 rows, us, against
     chunks of 2048 with 16 warps: 17408 79.7 -> 77.9, 19456 89.3 -> 85.2, 24576 112.8 -> 105.6, 34816 198 -> 156,
     51200 > 340 -> 245)."""
-    global _KERNELS
-    if _KERNELS is None:
-        _KERNELS = _triton_quantize_kernels()
-    in_registers, long_rows = _KERNELS
+    in_registers, long_rows = _quantize_kernels()
     if x.stride(-1) != 1:
         x = x.contiguous()
     rows, k = x.shape
@@ -246,14 +243,14 @@ def quantize_rows_triton(
     if not rows:
         return codes, scale
     if k <= row_in_registers_max:
-        in_registers[(rows,)](
-            x, col, codes, scale, k, x.stride(0), codes.stride(0),
+        launch(
+            in_registers, (rows,), x, col, codes, scale, k, x.stride(0), codes.stride(0),
             FMAX=FP8_MAX[dtype], HAS_COL=col_scale is not None, BLOCK=max(16, 1 << (k - 1).bit_length()),
             num_warps=2 if k <= 2560 else 4 if k <= 4096 else 8,
         )  # fmt: skip
     else:
-        long_rows[(rows,)](
-            x, col, codes, scale, k, x.stride(0), codes.stride(0),
+        launch(
+            long_rows, (rows,), x, col, codes, scale, k, x.stride(0), codes.stride(0),
             FMAX=FP8_MAX[dtype], HAS_COL=col_scale is not None, BLOCK=min(block, max(16, 1 << (k - 1).bit_length())),
             num_warps=16 if k <= 20480 else 32,
         )  # fmt: skip
@@ -278,7 +275,7 @@ def _triton_transpose_kernel():
     return transpose_kernel
 
 
-_TRANSPOSE = None
+_transpose_kernel = shared(_triton_transpose_kernel)
 
 
 def transpose_codes(codes: Tensor, block: int = 64) -> Tensor:
@@ -288,18 +285,15 @@ def transpose_codes(codes: Tensor, block: int = 64) -> Tensor:
     memory bandwidth, and qfp8 transposes every stored weight once per backward (the dX GEMM needs `out` as the
     contiguous axis; Hopper FP8 GEMMs are TN only). CUDA, or CPU tensors under TRITON_INTERPRET=1 in tests.
     """
-    global _TRANSPOSE
     if codes.t().is_contiguous():  # written transposed already (`row_codes(transposed=True)`)
         return codes.t()
-    if codes.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if not on_gpu(codes) and os.environ.get("TRITON_INTERPRET") != "1":
         return codes.t().contiguous()
-    if _TRANSPOSE is None:
-        _TRANSPOSE = _triton_transpose_kernel()
     src = codes.contiguous().view(torch.uint8)
     R, C = src.shape
     dst = torch.empty(C, R, dtype=torch.uint8, device=codes.device)
     if R and C:
-        _TRANSPOSE[(_cdiv(R, block), _cdiv(C, block))](src, dst, R, C, BLOCK=block, num_warps=4)
+        launch(_transpose_kernel(), (_cdiv(R, block), _cdiv(C, block)), src, dst, R, C, BLOCK=block, num_warps=4)
     return dst.view(codes.dtype)
 
 
@@ -309,7 +303,7 @@ def _cdiv(a: int, b: int) -> int:
 
 def quantize_rows(x: Tensor, dtype: torch.dtype = E4M3, col_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Rowwise quantization of [M, K]: the Triton kernel on CUDA, the reference elsewhere."""
-    if x.device.type == "cuda":
+    if on_gpu(x):
         return quantize_rows_triton(x, dtype, col_scale)
     return quantize_rows_reference(x, dtype, col_scale)
 
@@ -577,6 +571,7 @@ lora_linear_fp8 = torch.library.custom_op(
 
 @lora_linear_fp8.register_fake
 def _lora_linear_fp8_fake(x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs, *options):
+    compile_ahead(_lora_linear_fp8, x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs, *options)
     n = x.numel() // x.shape[-1]
     out = sum(w.shape[0] for w in weights)
     return x.new_empty(*x.shape[:-1], out), x.new_empty(n, sum(a.shape[0] for a in lora_As))
@@ -608,6 +603,8 @@ lora_linear_fp8_backward = torch.library.custom_op(
 
 @lora_linear_fp8_backward.register_fake
 def _backward_fake(grad_y, lora_inputs, xa, weights, weight_scales, lora_As, lora_Bs, scalings, shared, needs_x, *o):
+    args = (grad_y, lora_inputs, xa, weights, weight_scales, lora_As, lora_Bs, scalings, shared, needs_x, *o)
+    compile_ahead(_lora_linear_fp8_backward, *args)
     return lora_grad_fake(grad_y, lora_inputs, lora_As, weights[0].shape[1], shared, needs_x, bool(lora_Bs))
 
 

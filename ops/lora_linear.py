@@ -51,7 +51,6 @@ those two functions would change.
 from __future__ import annotations
 
 import threading
-from collections import Counter
 from collections.abc import Callable, Sequence
 
 import torch
@@ -59,6 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from ops.compile_ahead import OpCounts, on_worker
 from ops.low_rank_add import add_low_rank_, mm_scaled
 
 __all__ = [
@@ -167,7 +167,7 @@ def frozen_concat(weights: Sequence[Tensor]) -> Tensor:
     view = _adjacent_view(weights)
     if view is not None:
         return view
-    if not _CONCAT_CACHING:
+    if not _CONCAT_CACHING or on_worker():  # a compile-ahead worker's meta tensors stay out of the cache
         return torch.cat([w.detach() for w in weights], dim=0)
     key = tuple(map(_weight_key, weights))
     with _CONCAT_LOCK:
@@ -204,7 +204,7 @@ def pack_frozen_weights(weights: Sequence[Tensor], spare_rows: int = 0) -> Tenso
 
 _SPARE_ROWS: dict[int, tuple[StorageWeakRef, int]] = {}  # address after a packed group -> (its storage, spare rows)
 _TAIL_HOLDS: dict[int, tuple[int, int]] = {}  # packed group's address -> (address, version) of the A last copied in
-stats: Counter = Counter()  # "weight_tail_gemms": GEMMs run against [W; A] (xa_tail, packed weights); "..._copies"
+stats = OpCounts()  # "weight_tail_gemms": GEMMs run against [W; A] (xa_tail, packed weights); "..._copies"
 
 
 def weight_with_tail(weights: Sequence[Tensor], lora_A: Tensor, reuse: bool = False) -> Tensor | None:
@@ -260,6 +260,8 @@ class FrozenWeightCache:
         self._lock = threading.RLock()  # `make` may read the cache (ops.fp8: its transposed-codes budget)
 
     def get(self, w: Tensor, options: tuple, make: Callable[[], object]) -> object:
+        if on_worker():  # ops/compile_ahead.py: meta tensors, made only to reach the kernels' launches
+            return make()
         key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype, w.device, *options)
         with self._lock:
             hit = self._entries.get(key)

@@ -18,13 +18,12 @@ where the add on its own would read the update's output again and write another 
 from __future__ import annotations
 
 import os
-import threading
 
 import torch
 from torch import Tensor
 
 from ops._launch import cdiv
-from ops.compile_ahead import compile_ahead, launch, on_gpu
+from ops.compile_ahead import compile_ahead, launch, on_gpu, shared
 
 __all__ = ["add_low_rank_", "low_rank_add", "low_rank_add_reference", "mm_scaled"]
 
@@ -84,19 +83,7 @@ def _triton_low_rank_add_kernel():
     return low_rank_add_kernel
 
 
-_LOW_RANK_KERNEL = None
-_KERNEL_LOCK = threading.Lock()
-
-
-def _low_rank_kernel():
-    """The Triton kernel, made once. Under a lock: the first call may come from a compile-ahead worker
-    (ops/compile_ahead.py) beside another, and every thread must share one kernel object (and so its compiled cache)."""
-    global _LOW_RANK_KERNEL
-    if _LOW_RANK_KERNEL is None:  # the lock only until it exists (launches are a hot path when not graphed)
-        with _KERNEL_LOCK:
-            if _LOW_RANK_KERNEL is None:
-                _LOW_RANK_KERNEL = _triton_low_rank_add_kernel()
-    return _LOW_RANK_KERNEL
+_low_rank_kernel = shared(_triton_low_rank_add_kernel)  # made at the first launch, one object for every thread
 
 
 def _low_rank_add_into(

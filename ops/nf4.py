@@ -36,13 +36,13 @@ module (`NF4LoRALinear`, the numerical reference) records one graph node per wei
 from __future__ import annotations
 
 import functools
-from collections import Counter
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ops.compile_ahead import OpCounts, compile_ahead, launch, on_gpu
 from ops.fp8 import (
     E4M3,
     FP8_MAX,
@@ -108,7 +108,7 @@ NF4_VALUES = (
 )
 NF4 = torch.tensor(NF4_VALUES, dtype=torch.float32)
 EPS = 1e-12  # absmax floor: an all-zero block divides by this, not by zero
-stats: Counter = Counter()  # "nf4_dequantized": stored NF4 weights dequantized by the op (forward and dX)
+stats = OpCounts()  # "nf4_dequantized": stored NF4 weights dequantized by the op (forward and dX)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,16 +184,16 @@ def dequantize_nf4_triton(
     if codes.shape[1] * 2 % BLOCK:
         raise ValueError(f"the NF4 kernel needs whole {BLOCK}-blocks per row; got {codes.shape[1] * 2} columns")
     table = _nf4_table(codes.device) if codebook is None else codebook.to(codes.device, torch.float32)
-    launch = tile_launch(codes, dtype, out, tile)
+    tiles = tile_launch(codes, dtype, out, tile)
     row = row_scale.float().contiguous() if row_scale is not None else table  # dummy pointer when unused
     if codes.numel():
-        nf4_dequantize_kernel[launch.grid](
-            codes.contiguous(), absmax_q.contiguous(), factor.float().contiguous(), mean.float(), table, row,
-            launch.out, codes.shape[0], codes.shape[1] * 2, launch.ld, BLOCK=BLOCK, GROUP=SCALE_GROUP, BR=launch.br,
-            BC=launch.bc, HAS_ROW=row_scale is not None, FMAX=FP8_MAX.get(dtype, 0.0), TRANSPOSED=launch.transposed,
-            num_warps=4,
+        launch(
+            nf4_dequantize_kernel, tiles.grid, codes.contiguous(), absmax_q.contiguous(), factor.float().contiguous(),
+            mean.float(), table, row, tiles.out, codes.shape[0], codes.shape[1] * 2, tiles.ld, BLOCK=BLOCK,
+            GROUP=SCALE_GROUP, BR=tiles.br, BC=tiles.bc, HAS_ROW=row_scale is not None, FMAX=FP8_MAX.get(dtype, 0.0),
+            TRANSPOSED=tiles.transposed, num_warps=4,
         )  # fmt: skip
-    return launch.out
+    return tiles.out
 
 
 def dequantize_nf4(
@@ -207,7 +207,7 @@ def dequantize_nf4(
 ) -> Tensor:  # [out, in] `dtype`
     """NF4 -> `dtype`: the Triton kernel on CUDA, the reference elsewhere (bit-identical results) and for shapes with
     blocks that straddle rows (in_features not a multiple of 64: no Qwen3 or Llama projection)."""
-    if codes.device.type == "cuda" and codes.shape[1] * 2 % BLOCK == 0:
+    if on_gpu(codes) and codes.shape[1] * 2 % BLOCK == 0:
         return dequantize_nf4_triton(codes, absmax_q, factor, mean, dtype, codebook, row_scale)
     return dequantize_nf4_reference(codes, absmax_q, factor, mean, dtype, codebook, row_scale)
 
@@ -240,7 +240,7 @@ def nf4_to_fp8(
 
     def write(i: int, dst: Tensor, inv: Tensor) -> None:
         stored = (codes[i], absmax_q[i], factors[i], means[i])
-        if dst.device.type == "cuda":
+        if on_gpu(dst):
             dequantize_nf4_triton(*stored, E4M3, row_scale=inv, out=dst)
         else:
             dst.copy_(dequantize_nf4_reference(*stored, E4M3, row_scale=inv))
@@ -312,14 +312,7 @@ def _nf4_args(absmax_q, factors, means):
     return None if absmax_q is None else (absmax_q, factors, means)
 
 
-@torch.library.custom_op(
-    "surogate::lora_linear_nf4",
-    mutates_args=(),
-    schema="(Tensor x, Tensor[] weights, Tensor? bias, Tensor[] lora_As, Tensor[] lora_Bs, float[] scalings, "
-    "Tensor[] lora_inputs, Tensor[]? absmax_q=None, Tensor[]? factors=None, Tensor[]? means=None, "
-    'str compute="bf16", str grad_format="e5m2") -> (Tensor, Tensor)',
-)
-def lora_linear_nf4(
+def _lora_linear_nf4(
     x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs, absmax_q=None, factors=None, means=None,
     compute="bf16", grad_format="e5m2",
 ):  # fmt: skip
@@ -335,6 +328,16 @@ def lora_linear_nf4(
     return _lora_forward(x, [w], bias, lora_As, lora_Bs, scalings, lora_inputs)
 
 
+lora_linear_nf4 = torch.library.custom_op(
+    "surogate::lora_linear_nf4",
+    _lora_linear_nf4,
+    mutates_args=(),
+    schema="(Tensor x, Tensor[] weights, Tensor? bias, Tensor[] lora_As, Tensor[] lora_Bs, float[] scalings, "
+    "Tensor[] lora_inputs, Tensor[]? absmax_q=None, Tensor[]? factors=None, Tensor[]? means=None, "
+    'str compute="bf16", str grad_format="e5m2") -> (Tensor, Tensor)',
+)
+
+
 def _out_features(weights, absmax_q) -> int:
     return sum(w.shape[0] for w in weights)
 
@@ -345,19 +348,14 @@ def _in_features(weights, absmax_q) -> int:
 
 @lora_linear_nf4.register_fake
 def _(x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs, absmax_q=None, factors=None, means=None, *options):
+    args = (x, weights, bias, lora_As, lora_Bs, scalings, lora_inputs, absmax_q, factors, means, *options)
+    compile_ahead(_lora_linear_nf4, *args)  # ops/compile_ahead.py
     n = x.numel() // x.shape[-1]
     out = _out_features(weights, absmax_q)
     return x.new_empty(*x.shape[:-1], out), x.new_empty(n, sum(a.shape[0] for a in lora_As))
 
 
-@torch.library.custom_op(
-    "surogate::lora_linear_nf4_grad",
-    mutates_args=(),
-    schema="(Tensor grad_y, Tensor[] lora_inputs, Tensor xa, Tensor[] weights, Tensor[]? absmax_q, Tensor[]? factors, "
-    "Tensor[]? means, Tensor[] lora_As, Tensor[] lora_Bs, float[] scalings, bool shared_input, bool needs_grad_x, "
-    "str compute, str grad_format) -> (Tensor, Tensor, Tensor, Tensor[])",
-)
-def lora_linear_nf4_grad(
+def _lora_linear_nf4_grad(
     grad_y, lora_inputs, xa, weights, absmax_q, factors, means, lora_As, lora_Bs, scalings, shared_input, needs_grad_x,
     compute, grad_format,
 ):  # fmt: skip
@@ -378,8 +376,20 @@ def lora_linear_nf4_grad(
     return _lora_backward(grad_y, lora_inputs, xa, [w], lora_As, lora_Bs, scalings, shared_input, needs_grad_x)
 
 
+lora_linear_nf4_grad = torch.library.custom_op(
+    "surogate::lora_linear_nf4_grad",
+    _lora_linear_nf4_grad,
+    mutates_args=(),
+    schema="(Tensor grad_y, Tensor[] lora_inputs, Tensor xa, Tensor[] weights, Tensor[]? absmax_q, Tensor[]? factors, "
+    "Tensor[]? means, Tensor[] lora_As, Tensor[] lora_Bs, float[] scalings, bool shared_input, bool needs_grad_x, "
+    "str compute, str grad_format) -> (Tensor, Tensor, Tensor, Tensor[])",
+)
+
+
 @lora_linear_nf4_grad.register_fake
 def _(grad_y, lora_inputs, xa, weights, absmax_q, factors, means, lora_As, lora_Bs, scalings, shared, needs_x, *o):
+    args = (grad_y, lora_inputs, xa, weights, absmax_q, factors, means, lora_As, lora_Bs, scalings, shared, needs_x)
+    compile_ahead(_lora_linear_nf4_grad, *args, *o)
     return lora_grad_fake(grad_y, lora_inputs, lora_As, _in_features(weights, absmax_q), shared, needs_x, bool(lora_Bs))
 
 

@@ -38,6 +38,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ops import compile_ahead
+
 __all__ = ["GraphedMicroStep", "cuda_graphs_enabled"]
 
 log = logging.getLogger(__name__)
@@ -122,6 +124,9 @@ class GraphedMicroStep:
         missing = [n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
         if missing:  # the captured backward must add into existing gradients, not allocate new ones
             raise RuntimeError(f"CUDA graph capture needs the LoRA gradients to exist; {missing[0]} has none")
+        # A compile-ahead worker loading a kernel's binary (ops/compile_ahead.py) is a CUDA call from another thread,
+        # which a capture in global mode may not overlap: let the workers finish first (long done, in practice).
+        compile_ahead.wait()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the eager warm-up's cached blocks: the graph's pool replaces them
         graph = torch.cuda.CUDAGraph()

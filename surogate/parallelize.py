@@ -286,6 +286,7 @@ def parallelize(
         for i in range(len(layers) if recompute_layers is None else min(recompute_layers, len(layers))):
             layers[i] = checkpoint_block(layers[i], recompute_saves)
     if compile:
+        from ops.cross_entropy import compile_ce_ahead
         from ops.fp8 import set_transposed_budget
 
         budget = None
@@ -307,6 +308,9 @@ def parallelize(
         # hidden] in fp32, forward and backward (~0.3 ms per micro-step on Qwen3-1.7B); compiled, one each way.
         # In place (`nn.Module.compile`): the state-dict keys stay as they are.
         model.model.norm.compile(fullgraph=True)
+        head = getattr(model, "lm_head", None)
+        if isinstance(head, nn.Linear):  # the loss's kernel, which no compiled graph traces (ops/cross_entropy.py)
+            compile_ce_ahead(head.out_features, head.weight.dtype, head.weight.device)
     checkpointed = (len(layers) if recompute_layers is None else min(recompute_layers, len(layers))) if recompute else 0
     log.info(
         "blocks: %d, recompute: %d of them, compile=%s, passes=%s", len(layers), checkpointed, compile,
