@@ -348,6 +348,7 @@ def run_one(name: str, model_name: str, recipe: str, cli, device, s: Setting) ->
         "peak_reserved_gib": round(timing["reserved"], 2),
         "step_s": round(timing["step_s"], 4),
         "compile_s": round(timing["first_step_s"] + build_s, 2),
+        "build_s": round(build_s, 2),  # of compile_s: the model's load (or random init), quantization, compile set-up
         "torch": torch.__version__,
         "commit": git_commit(),
         "date": dt.date.today().isoformat(),

@@ -26,6 +26,7 @@ def test_tiny_run_reports_a_row(bench, capsys):
     )  # fmt: skip
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert rows and rows[0]["model"] == "tiny" and rows[0]["tokens_per_sec"] > 0 and rows[0]["step_s"] > 0
+    assert 0 <= rows[0]["build_s"] <= rows[0]["compile_s"]  # the first step's time is the rest
 
 
 def test_flops_per_token_matches_the_issue_ceiling(bench):
