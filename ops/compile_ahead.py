@@ -107,7 +107,7 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
     Loading matters as much as compiling: Triton builds a kernel's launcher (a C module, on Triton 3.6) and loads
     its binary at the first launch, not at `warmup`, 0.24-0.51 s per kernel on the H100 machine. `compiled[grid]`
     does both without running the kernel."""
-    if _worker_device() is not None:
+    if on_worker():
         with _kernel_lock(kernel):
             compiled = kernel.warmup(*(a.dtype if isinstance(a, Tensor) else a for a in args), grid=grid, **meta)
             if compiled is not None and hasattr(compiled, "__getitem__"):
@@ -148,13 +148,13 @@ class OpCounts(Counter):
     meta tensors there runs nothing."""
 
     def __setitem__(self, key: Any, value: int) -> None:
-        if _worker_device() is None:
+        if not on_worker():
             super().__setitem__(key, value)
 
 
 def on_gpu(t: Tensor) -> bool:
     """t is a CUDA tensor, or a meta tensor standing in for one on a compile-ahead worker."""
-    return t.is_cuda or (t.is_meta and _worker_device() is not None)
+    return t.is_cuda or (t.is_meta and on_worker())
 
 
 def gpu_multiprocessors(t: Tensor) -> int | None:
