@@ -56,12 +56,15 @@ from ops.compile_ahead import compile_ahead, gpu_multiprocessors, launch, on_gpu
 __all__ = ["qkv_rope_lora", "qkv_rope_lora_reference"]
 
 _MAX_RANK = 64  # per projection; the kernels pad the rank to a power of two >= 16 for one tl.dot per half tile
-_FWD_CONFIG = (16, 4)  # (BM rows, warps); H100 sweeps in benchmarks/NOTES.md
-_BWD_CONFIG = (32, 4)  # (BM rows, warps)
+# (BM rows, warps, software-pipeline stages); H100 sweeps in benchmarks/NOTES.md. Session 16's sweep of tiles and
+# stages: 32-row forward tiles and 64-row backward tiles, both with 2 stages, were 3-6% and 7-9% faster than the
+# (16, 4) / (32, 4) tiles at the default 3 stages on every Qwen3 shape; 1 stage ran the backward ~1.2x slower.
+_FWD_CONFIG = (32, 4, 2)
+_BWD_CONFIG = (64, 4, 2)
 # Row tiles per backward program (its dB partial sums stay in registers across them): as many as spread the grid
-# over one wave when runs of up to 16 do, else 8. At 255 registers and 78 KB of shared memory per program an H100
-# SM holds 2 of them; a grid just over one wave (Qwen3-4B/8B's 48 heads x 8 programs: 384) ran its second,
-# half-full wave at the cost of a full one. H100 sweep in benchmarks/NOTES.md (session 13).
+# over one wave when runs of up to 16 do, else 8. Session 13 found an H100 SM holding 2 programs (255 registers and
+# 78 KB of shared memory each, at 32-row tiles); a grid just over one wave (Qwen3-4B/8B's 48 heads x 8 programs:
+# 384) ran its second, half-full wave at the cost of a full one. The 64-row tiles were measured with this rule.
 _BWD_ROW_TILES = (16, 8)
 _BWD_PROGRAMS_PER_SM = 2
 
@@ -172,7 +175,7 @@ def _forward(y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps) ->
     y2, bs, ws, cos2, sin2, (hq, hkv), ranks = _kernel_operands(y, lora_Bs, norm_weights, cos, sin, head_dim)
     m = y2.shape[0]
     q, k, v = (y.new_empty(*lead, h, head_dim) for h in (hq, hkv, hkv))
-    bm, warps = _FWD_CONFIG
+    bm, warps, stages = _FWD_CONFIG
     if m:
         launch(
             qkv_rope_lora_fwd_kernel, (cdiv(m, bm), hq + 2 * hkv),
@@ -180,7 +183,7 @@ def _forward(y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps) ->
             *(b.stride(0) for b in bs), cos2.stride(0), *map(float, scalings), float(eps),
             D2=head_dim // 2, BM=bm, BR=rank_block(lora_Bs), NORM=bool(norm_weights), HALF=cos.shape[-1] < head_dim,
             IEEE=y.dtype == torch.float32,
-            num_warps=warps,
+            num_warps=warps, num_stages=stages,
         )  # fmt: skip
     return q, k, v
 
@@ -215,7 +218,7 @@ def _backward(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim,
     shapes = lora_grad_buffer(m, xa.shape[1], [b.shape for b in lora_Bs])
     flat = torch.zeros(sum(a * b for a, b in shapes), device=y.device, dtype=torch.float32)  # atomics: fp32
     dxa, *dbs = split_flat(flat, shapes)
-    bm, warps = _BWD_CONFIG
+    bm, warps, stages = _BWD_CONFIG
     row_tiles = cdiv(m, bm)
     heads = hq + 2 * hkv
     per_program = _bwd_row_tiles_per_program(heads, row_tiles, gpu_multiprocessors(y))
@@ -227,7 +230,7 @@ def _backward(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim,
             cos2.stride(0), dy.stride(0), dxa.stride(0), *map(float, scalings), float(eps), per_program,
             D2=head_dim // 2, BM=bm, BR=rank_block(lora_Bs), NORM=bool(norm_weights), HALF=cos.shape[-1] < head_dim,
             IEEE=y.dtype == torch.float32,
-            num_warps=warps,
+            num_warps=warps, num_stages=stages,
         )  # fmt: skip
     return dy_full.view(y_in.shape), round_lora_grads(flat, dy_full, width, xa.dtype)
 

@@ -84,7 +84,7 @@ sys.path.insert(0, "tests/ops")
 from test_qkv_rope_lora import qkv_inputs
 # rows not a multiple of the row tile, ranks under 16 (padded), several row tiles per backward program (the last
 # running past M), and output gradients in attention's [B, H, S, D] memory layout (strided rows)
-op._FWD_CONFIG, op._BWD_CONFIG, op._BWD_ROW_TILES = (16, 4), (16, 4), (4, 2)
+op._FWD_CONFIG, op._BWD_CONFIG, op._BWD_ROW_TILES = (16, 4, 2), (16, 4, 2), (4, 2)
 rel = lambda a, b: ((a - b).norm() / b.norm()).item()
 # cos/sin as HF's full rows and as the one half both halves share (the model's layout; reference from full rows)
 for batch, seq, norm, ranks, half in [(2, 21, True, (8, 16, 4), True), (1, 37, False, (16, 16, 16), False)]:
