@@ -22,9 +22,16 @@ Backends (all take q, k, v as [B, H, S, D] and return [B, H, S, D]; k/v may have
 
 Rows that hold one document each (long samples, synthetic data; a padding tail allowed) need no document mask:
 the caller passes `position_ids=None` to the model (`one_document_per_row` decides on the host, from the CPU
-batch), the mask is None, and every backend runs plain causal SDPA. On CUDA that is cuDNN's fused attention, ~1.5x
-flex's rate on Hopper (benchmarks/NOTES.md: 332 vs 223 TFLOP/s fwd+bwd at Qwen3-8B shapes); it cannot take a
-document mask (its ragged form rebuilds its graph on every call), so packed rows stay on `backend`.
+batch), the mask is None, and every backend runs plain causal attention with the `causal_kernel`:
+
+- "cudnn":  cuDNN's fused attention, ~1.5x flex's rate on Hopper (benchmarks/NOTES.md: 332 vs 223 TFLOP/s fwd+bwd
+            at Qwen3-8B shapes); it cannot take a document mask (its ragged form rebuilds its graph on every call),
+            so packed rows stay on `backend`.
+- "flash4": FlashAttention-4's Hopper kernels (ops/flash_attention.py; the optional `flash-attn-4` package), ~8%
+            less time than cuDNN per forward + backward at Qwen3 shapes.
+
+`resolve_causal_kernel("auto", ...)` picks flash4 where it is installed and covers the GPU and head dim, else cudnn.
+CPU tensors always take SDPA.
 """
 
 from __future__ import annotations
@@ -37,15 +44,18 @@ import torch.nn.functional as F
 
 __all__ = [
     "BACKENDS",
+    "CAUSAL_KERNELS",
     "VarlenMask",
     "attention",
     "build_doc_mask",
     "one_document_per_row",
     "resolve_backend",
+    "resolve_causal_kernel",
     "varlen_available",
 ]
 
 BACKENDS = ("sdpa", "flex", "varlen")
+CAUSAL_KERNELS = ("cudnn", "flash4")
 
 
 class VarlenMask(NamedTuple):
@@ -72,6 +82,23 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
         raise ValueError(f"attention backend {name!r} needs a CUDA device (got {device}); use 'sdpa' on CPU")
     if name == "varlen" and not varlen_available():
         raise ValueError(f"attention backend 'varlen' needs torch.nn.attention.varlen (torch {torch.__version__})")
+    return name
+
+
+def resolve_causal_kernel(name: str, device: torch.device | str, head_dim: int) -> str:
+    """Map "auto" to the fastest kernel for plain causal attention on `device` (module docstring); validate explicit
+    names. CPU devices run SDPA whatever this returns."""
+    from ops import flash_attention
+
+    if name == "auto":
+        return "flash4" if flash_attention.available(device, head_dim) else "cudnn"
+    if name not in CAUSAL_KERNELS:
+        raise ValueError(f"causal attention kernel must be one of auto, {', '.join(CAUSAL_KERNELS)}; got {name!r}")
+    if name == "flash4" and not flash_attention.available(device, head_dim):
+        raise ValueError(
+            "causal attention kernel 'flash4' needs the flash-attn-4 package (pip install flash-attn-4), a Hopper "
+            f"GPU and head dim 64, 96 or 128 (device {device}, head dim {head_dim}); use 'cudnn' or 'auto'"
+        )
     return name
 
 
@@ -134,21 +161,28 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Plain causal attention (rows of one document). On CUDA cuDNN's kernel, named directly: SDPA would choose
-    FlashAttention-2 (~190 TFLOP/s on an H100 against cuDNN's ~330), and an `sdpa_kernel` priority context does not
-    reach the kernel choice inside a compiled graph (the profile still showed FlashAttention). GQA k/v go in as
-    they are."""
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str = "cudnn") -> torch.Tensor:
+    """Plain causal attention (rows of one document) with `kernel` on CUDA. cuDNN's kernel is named directly: SDPA
+    would choose FlashAttention-2 (~190 TFLOP/s on an H100 against cuDNN's ~330), and an `sdpa_kernel` priority
+    context does not reach the kernel choice inside a compiled graph (the profile still showed FlashAttention). GQA
+    k/v go in as they are."""
     if q.device.type == "cuda":
+        if kernel == "flash4":
+            from ops.flash_attention import flash_causal_attention
+
+            # [B, H, S, D] views of [B, S, H, D] projections: FlashAttention takes those as they are.
+            return flash_causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
         return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, q.requires_grad, 0.0, True, False)[0]
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, backend: str) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, backend: str, causal_kernel: str = "cudnn"
+) -> torch.Tensor:
     """Document-causal attention. q: [B, Hq, S, D]; k, v: [B, Hkv, S, D] with Hq % Hkv == 0 -> [B, Hq, S, D].
-    mask None: one document per row (module docstring), plain causal whatever the backend."""
+    mask None: one document per row (module docstring), plain causal with `causal_kernel` whatever the backend."""
     if mask is None:
-        return causal_attention(q, k, v)
+        return causal_attention(q, k, v, causal_kernel)
     gqa = q.shape[1] != k.shape[1]
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)

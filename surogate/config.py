@@ -196,6 +196,12 @@ class TrainConfig:
         "attention kernel for packed rows; auto = flex on CUDA, sdpa on CPU (rows of one sample: causal SDPA)",
         ("auto", "flex", "varlen", "sdpa"),
     )
+    attn_causal_kernel: str = opt(
+        "auto",
+        "attention kernel for rows of one sample (plain causal) on CUDA; auto = flash4 (FlashAttention-4, when the "
+        "flash-attn-4 package is installed and the GPU is a Hopper) else cudnn",
+        ("auto", "cudnn", "flash4"),
+    )
     # --- outputs
     output_dir: str = opt("outputs/run", "where the adapter, checkpoints, metrics.jsonl and loss.png go")
     overwrite_output_dir: bool = opt(False, "replace a previous run's outputs in output_dir")

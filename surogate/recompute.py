@@ -39,7 +39,9 @@ RECOMPUTE_SAVES = ("lora_xa", "residual", "attention")
 
 def _attention_ops() -> tuple:
     """The attention ops of every backend in surogate/attention.py that this torch has: SDPA's fused kernels,
-    FlexAttention's higher-order op, varlen attention's custom op."""
+    FlexAttention's higher-order op, varlen attention's custom op, our FlashAttention-4 op."""
+    import ops.flash_attention  # noqa: F401  (registers surogate::flash_causal_fwd; the package itself loads lazily)
+
     names = (
         "_scaled_dot_product_cudnn_attention",
         "_scaled_dot_product_flash_attention",
@@ -47,6 +49,7 @@ def _attention_ops() -> tuple:
         "_scaled_dot_product_flash_attention_for_cpu",
     )
     found = [getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n)]
+    found.append(torch.ops.surogate.flash_causal_fwd.default)
     flex = getattr(torch.ops.higher_order, "flex_attention", None)
     if flex is not None:
         found.append(flex)

@@ -38,6 +38,7 @@ class Plan:
     device: torch.device
     dtype: torch.dtype
     attn_backend: str
+    causal_kernel: str  # plain causal attention's kernel (surogate/attention.py)
     resume: Path | None
     is_preset: bool
     compile: bool
@@ -73,7 +74,7 @@ def _previous_run(output_dir: Path) -> list[str]:
 
 def preflight(cfg: TrainConfig) -> Plan:
     """Check device, model, data and output_dir before anything is loaded or written. Raises ConfigError."""
-    from surogate.attention import resolve_backend
+    from surogate.attention import resolve_backend, resolve_causal_kernel
     from surogate.checkpointing import resolve_resume
     from surogate.data import DataError, load_tokenizer, validate_data
     from surogate.models.checkpoint import inspect_checkpoint, read_quantization
@@ -108,6 +109,10 @@ def preflight(cfg: TrainConfig) -> Plan:
         raise ConfigError(f"model: {e}") from None
     check_sequence_len(cfg, args)
     check_lora_targets(cfg, args)
+    try:
+        causal_kernel = resolve_causal_kernel(cfg.attn_causal_kernel, device, args.head_dim)
+    except ValueError as e:
+        raise ConfigError(f"attn_causal_kernel: {e}") from None
     check_checkpoint_quantization(cfg, None if is_preset else read_quantization(cfg.model))
     if len(tokenizer) > args.vocab_size:
         raise ConfigError(f"model: its tokenizer has {len(tokenizer)} tokens but vocab_size is {args.vocab_size}")
@@ -144,8 +149,9 @@ def preflight(cfg: TrainConfig) -> Plan:
         raise ConfigError(str(e)) from None
     dataset = build_checked_dataset(cfg, data_cfg, tokenizer)  # last: the one check that reads every row
     return Plan(
-        device, dtype, backend, resume, is_preset, compile, use_passes, data_cfg, tokenizer, args, dataset, graphs
-    )
+        device, dtype, backend, causal_kernel, resume, is_preset, compile, use_passes, data_cfg, tokenizer, args,
+        dataset, graphs,
+    )  # fmt: skip
 
 
 # Options that may change between a checkpoint and its resumption without changing the loss curve.
@@ -165,6 +171,7 @@ _RESUME_FREE = {
     "recompute_saves",
     "cuda_graphs",
     "attn_backend",
+    "attn_causal_kernel",
     "shard_base_weights",
 }
 
@@ -267,6 +274,7 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
             os.replace(tmp, out / "base")
     if save_base:
         base_name = str((out / "base").resolve())
+    model.set_causal_kernel(plan.causal_kernel, plan.device)
     wrapped = apply_lora(model, lora_cfg)
     parallelize(
         model,
@@ -287,7 +295,8 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
     if rank == 0:
         print(
             f"model: {cfg.model} ({n_params / 1e6:.1f}M params, {plan.dtype}, {plan.device}, attn "
-            f"{plan.attn_backend}); LoRA r={cfg.lora_rank} on {len(wrapped)} linears: {n_lora / 1e6:.2f}M trainable",
+            f"{plan.attn_backend}, causal {plan.causal_kernel}); LoRA r={cfg.lora_rank} on {len(wrapped)} linears: "
+            f"{n_lora / 1e6:.2f}M trainable",
             file=sys.stderr,
         )
         if world_size > 1:

@@ -107,6 +107,7 @@ def build_ours(
     precision_overrides=(),
     recompute_layers=None,
     recompute_saves=(),
+    causal_kernel="auto",
 ):
     """Our model as training runs it; returns (model, args, micro_step(batch, total_tokens): forward + backward)."""
     from surogate import distributed
@@ -131,6 +132,7 @@ def build_ours(
     model, args, _ = load_lora_model(
         model_name, load_device, torch.bfloat16, lora, precision, attn_backend=attn_backend, compute_device=device
     )
+    model.causal_kernel = model.set_causal_kernel(causal_kernel, device)  # recorded with the row
     model.load_info = {"load_peak_mem_gib": round(peak_mem_gib(device), 2)}  # the build's peak, before any step
     check = check_eager and not distributed.is_distributed()
     if check:  # nonzero B, so the LoRA branch matters in the comparison
@@ -318,6 +320,7 @@ def run_one(name: str, model_name: str, recipe: str, cli, device, s: Setting) ->
             cli.precision,
             cli.recompute_layers,
             cli.recompute_saves,
+            cli.attn_causal_kernel,
         )
     build_s = time.perf_counter() - t_build
     batches = random_batches(args.vocab_size, s, device, seed=rank)
@@ -338,6 +341,7 @@ def run_one(name: str, model_name: str, recipe: str, cli, device, s: Setting) ->
         **({"recompute_saves": list(cli.recompute_saves)} if cli.recompute and name == "ours" else {}),
         **({"precision": " ".join(cli.precision)} if cli.precision and name == "ours" else {}),
         **({"docs_per_row": s.docs_per_row} if s.docs_per_row != 1 else {}),
+        **({"causal_kernel": model.causal_kernel} if name == "ours" and device.type == "cuda" else {}),
         "cuda_graphs": getattr(micro_step, "graphed", None) is not None,
         "compiled": name == "ours" and not cli.eager,
         "micro_batch": s.micro_batch,
@@ -382,7 +386,7 @@ def render_table(rows: list[dict]) -> str:
         key = (r["gpu"], r.get("num_gpus", 1), r["model"], r["recipe"], r.get("framework", "surogate"))
         key += (r.get("passes"), r["recompute"], r.get("recompute_layers"), tuple(r.get("recompute_saves", ())))
         key += (r.get("shard_base", False),)
-        key += (r.get("precision"), r.get("docs_per_row", 1))
+        key += (r.get("precision"), r.get("docs_per_row", 1), r.get("causal_kernel", "cudnn"))
         latest[key] = r
     lines = [
         "| GPU | model | framework | recipe | passes | CUDA graph | recompute | tokens/s | peak GiB | MFU "
@@ -404,7 +408,8 @@ def render_table(rows: list[dict]) -> str:
 
 def _recipe_cell(r: dict) -> str:
     docs = f", {r['docs_per_row']} documents per row" if r.get("docs_per_row", 1) != 1 else ""
-    return r["recipe"] + (f" ({r['precision']})" if r.get("precision") else "") + docs
+    flash4 = ", FlashAttention-4" if r.get("causal_kernel") == "flash4" else ""  # older rows: cuDNN
+    return r["recipe"] + (f" ({r['precision']})" if r.get("precision") else "") + docs + flash4
 
 
 def _recompute_cell(r: dict) -> str:
@@ -445,6 +450,10 @@ def main(argv: list[str] | None = None) -> None:
         "e.g. compute=fp8 (recorded with the row)",
     )  # fmt: skip
     p.add_argument("--attn-backend", default="auto")
+    p.add_argument(
+        "--attn-causal-kernel", default="auto", choices=["auto", "cudnn", "flash4"],
+        help="plain causal attention's kernel on CUDA (surogate/attention.py; auto: flash4 when installed)",
+    )  # fmt: skip
     p.add_argument("--check-eager", action="store_true", help="also report eager vs compiled loss on one batch")
     p.add_argument("--eager", action="store_true", help="no torch.compile at all (CPU smoke tests, or to compare)")
     p.add_argument(

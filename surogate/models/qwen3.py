@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surogate.attention import attention, build_doc_mask, resolve_backend
+from surogate.attention import attention, build_doc_mask, resolve_backend, resolve_causal_kernel
 from surogate.loss import chunked_lm_loss
 from surogate.models.moe import SparseMoeBlock
 
@@ -221,6 +221,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
+    causal_kernel: str = "cudnn"  # rows of one document on CUDA (surogate/attention.py; set_causal_kernel below)
+
     def __init__(self, args: ModelArgs, backend: str):
         super().__init__()
         self.backend = backend
@@ -244,7 +246,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.backend)
+        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.backend, self.causal_kernel)
         return self.o_proj(o.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -322,6 +324,15 @@ class Qwen3ForCausalLM(nn.Module):
         self.model.backend = backend
         for layer in self.model.layers:
             layer.self_attn.backend = backend
+
+    def set_causal_kernel(self, name: str, device: torch.device | str | None = None) -> str:
+        """Choose the kernel of plain causal attention (rows of one document; surogate/attention.py) for the
+        device the model runs on (default: where its weights are); returns the resolved name."""
+        device = self.lm_head.weight.device if device is None else device
+        kernel = resolve_causal_kernel(name, device, self.args.head_dim)
+        for layer in self.model.layers:
+            layer.self_attn.causal_kernel = kernel
+        return kernel
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, labels: torch.Tensor | None = None):
         """labels None -> logits [B, S, V]; else (loss_sum fp32, num_tokens int64) without full logits.

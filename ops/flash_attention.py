@@ -1,0 +1,134 @@
+"""Causal attention through FlashAttention-4's Hopper kernels (the optional `flash-attn-4` package, CuTe DSL), one
+custom op each way.
+
+Why: for rows of one document (plain causal attention) this is the fastest kernel we can run on an H100. At Qwen3
+shapes (batch 2, 2048 tokens, head dim 128, GQA; CUDA time per forward + backward, benchmarks/NOTES.md) it takes
+590 us against cuDNN's 640 (32 q / 8 kv heads) and 715 against 779 (40 / 8): its backward kernel is faster (342 vs
+377 us), its forward a little (132 vs 142), and the helper passes around the backward cost the same in both.
+
+The kernels are FlashAttention's; this file makes them ops a compiled block and a CUDA graph see as one opaque call
+each way: the forward returns the output and the row log-sum-exp, the backward takes them back. q, k, v are
+[B, S, H, D] with unit last stride (the projections' own layout), k/v may have fewer heads (GQA). The fakes also
+hand FlashAttention's JIT compile of the exact kernels to a compile-ahead worker (its first compile takes seconds),
+so it overlaps the rest of the model's compile instead of stalling the first micro-step.
+
+`reference` is SDPA in fp32: what the kernels must match within bf16 rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ops.compile_ahead import compile_ahead, on_worker
+
+__all__ = ["available", "flash_causal_attention", "reference"]
+
+_HEAD_DIMS = (64, 96, 128)  # what FlashAttention-4's sm90 backward is tuned for and we test
+_ahead_lock = (
+    threading.Lock()
+)  # a worker's compile of a layout, held so the first real call waits rather than redoes it
+
+
+@functools.cache
+def installed() -> bool:
+    return (
+        importlib.util.find_spec("flash_attn") is not None and importlib.util.find_spec("flash_attn.cute") is not None
+    )
+
+
+def available(device: torch.device | str, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """FlashAttention-4 can run this attention: the package is installed, the device is a Hopper GPU (the kernels we
+    measured; Blackwell has its own path in the package, not tested here), and the head dim and dtype are covered."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available() or not installed():
+        return False
+    major, _ = torch.cuda.get_device_capability(device)
+    return major == 9 and head_dim in _HEAD_DIMS and dtype in (torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _interface():
+    # The package's on-disk kernel cache is opt-in through its environment; turn it on (unless the user chose) so a
+    # second run loads the compiled kernels instead of compiling them again.
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    from flash_attn.cute import interface
+
+    return interface
+
+
+def reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal softmax(q k^T / sqrt(D)) v in fp32 on [B, S, H, D] tensors (k/v heads repeated for GQA)."""
+    group = q.shape[2] // k.shape[2]
+    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))
+    kf, vf = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(qf, kf, vf, is_causal=True).transpose(1, 2).to(q.dtype)
+
+
+@torch.library.custom_op("surogate::flash_causal_fwd", mutates_args=(), device_types="cuda")
+def flash_causal_fwd(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """-> (out [B, S, H, D], lse [B, H, S] fp32)."""
+    with _ahead_lock:
+        out, lse = _interface()._flash_attn_fwd(q, k, v, causal=True, return_lse=True)[:2]
+    return out, lse
+
+
+@flash_causal_fwd.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    compile_ahead(_compile_kernels, q, k, v)
+    B, S, H, _ = q.shape
+    return q.new_empty(B, S, H, v.shape[-1]), q.new_empty(B, H, S, dtype=torch.float32)
+
+
+@torch.library.custom_op("surogate::flash_causal_bwd", mutates_args=(), device_types="cuda")
+def flash_causal_bwd(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    with _ahead_lock:
+        dq, dk, dv = _interface()._flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, causal=True)
+    return dq, dk, dv
+
+
+@flash_causal_bwd.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    q, k, v = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+
+
+def _backward(ctx, dout: Tensor, _dlse: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    q, k, v, out, lse = ctx.saved_tensors
+    return flash_causal_bwd(q, k, v, out, lse, dout)
+
+
+flash_causal_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def flash_causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention of [B, S, Hq, D] q over [B, S, Hkv, D] k, v (Hq % Hkv == 0) -> [B, S, Hq, D]."""
+    return flash_causal_fwd(q, k, v)[0]
+
+
+def _compile_kernels(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """On a compile-ahead worker (meta tensors of the real layout): JIT-compile the forward and backward kernels
+    for this layout under a fake mode, where FlashAttention compiles without launching."""
+    if not on_worker():
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    interface = _interface()
+    with _ahead_lock, FakeTensorMode():
+        fq, fk, fv = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device) for t in (q, k, v))
+        out, lse = interface._flash_attn_fwd(fq, fk, fv, causal=True, return_lse=True)[:2]
+        interface._flash_attn_bwd(fq, fk, fv, out, torch.empty_like(out), lse, causal=True)
