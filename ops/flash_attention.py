@@ -9,8 +9,10 @@ shapes (batch 2, 2048 tokens, head dim 128, GQA; CUDA time per forward + backwar
 The kernels are FlashAttention's; this file makes them ops a compiled block and a CUDA graph see as one opaque call
 each way: the forward returns the output and the row log-sum-exp, the backward takes them back. q, k, v are
 [B, S, H, D] with unit last stride (the projections' own layout), k/v may have fewer heads (GQA). The fakes also
-hand FlashAttention's JIT compile of the exact kernels to a compile-ahead worker (its first compile takes seconds),
-so it overlaps the rest of the model's compile instead of stalling the first micro-step.
+hand FlashAttention's JIT compile of the exact kernels to a compile-ahead worker, beside the rest of the model's
+compile. Even so a cold first step takes 10-15 s longer than with cuDNN (importing the package ~3.5 s, compiling
+five kernels ~8 s, on an interpreter shared with Dynamo), which is why the kernel is opt-in
+(`attn_causal_kernel=flash4`); the package's disk cache (turned on below) spares later runs the compile.
 
 `reference` is SDPA in fp32: what the kernels must match within bf16 rounding.
 """

@@ -28,9 +28,9 @@ batch), the mask is None, and every backend runs plain causal attention with the
             at Qwen3-8B shapes); it cannot take a document mask (its ragged form rebuilds its graph on every call),
             so packed rows stay on `backend`.
 - "flash4": FlashAttention-4's Hopper kernels (ops/flash_attention.py; the optional `flash-attn-4` package), ~8%
-            less time than cuDNN per forward + backward at Qwen3 shapes.
+            less time than cuDNN per forward + backward at Qwen3 shapes, +0.7-1.3% per training step; opt-in,
+            because its JIT compile adds 10-15 s to a run's first step until its disk cache holds the kernels.
 
-`resolve_causal_kernel("auto", ...)` picks flash4 where it is installed and covers the GPU and head dim, else cudnn.
 CPU tensors always take SDPA.
 """
 
@@ -86,18 +86,16 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
 
 
 def resolve_causal_kernel(name: str, device: torch.device | str, head_dim: int) -> str:
-    """Map "auto" to the fastest kernel for plain causal attention on `device` (module docstring); validate explicit
-    names. CPU devices run SDPA whatever this returns."""
+    """Validate the kernel of plain causal attention (module docstring) for `device` and `head_dim`. CPU devices run
+    SDPA whatever the name."""
     from ops import flash_attention
 
-    if name == "auto":
-        return "flash4" if flash_attention.available(device, head_dim) else "cudnn"
     if name not in CAUSAL_KERNELS:
-        raise ValueError(f"causal attention kernel must be one of auto, {', '.join(CAUSAL_KERNELS)}; got {name!r}")
+        raise ValueError(f"causal attention kernel must be one of {', '.join(CAUSAL_KERNELS)}; got {name!r}")
     if name == "flash4" and not flash_attention.available(device, head_dim):
         raise ValueError(
             "causal attention kernel 'flash4' needs the flash-attn-4 package (pip install flash-attn-4), a Hopper "
-            f"GPU and head dim 64, 96 or 128 (device {device}, head dim {head_dim}); use 'cudnn' or 'auto'"
+            f"GPU and head dim 64, 96 or 128 (device {device}, head dim {head_dim}); use 'cudnn'"
         )
     return name
 

@@ -1,4 +1,5 @@
-"""Attention forward + backward timing at a model's shapes: flex (with kernel options), SDPA backends, varlen.
+"""Attention forward + backward timing at a model's shapes: flex (with kernel options), SDPA backends, FlashAttention-4
+(when flash-attn-4 is installed), varlen.
 
     python tools/attention_bench.py --model qwen3-8b [--docs 1] [--options '{"BLOCK_M": 128, "BLOCK_N": 64}' ...]
 
@@ -152,6 +153,10 @@ def main() -> None:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
         add(name, sdpa)
+    from ops.flash_attention import available, flash_causal_attention
+
+    if available(dev, D):  # our FlashAttention-4 op (attn_causal_kernel=flash4), on the [B, S, H, D] layout it takes
+        add("flash4 (causal only)", lambda q, k, v: flash_causal_attention(*(t.transpose(1, 2) for t in (q, k, v))))
     add_varlen_rows(add, q, k, v, pos)
     print(f"\n{cli.model}: B={B} S={S} Hq={a.num_heads} Hkv={a.num_kv_heads} D={D} docs/row={cli.docs}")
     print(f"{'variant':<70} {'ms':>8} {'TFLOP/s':>8}")

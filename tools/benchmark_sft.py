@@ -107,7 +107,7 @@ def build_ours(
     precision_overrides=(),
     recompute_layers=None,
     recompute_saves=(),
-    causal_kernel="auto",
+    causal_kernel="cudnn",
 ):
     """Our model as training runs it; returns (model, args, micro_step(batch, total_tokens): forward + backward)."""
     from surogate import distributed
@@ -451,8 +451,8 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     p.add_argument("--attn-backend", default="auto")
     p.add_argument(
-        "--attn-causal-kernel", default="auto", choices=["auto", "cudnn", "flash4"],
-        help="plain causal attention's kernel on CUDA (surogate/attention.py; auto: flash4 when installed)",
+        "--attn-causal-kernel", default="cudnn", choices=["cudnn", "flash4"],
+        help="plain causal attention's kernel on CUDA (surogate/attention.py; flash4 needs flash-attn-4)",
     )  # fmt: skip
     p.add_argument("--check-eager", action="store_true", help="also report eager vs compiled loss on one batch")
     p.add_argument("--eager", action="store_true", help="no torch.compile at all (CPU smoke tests, or to compare)")
