@@ -62,6 +62,7 @@ def _model_dir(path, weights="model.safetensors", **config):
         (["sequence_len=50000"], "sequence_len=50000 is longer than the model's max_position_embeddings (40960)"),
         (["output_dir=${oc.env:HOME}"], "is an interpolation"),
         (["datasets=[a.jsonl"], "cannot parse command line"),
+        (["attn_causal_kernel=flash4"], "attn_causal_kernel: causal attention kernel 'flash4' needs the flash-attn-4"),
     ],
     ids=[
         "unknown-key",
@@ -73,6 +74,7 @@ def _model_dir(path, weights="model.safetensors", **config):
         "seq-len",
         "resolver",
         "yaml-syntax",
+        "flash4-on-cpu",
     ],
 )
 def test_bad_option(tmp_path, capsys, args, needle):
