@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
 import threading
+import time
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,8 @@ from torch import Tensor
 from ops.compile_ahead import compile_ahead, on_worker
 
 __all__ = ["available", "flash_causal_attention", "reference"]
+
+log = logging.getLogger(__name__)
 
 _HEAD_DIMS = (64, 96, 128)  # what FlashAttention-4's sm90 backward is tuned for and we test
 _ahead_lock = (
@@ -76,6 +80,10 @@ def reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 @torch.library.custom_op("surogate::flash_causal_fwd", mutates_args=(), device_types="cuda")
 def flash_causal_fwd(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """-> (out [B, S, H, D], lse [B, H, S] fp32)."""
+    if _ahead_lock.locked():  # the first call, while a worker still compiles: how long the step waits for it
+        start = time.perf_counter()
+        with _ahead_lock:
+            log.debug("waited %.1f s for FlashAttention-4's compile-ahead worker", time.perf_counter() - start)
     with _ahead_lock:
         out, lse = _interface()._flash_attn_fwd(q, k, v, causal=True, return_lse=True)[:2]
     return out, lse
@@ -129,8 +137,14 @@ def _compile_kernels(q: Tensor, k: Tensor, v: Tensor) -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     device = torch.device("cuda", torch.cuda.current_device())
-    interface = _interface()
     with _ahead_lock, FakeTensorMode():
+        start = time.perf_counter()
+        interface = _interface()
+        imported = time.perf_counter()
         fq, fk, fv = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device) for t in (q, k, v))
         out, lse = interface._flash_attn_fwd(fq, fk, fv, causal=True, return_lse=True)[:2]
         interface._flash_attn_bwd(fq, fk, fv, out, torch.empty_like(out), lse, causal=True)
+        log.debug(
+            "FlashAttention-4 for q %s, k %s: import %.1f s, kernels %.1f s (compiled, or loaded from its disk cache)",
+            tuple(q.shape), tuple(k.shape), imported - start, time.perf_counter() - imported,
+        )  # fmt: skip
