@@ -94,7 +94,7 @@ def resolve_causal_kernel(name: str, device: torch.device | str, head_dim: int) 
         raise ValueError(f"causal attention kernel must be one of {', '.join(CAUSAL_KERNELS)}; got {name!r}")
     if name == "flash4" and not flash_attention.available(device, head_dim):
         raise ValueError(
-            "causal attention kernel 'flash4' needs the flash-attn-4 package (pip install flash-attn-4), a Hopper "
+            "causal attention kernel 'flash4' needs the flash-attn-4 package (pip install surogate[flash4]), a Hopper "
             f"GPU and head dim 64, 96 or 128 (device {device}, head dim {head_dim}); use 'cudnn'"
         )
     return name
