@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import torch
 from torch import Tensor
+
+from ops.compile_ahead import gpu_capability
 
 
 def cdiv(a: int, b: int) -> int:
@@ -14,6 +19,24 @@ def as_rows(t: Tensor) -> Tensor:
     """t as [N, width] with unit column stride (a view when it already is one)."""
     t2 = t.reshape(-1, t.shape[-1])
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def tile_sources(tensors: list[Tensor], block: tuple[int, int]) -> tuple[list[Any], bool]:
+    """(sources, tma): the [M, N] tensors as a kernel's `_load_tile` sources, TMA descriptors of [BM, BN] blocks where
+    all of them allow one (a GPU with TMA, sm_90 on, or Triton's interpreter; unit column stride and 16-byte aligned
+    start and rows, as TMA requires), else the tensors themselves (pointers: the kernel then masks its tiles)."""
+    t0 = tensors[0]
+    interpreted = t0.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    capability = None if interpreted else gpu_capability(t0)
+    aligned = all(
+        t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+        for t in tensors
+    )
+    if not aligned or not (interpreted or (capability is not None and capability >= (9, 0))):
+        return list(tensors), False
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return [TensorDescriptor(t, list(t.shape), list(t.stride()), list(block)) for t in tensors], True
 
 
 def rank_block(lora_Bs: list[Tensor]) -> int:

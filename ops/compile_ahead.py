@@ -42,7 +42,17 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map_only
 
-__all__ = ["OpCounts", "compile_ahead", "gpu_multiprocessors", "launch", "on_gpu", "on_worker", "shared", "wait"]
+__all__ = [
+    "OpCounts",
+    "compile_ahead",
+    "gpu_capability",
+    "gpu_multiprocessors",
+    "launch",
+    "on_gpu",
+    "on_worker",
+    "shared",
+    "wait",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -161,6 +171,12 @@ def gpu_multiprocessors(t: Tensor) -> int | None:
     """The SM count of t's GPU (of the GPU a worker compiles for, for its meta tensors); None off the GPU."""
     device = t.device if t.is_cuda else _worker_device() if t.is_meta else None
     return None if device is None else torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def gpu_capability(t: Tensor) -> tuple[int, int] | None:
+    """The compute capability of t's GPU (of the GPU a worker compiles for, for its meta tensors); None off the GPU."""
+    device = t.device if t.is_cuda else _worker_device() if t.is_meta else None
+    return None if device is None else torch.cuda.get_device_capability(device)
 
 
 def _worker_device() -> torch.device | None:

@@ -52,6 +52,7 @@ from ops._launch import (
     rank_block,
     round_lora_grads,
     split_flat,
+    tile_sources,
     xa_from_tail,
 )
 from ops.compile_ahead import compile_ahead, launch, on_gpu
@@ -205,13 +206,15 @@ def _backward_triton(
     inter = width // 2
     r_g, r_u = b_g.shape[1], b_u.shape[1]
     dy_full, dy = grad_rows_with_tail(y_in, width)
+    bm, bn, warps = _BWD_CONFIG if down_A is None else _BWD_DOWN_CONFIG
+    halves = [y2[:, :inter], y2[:, inter:], dh, dy[:, :inter], dy[:, inter:]]  # y's and dy's gate and up halves
+    tiles, tma = tile_sources(halves, (bm, bn))
     shapes = _grad_layout(xa, [b_g, b_u], down_A)
     flat = torch.zeros(sum(a * b for a, b in shapes), device=y2.device, dtype=torch.float32)  # atomics: fp32
     dxa, db_g, db_u, *rest = split_flat(flat, shapes)
     rank_d = 0 if down_A is None else down_A.shape[0]
     dad, ad, gxd = (dxa, dxa, dxa) if down_A is None else (rest[0], down_A, as_rows(grad_xad))  # unread w/o DOWN
     if m and inter:
-        bm, bn, warps = _BWD_CONFIG if down_A is None else _BWD_DOWN_CONFIG
         col_blocks, row_tiles = cdiv(inter, bn), cdiv(m, bm)
         # Each program keeps its dB partial in registers over `per_program` row tiles (fewer atomics), while enough
         # programs remain to fill the GPU (~1500 for the 8B gate/up group).
@@ -219,11 +222,11 @@ def _backward_triton(
         grid = (col_blocks, cdiv(row_tiles, per_program))
         launch(
             swiglu_lora_bwd_kernel, grid,
-            y2, xa, b_g, b_u, dh, dy, dxa, db_g, db_u, ad, gxd, dad, m, inter, r_g, r_u, rank_d, y2.stride(0),
+            *tiles, xa, b_g, b_u, dxa, db_g, db_u, ad, gxd, dad, m, inter, r_g, r_u, rank_d, y2.stride(0),
             xa.stride(0), b_g.stride(0), b_g.stride(1), b_u.stride(0), b_u.stride(1), dh.stride(0), dy.stride(0),
             dxa.stride(0), ad.stride(0), gxd.stride(0), s_g, s_u, per_program,
             BM=bm, BN=bn, BR=rank_block([b_g, b_u]), BRD=_down_rank_block(down_A), DOWN=down_A is not None,
-            IEEE=y2.dtype == torch.float32, num_warps=warps,
+            IEEE=y2.dtype == torch.float32, TMA=tma, num_warps=warps,
         )  # fmt: skip
     return dy_full, round_lora_grads(flat, dy_full, width, xa.dtype)
 

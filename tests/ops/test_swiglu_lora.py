@@ -67,7 +67,12 @@ torch.manual_seed(0)
 sl._BWD_CONFIG, sl._BWD_PROGRAMS = (16, 32, 4), 8
 sl._BWD_DOWN_CONFIG = (16, 32, 4)
 rel = lambda a, b: ((a - b).norm() / b.norm()).item()
-for m, inter, rg, ru, rd in [(150, 200, 8, 16, 16), (70, 48, 16, 16, 5)]:
+# the backward's wide tiles through TMA descriptors where y's up half starts 16-byte aligned (inter 200, 48), through
+# pointers where it does not (inter 50: 200 bytes in)
+from ops._launch import tile_sources
+assert tile_sources([torch.empty(8, 400)[:, 200:]], (16, 32))[1]
+assert not tile_sources([torch.empty(8, 100)[:, 50:]], (16, 32))[1]
+for m, inter, rg, ru, rd in [(150, 200, 8, 16, 16), (70, 48, 16, 16, 5), (40, 50, 8, 8, 4)]:
     y = torch.randn(m, 2 * inter, requires_grad=True)
     xa = torch.randn(m, rg + ru, requires_grad=True)
     Bs = [(torch.randn(inter, r) * 0.3).requires_grad_() for r in (rg, ru)]
