@@ -49,6 +49,7 @@ from ops._launch import (
     rank_block,
     round_lora_grads,
     split_flat,
+    tile_sources,
     xa_from_tail,
 )
 from ops.compile_ahead import compile_ahead, gpu_multiprocessors, launch, on_gpu
@@ -215,21 +216,27 @@ def _backward(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim,
     gs = [g.reshape(-1, seq, g.shape[-2], head_dim) for g in grads]
     gs = [g if g.stride(-1) == 1 else g.contiguous() for g in gs]
     dy_full, dy = grad_rows_with_tail(y_in, width)
+    bm, warps, stages = _BWD_CONFIG
+    # The kernel's tile sources: TMA descriptors where every one allows (the gradients then as [B * S, H * D] rows,
+    # so only in [B, S, H, D] memory order), else pointers (the gradients with their strides, passed below)
+    srcs, tma = [*gs, y2, cos2, sin2, dy], False
+    if m and all(g.is_contiguous() for g in gs):
+        described, tma = tile_sources([*(g.view(m, -1) for g in gs), y2, cos2, sin2, dy], (bm, head_dim // 2))
+        srcs = described if tma else srcs
     shapes = lora_grad_buffer(m, xa.shape[1], [b.shape for b in lora_Bs])
     flat = torch.zeros(sum(a * b for a, b in shapes), device=y.device, dtype=torch.float32)  # atomics: fp32
     dxa, *dbs = split_flat(flat, shapes)
-    bm, warps, stages = _BWD_CONFIG
     row_tiles = cdiv(m, bm)
     heads = hq + 2 * hkv
     per_program = _bwd_row_tiles_per_program(heads, row_tiles, gpu_multiprocessors(y))
     if m:
         launch(
             qkv_rope_lora_bwd_kernel, (heads, cdiv(row_tiles, per_program)),
-            *gs, y2, xa, *bs, *ws, cos2, sin2, dy, dxa, *dbs, m, seq, hq, hkv, *ranks,
+            *srcs[:4], xa, *bs, *ws, *srcs[4:], dxa, *dbs, m, seq, hq, hkv, *ranks,  # srcs: dq dk dv y | cos sin dy
             *(st for g in gs for st in g.stride()[:3]), y2.stride(0), xa.stride(0), *(b.stride(0) for b in bs),
             cos2.stride(0), dy.stride(0), dxa.stride(0), *map(float, scalings), float(eps), per_program,
             D2=head_dim // 2, BM=bm, BR=rank_block(lora_Bs), NORM=bool(norm_weights), HALF=cos.shape[-1] < head_dim,
-            IEEE=y.dtype == torch.float32,
+            IEEE=y.dtype == torch.float32, TMA=tma,
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
     return dy_full.view(y_in.shape), round_lora_grads(flat, dy_full, width, xa.dtype)

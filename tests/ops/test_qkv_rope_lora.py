@@ -83,7 +83,8 @@ import ops.qkv_rope_lora as op
 sys.path.insert(0, "tests/ops")
 from test_qkv_rope_lora import qkv_inputs
 # rows not a multiple of the row tile, ranks under 16 (padded), several row tiles per backward program (the last
-# running past M), and output gradients in attention's [B, H, S, D] memory layout (strided rows)
+# running past M), and output gradients in attention's [B, H, S, D] memory layout (strided rows: pointer tiles) as
+# well as in [B, S, H, D] order (TMA descriptors)
 op._FWD_CONFIG, op._BWD_CONFIG, op._BWD_ROW_TILES = (16, 4, 2), (16, 4, 2), (4, 2)
 rel = lambda a, b: ((a - b).norm() / b.norm()).item()
 # cos/sin as HF's full rows and as the one half both halves share (the model's layout; reference from full rows)
@@ -95,11 +96,12 @@ for batch, seq, norm, ranks, half in [(2, 21, True, (8, 16, 4), True), (1, 37, F
     out = op.qkv_rope_lora(y, xa, Bs, s, ws, cos, sin, 32, 1e-6)
     for o, r in zip(out, ref):
         assert torch.isfinite(o).all() and rel(o, r) < 1e-5, rel(o, r)
-    dos = [torch.randn(o.shape[0], o.shape[2], o.shape[1], o.shape[3]).transpose(1, 2) for o in out]
-    want = torch.autograd.grad(ref, [y, xa, *Bs], dos)
-    got = torch.autograd.grad(out, [y, xa, *Bs], dos)
-    for g, w in zip(got, want):
-        assert torch.isfinite(g).all() and rel(g, w) < 1e-5, rel(g, w)
+    dos_bshd = [torch.randn_like(o) for o in out]
+    for dos in (dos_bshd, [d.transpose(1, 2).contiguous().transpose(1, 2) for d in dos_bshd]):
+        want = torch.autograd.grad(ref, [y, xa, *Bs], dos, retain_graph=True)
+        got = torch.autograd.grad(out, [y, xa, *Bs], dos, retain_graph=True)
+        for g, w in zip(got, want):
+            assert torch.isfinite(g).all() and rel(g, w) < 1e-5, rel(g, w)
     # xa in y's tail (a LoRA op with xa_tail=True): the gradient of [y | xa] is [dy | dxa]
     y_ext = torch.cat([y.detach(), xa.detach().view(batch, seq, -1)], -1).requires_grad_()
     tail = op.qkv_rope_lora(y_ext, xa.detach()[:, :0], Bs, s, ws, cos, sin, 32, 1e-6)
