@@ -23,13 +23,18 @@ def as_rows(t: Tensor) -> Tensor:
 
 def tile_sources(tensors: list[Tensor], block: tuple[int, int]) -> tuple[list[Any], bool]:
     """(sources, tma): the [M, N] tensors as a kernel's `_load_tile` sources, TMA descriptors of [BM, BN] blocks where
-    all of them allow one (a GPU with TMA, sm_90 on, or Triton's interpreter; unit column stride and 16-byte aligned
-    start and rows, as TMA requires), else the tensors themselves (pointers: the kernel then masks its tiles)."""
+    all of them allow one (a GPU with TMA, sm_90 on, or Triton's interpreter; not empty, unit column stride and
+    16-byte aligned start and rows, as TMA requires), else the tensors themselves (pointers: the kernel then masks
+    its tiles)."""
     t0 = tensors[0]
     interpreted = t0.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
     capability = None if interpreted else gpu_capability(t0)
     aligned = all(
-        t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+        t.dim() == 2
+        and t.numel() > 0
+        and t.stride(1) == 1
+        and (t.stride(0) * t.element_size()) % 16 == 0
+        and t.data_ptr() % 16 == 0
         for t in tensors
     )
     if not aligned or not (interpreted or (capability is not None and capability >= (9, 0))):

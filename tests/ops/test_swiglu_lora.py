@@ -72,6 +72,7 @@ rel = lambda a, b: ((a - b).norm() / b.norm()).item()
 from ops._launch import tile_sources
 assert tile_sources([torch.empty(8, 400)[:, 200:]], (16, 32))[1]
 assert not tile_sources([torch.empty(8, 100)[:, 50:]], (16, 32))[1]
+assert not tile_sources([torch.empty(0, 64)], (16, 32))[1]  # TMA takes no empty tensor: pointers (nothing to load)
 for m, inter, rg, ru, rd in [(150, 200, 8, 16, 16), (70, 48, 16, 16, 5), (40, 50, 8, 8, 4)]:
     y = torch.randn(m, 2 * inter, requires_grad=True)
     xa = torch.randn(m, rg + ru, requires_grad=True)
