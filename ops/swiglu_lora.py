@@ -61,12 +61,16 @@ __all__ = ["swiglu_lora", "swiglu_lora_down", "swiglu_lora_down_reference", "swi
 
 _MAX_RANK = 64  # per projection; the kernels pad the rank to a power of two >= 16 for one tl.dot per tile
 # (BM, BN, warps)
-_FWD_CONFIG = (64, 128, 4)
-_FWD_DOWN_CONFIG = (32, 64, 2)  # with the down projection's A: 4-6% faster than (64, 128, 4) on Qwen3 1.7B-14B shapes
+_FWD_CONFIG = (64, 128, 4)  # TMA tiles, runs of row tiles: 4B/8B/14B with A_down 91.6 / 112.8 / 156.9 us (NOTES.md)
 _BWD_CONFIG = (64, 64, 4)
 _BWD_DOWN_CONFIG = (64, 64, 4)  # with the down projection's A: more live state per tile
-_BWD_MAX_ROW_TILES = 8  # row tiles per backward program (dB partial sums kept in registers across them) ...
-_BWD_PROGRAMS = 1024  # ... as long as about this many programs remain
+_MAX_ROW_TILES = 8  # row tiles per program (B loaded once; the backward's dB partial sums kept in registers) ...
+_PROGRAMS = 1024  # ... as long as about this many programs remain
+
+
+def _row_tiles_per_program(col_blocks: int, row_tiles: int) -> int:
+    """How many row tiles one program runs: up to `_MAX_ROW_TILES`, while ~`_PROGRAMS` programs still fill the GPU."""
+    return max(1, min(_MAX_ROW_TILES, col_blocks * row_tiles // _PROGRAMS))
 
 
 def swiglu_lora_reference(y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float]) -> Tensor:
@@ -92,10 +96,10 @@ def swiglu_lora_down_reference(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _use_triton(y: Tensor, lora_Bs: list[Tensor], down_A: Tensor | None = None) -> bool:
+def _use_triton(y: Tensor, lora_Bs: list[Tensor], down_A: Tensor | None = None, xa: Tensor | None = None) -> bool:
     on_device = on_gpu(y) or os.environ.get("TRITON_INTERPRET") == "1"
     ranks = [b.shape[1] for b in lora_Bs] + ([] if down_A is None else [down_A.shape[0]])
-    return on_device and max(ranks) <= _MAX_RANK
+    return on_device and max(ranks) <= _MAX_RANK and (xa is None or xa.dtype == y.dtype)
 
 
 def _preactivations_torch(y2: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float]) -> tuple[Tensor, ...]:
@@ -115,7 +119,7 @@ def _forward(
     m = y2.shape[0]
     h = y2.new_empty(m, inter)
     xad = None
-    if not _use_triton(y, lora_Bs, down_A):
+    if not _use_triton(y, lora_Bs, down_A, xa):
         g, u, _, _ = _preactivations_torch(y2, xa, lora_Bs, scalings)
         h.copy_(F.silu(g) * u)
         if down_A is not None:
@@ -127,15 +131,18 @@ def _forward(
         rank_d = 0 if down_A is None else down_A.shape[0]
         xad32 = torch.zeros(m, rank_d, device=y.device, dtype=torch.float32)  # atomics accumulate in fp32
         ad = xad32 if down_A is None else down_A  # never read without DOWN
-        bm, bn, warps = _FWD_CONFIG if down_A is None else _FWD_DOWN_CONFIG
+        bm, bn, warps = _FWD_CONFIG
+        tiles, tma = tile_sources([y2[:, :inter], y2[:, inter:], h], (bm, bn))  # y's gate and up halves, h
         if m and inter:
+            col_blocks, row_tiles = cdiv(inter, bn), cdiv(m, bm)
+            per_program = _row_tiles_per_program(col_blocks, row_tiles)
             launch(
-                swiglu_lora_fwd_kernel, (cdiv(m, bm), cdiv(inter, bn)),
-                y2, xa, b_g, b_u, h, ad, xad32, m, inter, b_g.shape[1], b_u.shape[1], rank_d, y2.stride(0),
-                xa.stride(0), b_g.stride(0), b_g.stride(1), b_u.stride(0), b_u.stride(1), h.stride(0), ad.stride(0),
-                xad32.stride(0), float(s_g), float(s_u),
+                swiglu_lora_fwd_kernel, (col_blocks, cdiv(row_tiles, per_program)),
+                tiles[0], tiles[1], xa, b_g, b_u, tiles[2], ad, xad32, m, inter, b_g.shape[1], b_u.shape[1], rank_d,
+                y2.stride(0), xa.stride(0), b_g.stride(0), b_g.stride(1), b_u.stride(0), b_u.stride(1), h.stride(0),
+                ad.stride(0), xad32.stride(0), float(s_g), float(s_u), per_program,
                 BM=bm, BN=bn, BR=rank_block(lora_Bs), BRD=_down_rank_block(down_A), DOWN=down_A is not None,
-                IEEE=y.dtype == torch.float32, num_warps=warps,
+                IEEE=y.dtype == torch.float32, TMA=tma, num_warps=warps,
             )  # fmt: skip
         if down_A is not None:
             xad = xad32.to(y.dtype)
@@ -216,9 +223,8 @@ def _backward_triton(
     dad, ad, gxd = (dxa, dxa, dxa) if down_A is None else (rest[0], down_A, as_rows(grad_xad))  # unread w/o DOWN
     if m and inter:
         col_blocks, row_tiles = cdiv(inter, bn), cdiv(m, bm)
-        # Each program keeps its dB partial in registers over `per_program` row tiles (fewer atomics), while enough
-        # programs remain to fill the GPU (~1500 for the 8B gate/up group).
-        per_program = max(1, min(_BWD_MAX_ROW_TILES, col_blocks * row_tiles // _BWD_PROGRAMS))
+        # Each program keeps its dB partial in registers over its row tiles (fewer atomics)
+        per_program = _row_tiles_per_program(col_blocks, row_tiles)
         grid = (col_blocks, cdiv(row_tiles, per_program))
         launch(
             swiglu_lora_bwd_kernel, grid,

@@ -7,10 +7,11 @@ pre-activations of a tile are the columns rn and N + rn of the base output y [M,
 per tile from xa [M, rank_g + rank_u] and the B rows of the tile's columns: one `tl.dot` of inner size BR (the rank,
 padded with zeros to >= 16).
 
-The backward reads and writes its wide tiles (y's gate and up halves, dh, dy's halves) through TMA descriptors where
-the launcher can make them (TMA): 7-9% faster on Qwen3 4B-14B shapes on an H100 (benchmarks/NOTES.md), as the copy
-engine replaces the per-element addresses and masks the threads otherwise hold in registers. Elsewhere (unaligned
-rows, GPUs without TMA) the same sources are pointers with a row stride.
+Both kernels give each program one column block and a run of row tiles, so the block's B rows are loaded once per
+program. They read and write their wide tiles (y's gate and up halves, h; dh, dy's halves) through TMA descriptors
+where the launcher can make them (TMA): the backward 7-9% faster on Qwen3 4B-14B shapes on an H100
+(benchmarks/NOTES.md), as the copy engine replaces the per-element addresses and masks the threads otherwise hold in
+registers. Elsewhere (unaligned rows, GPUs without TMA) the same sources are pointers with a row stride.
 """
 
 import triton
@@ -64,29 +65,36 @@ def _preactivations(
 
 @triton.jit
 def swiglu_lora_fwd_kernel(
-    y_ptr, xa_ptr, bg_ptr, bu_ptr, h_ptr, ad_ptr, xad_ptr, M, N, rank_g, rank_u, rank_d, stride_ym, stride_xm,
-    stride_bgn, stride_bgr, stride_bun, stride_bur, stride_hm, stride_ad, stride_xdm, scale_g, scale_u,
+    y_g, y_u, xa_ptr, bg_ptr, bu_ptr, h_dst, ad_ptr, xad_ptr, M, N, rank_g, rank_u, rank_d, stride_ym, stride_xm,
+    stride_bgn, stride_bgr, stride_bun, stride_bur, stride_hm, stride_ad, stride_xdm, scale_g, scale_u, row_tiles,
     BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, BRD: tl.constexpr, DOWN: tl.constexpr, IEEE: tl.constexpr,
+    TMA: tl.constexpr,
 ):  # fmt: skip
-    """h = silu(g) * u for one [BM, BN] tile: y read once, h written once. With DOWN, also the tile's part of the
-    down projection's x A^T (the rounded h against A_down's columns of the tile), added into xa_down [M, rank_d]
-    with fp32 atomics: the down projection's LoRA then never reads h again."""
-    m0, n0 = tl.program_id(0) * BM, tl.program_id(1) * BN
-    rm = (m0 + tl.arange(0, BM)).to(tl.int64)
+    """h = silu(g) * u for one column block of BN activations over `row_tiles` row tiles of BM: y read once, h
+    written once (y's gate and up halves and h are `_load_tile` sources). The block's B rows (and A_down columns)
+    are loaded once per program, not once per tile: with single-tile programs those loads were as many bytes as
+    the tile's y, and the kernel ran at ~1.6x its memory floor. With DOWN, also the tile's part of the down
+    projection's x A^T (the rounded h against A_down's columns of the tile), added into xa_down [M, rank_d] with
+    fp32 atomics: the down projection's LoRA then never reads h again."""
+    n0 = tl.program_id(0) * BN
     rn = n0 + tl.arange(0, BN)
     bg = _load_b(bg_ptr, rn, N, rank_g, stride_bgn, stride_bgr, BR)
     bu = _load_b(bu_ptr, rn, N, rank_u, stride_bun, stride_bur, BR)
-    g, u, _, _ = _preactivations(
-        y_ptr, y_ptr + N, xa_ptr, bg, bu, m0, n0, rm, rn, M, N, rank_g, rank_u, stride_ym, stride_xm, scale_g,
-        scale_u, BR, IEEE, False,
-    )  # fmt: skip
-    h = (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty)
-    _store_tile(h_ptr, h, m0, n0, rm, rn, M, N, stride_hm, False)
+    rd = tl.arange(0, BRD)
     if DOWN:
         ad = _load_a_down(ad_ptr, rn, N, rank_d, stride_ad, BRD)
-        rr = tl.arange(0, BRD)
-        tl.atomic_add(xad_ptr + rm[:, None] * stride_xdm + rr[None, :], _dot(h, tl.trans(ad), IEEE),
-                      mask=(rm[:, None] < M) & (rr[None, :] < rank_d), sem="relaxed")  # fmt: skip
+    for i in range(row_tiles):
+        m0 = (tl.program_id(1) * row_tiles + i) * BM
+        rm = (m0 + tl.arange(0, BM)).to(tl.int64)
+        g, u, _, _ = _preactivations(
+            y_g, y_u, xa_ptr, bg, bu, m0, n0, rm, rn, M, N, rank_g, rank_u, stride_ym, stride_xm, scale_g, scale_u,
+            BR, IEEE, TMA,
+        )  # fmt: skip
+        h = (g * tl.sigmoid(g) * u).to(xa_ptr.dtype.element_ty)  # h, y and xa share one dtype (the launcher's check)
+        _store_tile(h_dst, h, m0, n0, rm, rn, M, N, stride_hm, TMA)
+        if DOWN:
+            tl.atomic_add(xad_ptr + rm[:, None] * stride_xdm + rd[None, :], _dot(h, tl.trans(ad), IEEE),
+                          mask=(rm[:, None] < M) & (rd[None, :] < rank_d), sem="relaxed")  # fmt: skip
 
 
 @triton.jit

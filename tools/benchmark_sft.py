@@ -245,6 +245,7 @@ def profile_step(model, micro_step, batches, params, opt, path: Path) -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         optimizer_step(model, micro_step, batches, total_tokens, params, opt)
         torch.cuda.synchronize()
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=90))
     prof.export_chrome_trace(str(path.with_suffix(".json")))
 

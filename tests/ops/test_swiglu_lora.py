@@ -61,14 +61,14 @@ import torch
 import ops.swiglu_lora as sl
 from ops.swiglu_lora import swiglu_lora, swiglu_lora_down, swiglu_lora_down_reference, swiglu_lora_reference
 torch.manual_seed(0)
-# M not a multiple of the row tile, I not of the column tile, unequal ranks under 16 (padded), and in the backward
-# several row tiles per program (dB summed in registers across them; the last program's run past M); each case
-# also with the down projection's A (swiglu_lora_down), of a rank under 16 in the second
-sl._BWD_CONFIG, sl._BWD_PROGRAMS = (16, 32, 4), 8
+# M not a multiple of the row tile, I not of the column tile, unequal ranks under 16 (padded), and in both kernels
+# several row tiles per program (the backward's dB summed in registers across them; the last program's run past M);
+# each case also with the down projection's A (swiglu_lora_down), of a rank under 16 in the second
+sl._FWD_CONFIG, sl._BWD_CONFIG, sl._PROGRAMS = (16, 32, 4), (16, 32, 4), 8
 sl._BWD_DOWN_CONFIG = (16, 32, 4)
 rel = lambda a, b: ((a - b).norm() / b.norm()).item()
-# the backward's wide tiles through TMA descriptors where y's up half starts 16-byte aligned (inter 200, 48), through
-# pointers where it does not (inter 50: 200 bytes in)
+# the wide tiles through TMA descriptors where y's up half starts 16-byte aligned (inter 200, 48), through pointers
+# where it does not (inter 50: 200 bytes in)
 from ops._launch import tile_sources
 assert tile_sources([torch.empty(8, 400)[:, 200:]], (16, 32))[1]
 assert not tile_sources([torch.empty(8, 100)[:, 50:]], (16, 32))[1]
