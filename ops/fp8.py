@@ -75,7 +75,6 @@ __all__ = [
     "dequantize",
     "dequantize_blockwise",
     "fp8_base_forward",
-    "fp8_base_forward_xa",
     "fp8_base_grad_input",
     "cached_fp8_weight",
     "cached_row_absmax",
@@ -87,7 +86,6 @@ __all__ = [
     "quantize_lora_base_",
     "quantize_rows",
     "quantize_rows_reference",
-    "quantize_rows_xa",
     "quantize_tensorwise",
     "stats",
     "transpose_codes",
@@ -211,59 +209,10 @@ def _triton_quantize_kernels():
             q = tl.minimum(tl.maximum(v * inv, -FMAX), FMAX)
             tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=cols < K)
 
-    @triton.jit
-    def quantize_rows_xa_kernel(
-        x_ptr,
-        a_ptr,
-        q_ptr,
-        s_ptr,
-        xa_ptr,
-        M,
-        K,
-        R,
-        stride_x,
-        stride_a,
-        stride_q,
-        stride_xa,
-        FMAX: tl.constexpr,
-        BM: tl.constexpr,
-        BK: tl.constexpr,
-        BR: tl.constexpr,
-        IEEE: tl.constexpr,
-    ):
-        # BM rows: pass 1 takes each row's absmax and x A^T chunk by chunk, pass 2 casts (the rows are in L1/L2)
-        rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
-        rr = tl.arange(0, BR)
-        row_ok = rows[:, None] < M
-        amax = tl.zeros((BM,), tl.float32)
-        xa = tl.zeros((BM, BR), tl.float32)
-        for start in range(0, K, BK):
-            cols = start + tl.arange(0, BK)
-            v = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=row_ok & (cols[None, :] < K), other=0.0)
-            a = tl.load(a_ptr + rr[:, None] * stride_a + cols[None, :], mask=(rr[:, None] < R) & (cols[None, :] < K),
-                        other=0.0)  # fmt: skip
-            amax = tl.maximum(amax, tl.max(tl.abs(v.to(tl.float32)), axis=1))
-            if IEEE:  # fp32 operands (CPU interpreter tests): exact products, not TF32
-                xa += tl.dot(v, tl.trans(a), input_precision="ieee")
-            else:
-                xa += tl.dot(v, tl.trans(a))
-        amax = tl.maximum(amax, 1e-12)
-        tl.store(s_ptr + rows, amax / FMAX, mask=rows < M)
-        tl.store(xa_ptr + rows[:, None] * stride_xa + rr[None, :], xa.to(xa_ptr.dtype.element_ty),
-                 mask=row_ok & (rr[None, :] < R))  # fmt: skip
-        inv = (FMAX / amax)[:, None]
-        for start in range(0, K, BK):
-            cols = start + tl.arange(0, BK)
-            mask = row_ok & (cols[None, :] < K)
-            v = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            q = tl.minimum(tl.maximum(v * inv, -FMAX), FMAX)
-            tl.store(q_ptr + rows[:, None] * stride_q + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
-
-    return quantize_rows_kernel, quantize_long_rows_kernel, quantize_rows_xa_kernel
+    return quantize_rows_kernel, quantize_long_rows_kernel
 
 
 _quantize_kernels = shared(_triton_quantize_kernels)  # made at the first launch, one object for every thread
-XA_MAX_RANK = 64  # `quantize_rows_xa` keeps x A^T of up to this many A rows (a group's summed ranks) in registers
 ROW_IN_REGISTERS_MAX = 16384  # longer rows take the two-pass kernel (one row in registers would spill)
 
 
@@ -284,7 +233,7 @@ def quantize_rows_triton(
     whose second read hits L2: chunks of 8192 with 16 warps, 32 beyond 20480 wide (H100, 4096 rows, us, against
     chunks of 2048 with 16 warps: 17408 79.7 -> 77.9, 19456 89.3 -> 85.2, 24576 112.8 -> 105.6, 34816 198 -> 156,
     51200 > 340 -> 245)."""
-    in_registers, long_rows, _ = _quantize_kernels()
+    in_registers, long_rows = _quantize_kernels()
     if x.stride(-1) != 1:
         x = x.contiguous()
     rows, k = x.shape
@@ -306,39 +255,6 @@ def quantize_rows_triton(
             num_warps=16 if k <= 20480 else 32,
         )  # fmt: skip
     return codes, scale
-
-
-def quantize_rows_xa(x: Tensor, a: Tensor, block: tuple[int, int] = (16, 256)) -> tuple[Tensor, Tensor, Tensor]:
-    """(codes, scale, x A^T): `quantize_rows(x, E4M3)` and the LoRA-A product of the same rows from one read of x.
-
-    Why: an FP8 projection group quantizes its input for the base GEMM, and its LoRA needs x A^T of the same x
-    ([M, sum r], r 16-48): as a separate cuBLAS GEMM that is a second pass over x (~13 us for a [4096, 2560] x on an
-    H100) for a product of a few MFLOP. Here a program takes BM rows through K in chunks: each chunk's absmax and its
-    part of x A^T (one `tl.dot`), then the rows again (from L1/L2) for the cast. The codes and scales are exactly
-    `quantize_rows`'; x A^T sums in fp32 and is rounded once to x's dtype, as cuBLAS does (summation order aside).
-    The Triton kernel on CUDA (and on CPU tensors under TRITON_INTERPRET=1, for tests) for up to `XA_MAX_RANK` rows
-    of A; `quantize_rows` and a GEMM otherwise."""
-    rows, k = x.shape
-    r = a.shape[0]
-    interpreted = x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-    if not (on_gpu(x) or interpreted) or r > XA_MAX_RANK or a.dtype != x.dtype or not rows:
-        codes, scale = quantize_rows(x, E4M3)
-        return codes, scale, F.linear(x, a)
-    *_, kernel = _quantize_kernels()
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if a.stride(-1) != 1:
-        a = a.contiguous()
-    codes = torch.empty(rows, k, dtype=E4M3, device=x.device)
-    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
-    xa = torch.empty(rows, r, dtype=x.dtype, device=x.device)
-    bm, bk = block
-    launch(
-        kernel, (_cdiv(rows, bm),), x, a, codes, scale, xa, rows, k, r, x.stride(0), a.stride(0), codes.stride(0),
-        xa.stride(0), FMAX=FP8_MAX[E4M3], BM=bm, BK=bk, BR=max(16, 1 << (r - 1).bit_length()),
-        IEEE=x.dtype == torch.float32, num_warps=4,
-    )  # fmt: skip
-    return codes, scale, xa
 
 
 def _triton_transpose_kernel():
@@ -502,15 +418,6 @@ def fp8_base_forward(x2: Tensor, fw: Fp8Weight, compute: str = "fp8") -> Tensor:
     return fp8_mm(xq, fw.codes.t(), xs, fw.scale, x2.dtype, fast_accum=True)
 
 
-def fp8_base_forward_xa(x2: Tensor, fw: Fp8Weight, a: Tensor, compute: str = "fp8") -> tuple[Tensor, Tensor]:
-    """(`fp8_base_forward(x2, fw)`, x2 A^T): the LoRA-A product taken from the pass that quantizes x
-    (`quantize_rows_xa`)."""
-    if compute == "bf16":
-        return fp8_base_forward(x2, fw, compute), F.linear(x2, a)
-    xq, xs, xa = quantize_rows_xa(x2, a)
-    return fp8_mm(xq, fw.codes.t(), xs, fw.scale, x2.dtype, fast_accum=True), xa
-
-
 def fp8_base_grad_input(dy: Tensor, fw: Fp8Weight, compute: str, grad_dtype: torch.dtype) -> Tensor:
     """dy [N, out] @ W -> [N, in]: dy quantized to `grad_dtype`, against W^T's own codes when cached, else against
     the transposed row codes with W's row scales folded into dy."""
@@ -649,9 +556,8 @@ def _lora_linear_fp8(
     """Returns (y [..., sum out], xa [N, sum r]): `lora_linear`'s LoRA path around the FP8 base GEMM."""
     fw = _fp8_weight(weights, weight_scales, cache_transposed)
     return _lora_forward(
-        x, [], bias, lora_As, lora_Bs, scalings, lora_inputs, base_linear=lambda x2: fp8_base_forward(x2, fw, compute),
-        base_linear_xa=lambda x2, a: fp8_base_forward_xa(x2, fw, a, compute),
-    )  # fmt: skip
+        x, [], bias, lora_As, lora_Bs, scalings, lora_inputs, base_linear=lambda x2: fp8_base_forward(x2, fw, compute)
+    )
 
 
 lora_linear_fp8 = torch.library.custom_op(

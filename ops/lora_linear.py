@@ -320,38 +320,29 @@ def _lora_forward(
     lora_inputs: Sequence[Tensor],
     base_linear: Callable[[Tensor], Tensor] | None = None,  # x [N, in] -> fresh x W^T [N, sum out]; default bf16
     xa_tail: bool = False,
-    base_linear_xa: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,  # (x, A_cat) -> (x W^T, x A^T)
 ) -> tuple[Tensor, Tensor]:
-    """`base_linear` replaces the base GEMM (fp8/fp4 operands of a stored weight); `weights` are then unused.
-    `base_linear_xa` also makes the LoRA-A product of a shared input along with it (fp8: from the pass that
-    quantizes x); elsewhere (dropout's own inputs, no LoRA) `base_linear` runs alone."""
+    """`base_linear` replaces the base GEMM (fp8/fp4 operands of a stored weight); `weights` are then unused."""
     in_features = x.shape[-1]
     x2 = x.reshape(-1, in_features)
     if xa_tail:
         y = _forward_xa_tail(x2, weights, lora_As[0])
         return y.view(*x.shape[:-1], y.shape[1]), x2.new_empty(x2.shape[0], 0)
-    xa = None
-    if base_linear_xa is not None and lora_As and not lora_inputs:
-        y, xa = base_linear_xa(x2, lora_As[0] if len(lora_As) == 1 else torch.cat(lora_As))
-    elif base_linear is None:
+    if base_linear is None:
         y = F.linear(x2, weights[0] if len(weights) == 1 else frozen_concat(weights), bias)  # [N, sum out]
     else:
         y = base_linear(x2)
-    if bias is not None and (base_linear is not None or xa is not None):  # F.linear above took it already
-        y += bias
+        if bias is not None:
+            y += bias
     if not lora_As:  # the base alone (a consumer applies this projection's LoRA: see `lora_saved_inputs`)
         xa = x2.new_empty(x2.shape[0], 0)
     elif len(lora_As) == 1:
-        if xa is None:
-            xl = lora_inputs[0].reshape(-1, in_features) if lora_inputs else x2
-            xa = F.linear(xl, lora_As[0])  # [N, r]
+        xl = lora_inputs[0].reshape(-1, in_features) if lora_inputs else x2
+        xa = F.linear(xl, lora_As[0])  # [N, r]
         if lora_Bs:  # in place: the LoRA update accumulates into the base output
             add_low_rank_(y, xa, lora_Bs[0].t(), scalings[0])
     else:
         ranks = [a.shape[0] for a in lora_As]
-        if xa is not None:  # made with the base GEMM's input pass
-            pass
-        elif lora_inputs:  # dropout: each projection has its own masked input, so one small A GEMM each
+        if lora_inputs:  # dropout: each projection has its own masked input, so one small A GEMM each
             xa = x2.new_empty(x2.shape[0], sum(ranks))
             for xl, a, xa_i in zip(lora_inputs, lora_As, xa.split_with_sizes(ranks, 1)):
                 torch.mm(xl.reshape(-1, in_features), a.t(), out=xa_i)

@@ -106,33 +106,6 @@ def test_triton_quantize_kernel_matches_reference_interpreted():
     _run_interpreted(_INTERPRETED)
 
 
-_XA_INTERPRETED = """
-import torch
-from ops.fp8 import E4M3, quantize_rows_reference, quantize_rows_xa
-g = torch.Generator().manual_seed(7)
-rel = lambda a, b: ((a - b).norm() / b.norm()).item()
-# rows not a multiple of the row block, K not of the chunk, ranks under 16 and not a power of two; one row all zero
-for rows, cols, rank, block in [(37, 300, 48, (16, 64)), (5, 100, 5, (8, 32)), (16, 64, 16, (16, 64))]:
-    x = torch.randn(rows, cols, generator=g) * 3
-    x[1] *= 0.0
-    a = torch.randn(rank, cols, generator=g) / cols**0.5
-    q, s, xa = quantize_rows_xa(x, a, block)
-    rq, rs = quantize_rows_reference(x, E4M3)
-    assert torch.equal(s, rs), (s, rs)
-    diff = q.float() != rq.float()  # the interpreter's fp8 cast carry: see _INTERPRETED
-    carry = rq.float()[diff] == 2 * q.float()[diff]
-    powers = torch.log2(rq.float()[diff].abs()).frac() == 0
-    assert bool((carry & powers).all()) and diff.float().mean().item() < 0.05
-    want = x @ a.t()
-    assert xa.shape == (rows, rank) and torch.isfinite(xa).all() and rel(xa, want) < 1e-5, rel(xa, want)
-print("ok")
-"""
-
-
-def test_quantize_rows_xa_matches_reference_interpreted():
-    _run_interpreted(_XA_INTERPRETED)
-
-
 _TRANSPOSE_INTERPRETED = """
 import torch
 from ops.fp8 import E4M3, transpose_codes
@@ -312,16 +285,3 @@ def test_triton_quantize_on_gpu(dtype, col, cols):
     rq, rs = quantize_rows_reference(x, dtype, c)
     torch.testing.assert_close(s, rs)
     assert (q.float() != rq.float()).float().mean().item() < 1e-3
-
-
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize("cols, rank", [(2560, 48), (4096, 16), (5120, 32), (1000, 5)])
-def test_quantize_rows_xa_on_gpu(cols, rank):
-    x = (torch.randn(4096 + 5, cols, device="cuda") * 4).bfloat16()
-    a = (torch.randn(rank, cols, device="cuda") / cols**0.5).bfloat16()
-    q, s, xa = fp8.quantize_rows_xa(x, a)
-    rq, rs = fp8.quantize_rows_triton(x, E4M3)
-    assert torch.equal(s, rs) and torch.equal(q.view(torch.uint8), rq.view(torch.uint8))  # the same codes, exactly
-    want = x.float() @ a.float().t()
-    assert torch.isfinite(xa).all() and rel(xa.float(), want) < 1e-2
