@@ -64,6 +64,22 @@ def _preactivations(
 
 
 @triton.jit
+def _run_tile(
+    i, row_tiles, y_g, y_u, xa_ptr, bg, bu, n0, rn, M, N, rank_g, rank_u, stride_ym, stride_xm, scale_g, scale_u,
+    BM: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    """This program's i-th row tile (grid axis 1: runs of `row_tiles` tiles of BM rows): its first row m0, its rows,
+    and `_preactivations` of the tile (g, u, xa_g, xa_u)."""
+    m0 = (tl.program_id(1) * row_tiles + i) * BM
+    rm = (m0 + tl.arange(0, BM)).to(tl.int64)
+    g, u, xg, xu = _preactivations(
+        y_g, y_u, xa_ptr, bg, bu, m0, n0, rm, rn, M, N, rank_g, rank_u, stride_ym, stride_xm, scale_g, scale_u, BR,
+        IEEE, TMA,
+    )  # fmt: skip
+    return m0, rm, g, u, xg, xu
+
+
+@triton.jit
 def swiglu_lora_fwd_kernel(
     y_g, y_u, xa_ptr, bg_ptr, bu_ptr, h_dst, ad_ptr, xad_ptr, M, N, rank_g, rank_u, rank_d, stride_ym, stride_xm,
     stride_bgn, stride_bgr, stride_bun, stride_bur, stride_hm, stride_ad, stride_xdm, scale_g, scale_u, row_tiles,
@@ -84,11 +100,9 @@ def swiglu_lora_fwd_kernel(
     if DOWN:
         ad = _load_a_down(ad_ptr, rn, N, rank_d, stride_ad, BRD)
     for i in range(row_tiles):
-        m0 = (tl.program_id(1) * row_tiles + i) * BM
-        rm = (m0 + tl.arange(0, BM)).to(tl.int64)
-        g, u, _, _ = _preactivations(
-            y_g, y_u, xa_ptr, bg, bu, m0, n0, rm, rn, M, N, rank_g, rank_u, stride_ym, stride_xm, scale_g, scale_u,
-            BR, IEEE, TMA,
+        m0, rm, g, u, _, _ = _run_tile(
+            i, row_tiles, y_g, y_u, xa_ptr, bg, bu, n0, rn, M, N, rank_g, rank_u, stride_ym, stride_xm, scale_g,
+            scale_u, BM, BR, IEEE, TMA,
         )  # fmt: skip
         h = (g * tl.sigmoid(g) * u).to(xa_ptr.dtype.element_ty)  # h, y and xa share one dtype (the launcher's check)
         _store_tile(h_dst, h, m0, n0, rm, rn, M, N, stride_hm, TMA)
@@ -136,11 +150,9 @@ def swiglu_lora_bwd_kernel(
         ad = _load_a_down(ad_ptr, rn, N, rank_d, stride_ad, BRD)
         dad = tl.zeros((BRD, BN), dtype=tl.float32)
     for i in range(row_tiles):
-        m0 = (tl.program_id(1) * row_tiles + i) * BM
-        rm = (m0 + tl.arange(0, BM)).to(tl.int64)
-        g, u, xg, xu = _preactivations(
-            y_g, y_u, xa_ptr, bg, bu, m0, n0, rm, rn, M, N, rank_g, rank_u, stride_ym, stride_xm, scale_g, scale_u,
-            BR, IEEE, TMA,
+        m0, rm, g, u, xg, xu = _run_tile(
+            i, row_tiles, y_g, y_u, xa_ptr, bg, bu, n0, rn, M, N, rank_g, rank_u, stride_ym, stride_xm, scale_g,
+            scale_u, BM, BR, IEEE, TMA,
         )  # fmt: skip
         dh = _load_tile(dh_src, m0, n0, rm, rn, M, N, stride_dhm, TMA)
         out_dtype = dh.dtype  # dy's: y's dtype, as dh's
