@@ -129,6 +129,14 @@ for lead, n_out, r in [((70,), 200, 16), ((3, 11), 40, 5)]:
         out = low_rank_add(y, xa, b, 1.5, residual)
         want = low_rank_add_reference(y, xa, b, 1.5, residual)
         assert torch.isfinite(out).all() and ((out - want).norm() / want.norm()).item() < 1e-6
+    # the backward's kernel (dxa and dB from one read of g; several row tiles per program, the last past M)
+    lr._GRAD_CONFIG = (16, 32, 4, 3)
+    xa_, b_ = xa.clone().requires_grad_(), b.clone().requires_grad_()
+    up = torch.randn(y.shape, generator=g)
+    got = torch.autograd.grad(low_rank_add(y, xa_, b_, 1.5), [xa_, b_], up)
+    want = torch.autograd.grad(low_rank_add_reference(y, xa_, b_, 1.5), [xa_, b_], up)
+    for a, w in zip(got, want):
+        assert torch.isfinite(a).all() and ((a - w).norm() / w.norm()).item() < 1e-6
 print("ok")
 """
     )
