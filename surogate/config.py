@@ -78,6 +78,11 @@ class PrecisionConfig:
         "fp8 recipe: projections whose input or output width is below this run bf16 GEMMs (on small GEMMs quantizing "
         "the activations costs what FP8 saves; recipes/fp8.yaml sets 2048)",
     )
+    fp8_dx_fast_accum: bool = opt(
+        False,
+        "FP8 dX GEMMs (output gradient x weight) with cuBLAS's fast accumulation, as the forward GEMMs always run: "
+        "faster, with a coarser running sum",
+    )
     fp8_cache_transposed: str = opt(
         "auto",
         "fp8 recipe: also cache each frozen weight's transposed FP8 codes for the dX GEMM (+1 byte per weight, "

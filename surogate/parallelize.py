@@ -287,7 +287,7 @@ def parallelize(
             layers[i] = checkpoint_block(layers[i], recompute_saves)
     if compile:
         from ops.cross_entropy import compile_ce_ahead
-        from ops.fp8 import set_transposed_budget
+        from ops.fp8 import set_dx_fast_accum, set_transposed_budget
 
         budget = None
         if precision is not None and precision.weights == "bf16" and precision.compute == "fp8":
@@ -295,6 +295,7 @@ def parallelize(
             room = "all" if budget is None else f"{budget / 2**30:.1f} GiB"
             log.info("fp8: caching each frozen weight's FP8 codes, and transposed codes for dX: %s", room)
         set_transposed_budget(budget)  # process-wide (the weight cache is): reset by every compiled model
+        set_dx_fast_accum(bool(getattr(precision, "fp8_dx_fast_accum", False)))
         cache_t = budget != 0
         backends = {}  # one backend per distinct block recipe (fp8 blocks share one: regional compilation)
         for i, block in enumerate(layers):

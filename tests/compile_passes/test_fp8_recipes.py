@@ -36,6 +36,7 @@ def test_fp8_op_in_exactly_the_configured_blocks(recipe):
     p = dataclasses.replace(recipe_precision(recipe), skip_quant_first_layers=1, skip_quant_last_layers=1)
     p = dataclasses.replace(p, fp8_min_features=0)  # the tiny model's projections are all narrow
     parallelize(model, recipe=recipe, precision=p, compile=True)
+    assert fp8._dx_fast_accum is True  # the recipe's fp8_dx_fast_accum reached the op
     layers = [getattr(b, "_orig_mod", b) for b in model.model.layers]
     if recipe == "qfp8":
         kinds = [type(b.self_attn.q_proj) for b in layers]
@@ -53,6 +54,7 @@ def test_fp8_op_in_exactly_the_configured_blocks(recipe):
     assert "configure_fp8_lora_linears" not in bf16.rewrites and quant.rewrites["configure_fp8_lora_linears"] == 4
     # the compiled FP8 model stays close to the eager model (qfp8: whose weights were already FP8-dequantized)
     assert abs(loss.item() - eager) / eager < 2e-2
+    fp8.set_dx_fast_accum(False)
 
 
 def test_transposed_cache_setting():

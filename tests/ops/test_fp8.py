@@ -256,21 +256,25 @@ def test_opcheck():
 @cuda
 @pytest.mark.parametrize("stored", [False, True], ids=["fp8", "qfp8"])
 @pytest.mark.parametrize("grad_format", ["e5m2", "e4m3"])
-def test_op_on_fp8_tensor_cores(stored, grad_format):
+@pytest.mark.parametrize("fast_dx", [False, True], ids=["precise-dx", "fast-dx"])
+def test_op_on_fp8_tensor_cores(stored, grad_format, fast_dx):
     fp8.stats.clear()
     calls = []
     real = torch._scaled_mm
 
     def counting(*args, **kwargs):
-        calls.append(args[0].dtype)
+        calls.append((args[0].dtype, kwargs["use_fast_accum"]))
         return real(*args, **kwargs)
 
     torch._scaled_mm = counting
+    fp8.set_dx_fast_accum(fast_dx)
     try:
         _check_against_exact((4, 256), 1024, [1024, 256, 256], [16, 16, 16], stored, grad_format, device="cuda")
     finally:
         torch._scaled_mm = real
-    assert calls == [E4M3, fp8.GRAD_FORMATS[grad_format]]  # forward (x e4m3) and dX (dy in the grad format)
+        fp8.set_dx_fast_accum(False)
+    # forward (x e4m3, fast accumulation) and dX (dy in the grad format, fast accumulation as set)
+    assert calls == [(E4M3, True), (fp8.GRAD_FORMATS[grad_format], fast_dx)]
 
 
 @pytest.mark.gpu
