@@ -252,7 +252,7 @@ def test_real_calls_compile_nothing_after_the_fake_trace(monkeypatch):
     assert loads == [], f"loaded at the real launch: {loads}"
     names = sorted(name.rsplit(".", 1)[-1] for _, name in ahead_compiled)
     assert names == sorted(  # swiglu_lora and swiglu_lora_down: one kernel each way, two specializations
-        ["qkv_rope_lora_fwd_kernel", "qkv_rope_lora_bwd_kernel", "low_rank_add_kernel"]
+        ["qkv_rope_lora_fwd_kernel", "qkv_rope_lora_bwd_kernel", "low_rank_add_kernel", "low_rank_grad_kernel"]
         + 2 * ["swiglu_lora_fwd_kernel", "swiglu_lora_bwd_kernel"]
     )
     assert seen == [], f"compiled at the real launch: {seen}"
