@@ -293,7 +293,10 @@ def parallelize(
         if precision is not None and precision.weights == "bf16" and precision.compute == "fp8":
             budget = fp8_transposed_budget(precision, model)
             room = "all" if budget is None else f"{budget / 2**30:.1f} GiB"
-            log.info("fp8: caching each frozen weight's FP8 codes, and transposed codes for dX: %s", room)
+            log.info(
+                "fp8: caching each frozen weight's FP8 codes, and transposed codes for dX: %s; dX accumulation: %s",
+                room, "fast" if precision.fp8_dx_fast_accum else "precise",
+            )  # fmt: skip
         set_transposed_budget(budget)  # process-wide (the weight cache is): reset by every compiled model
         set_dx_fast_accum(bool(getattr(precision, "fp8_dx_fast_accum", False)))
         cache_t = budget != 0
