@@ -36,8 +36,8 @@ in dX only with `precision.fp8_dx_fast_accum`, which the FP8-compute recipes set
 dX's accumulation precise, but with dy in e5m2 its rounding dominates. Measured on an H100 at Qwen3 4B-14B shapes,
 4096 rows: the dX error against fp32 goes from 5.88e-2 to at most 5.90e-2, while the GEMM is 5-16% faster.)
 Elsewhere (CPU tests) they are emulated exactly as `_scaled_mm` defines them: dequantize to fp32, matmul, round to
-the output dtype. `stats["fp8_gemms"]` counts FP8 GEMMs run (either way),
-so tests and benchmarks can assert that the FP8 path really ran.
+the output dtype. `stats["fp8_gemms"]` counts FP8 GEMMs run (either way), so tests and benchmarks can assert that
+the FP8 path really ran.
 
 References: `lora_linear_fp8_reference` (plain torch, differentiable: quantize -> dequantize -> linear) and
 `quantize_rows_reference` (the Triton kernel is tested against it, also under TRITON_INTERPRET=1).
