@@ -200,9 +200,14 @@ def low_rank_add_grad(grad_out: Tensor, xa: Tensor, b: Tensor, scaling: float) -
     GEMMs with the scale as their alpha, where graph ops would add a multiply kernel per product."""
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     triton_ok = on_gpu(g2) or os.environ.get("TRITON_INTERPRET") == "1"
-    if not triton_ok or xa.shape[1] > _LOW_RANK_MAX_K or not (g2.dtype == xa.dtype == b.dtype):
+    if not triton_ok or not _grad_kernel_takes(g2, xa, b):
         return torch.cat([mm_scaled(g2, b, scaling).flatten(), mm_scaled(g2.t(), xa, scaling).flatten()])
     return _low_rank_grad_triton(g2, xa, b, scaling)
+
+
+def _grad_kernel_takes(g2: Tensor, xa: Tensor, b: Tensor) -> bool:
+    """Whether the one-kernel gradient covers these operands: a LoRA-sized rank, one dtype."""
+    return xa.shape[1] <= _LOW_RANK_MAX_K and g2.dtype == xa.dtype == b.dtype
 
 
 def _low_rank_grad_triton(g2: Tensor, xa: Tensor, b: Tensor, scaling: float) -> Tensor:
@@ -228,7 +233,7 @@ def _low_rank_add_grad_fake(grad_out, xa, b, scaling):
 
 def _grad_ahead(grad_out: Tensor, xa: Tensor, b: Tensor, scaling: float) -> None:
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
-    if xa.shape[1] <= _LOW_RANK_MAX_K and g2.dtype == xa.dtype == b.dtype:
+    if _grad_kernel_takes(g2, xa, b):
         _low_rank_grad_triton(g2, xa, b, scaling)
 
 
