@@ -8,12 +8,15 @@ shapes (batch 2, 2048 tokens, head dim 128, GQA; CUDA time per forward + backwar
 
 The kernels are FlashAttention's; this file makes them ops a compiled block and a CUDA graph see as one opaque call
 each way: the forward returns the output and the row log-sum-exp, the backward takes them back. q, k, v are
-[B, S, H, D] with unit last stride (the projections' own layout), k/v may have fewer heads (GQA). The fakes also
-hand FlashAttention's JIT compile of the exact kernels to a compile-ahead worker, beside the rest of the model's
-compile. Even so a cold first step takes 10-15 s longer than with cuDNN (importing the package 4.7 s, compiling
-five kernels 8.6 s, measured on the worker, holding the interpreter Dynamo and Inductor also need), which is why
-the kernel is opt-in (`attn_causal_kernel=flash4`); the package's disk cache (turned on below) spares later runs
-the compile.
+[B, S, H, D] with unit last stride (the projections' own layout), k/v may have fewer heads (GQA).
+
+The first step: FlashAttention compiles its kernels at their first call (CuTe DSL, ~8.6 s for the five of one
+layout), and importing it takes ~4.7 s; both hold the interpreter that Dynamo and Inductor need, so done in the
+training process they added 10-15 s to a cold first step. Two things keep that off the critical path:
+`compile_in_background`, called before the model is built, compiles the layout's kernels in a fresh process (its
+own interpreter: nothing shared with the compile) into the package's disk cache, which is turned on below; and the
+op's fake hands the import and a load of those kernels to a compile-ahead worker, which first waits for that
+process. A later run finds the kernels on disk either way.
 
 `reference` is SDPA in fp32: what the kernels must match within bf16 rounding.
 """
@@ -24,8 +27,12 @@ import functools
 import importlib.util
 import logging
 import os
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +40,7 @@ from torch import Tensor
 
 from ops.compile_ahead import compile_ahead, on_worker
 
-__all__ = ["available", "flash_causal_attention", "reference"]
+__all__ = ["available", "compile_in_background", "flash_causal_attention", "reference"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +48,9 @@ _HEAD_DIMS = (64, 96, 128)  # what FlashAttention-4's sm90 backward is tuned for
 # Held by a compile-ahead worker while it compiles, so the first real call waits for its kernels instead of
 # compiling them a second time.
 _ahead_lock = threading.Lock()
+_CACHE_ENV = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"  # the package's disk cache of compiled kernels
+_background: dict[tuple, tuple[subprocess.Popen, object]] = {}  # layout -> (process compiling it, its log file)
+_background_lock = threading.Lock()
 
 
 @functools.cache
@@ -65,10 +75,71 @@ def available(device: torch.device | str, head_dim: int, dtype: torch.dtype = to
 def _interface():
     # The package's on-disk kernel cache is opt-in through its environment; turn it on (unless the user chose) so a
     # second run loads the compiled kernels instead of compiling them again.
-    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    os.environ.setdefault(_CACHE_ENV, "1")
     from flash_attn.cute import interface
 
     return interface
+
+
+def _layout(q_shape, kv_shape, dtype: torch.dtype) -> tuple:
+    """What one set of kernels is compiled for: (batch, seq_len, q heads, kv heads, head dim, dtype name)."""
+    B, S, H, D = q_shape
+    return (B, S, H, kv_shape[2], D, str(dtype).removeprefix("torch."))
+
+
+def compile_in_background(
+    batch: int, seq_len: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype = torch.bfloat16
+) -> None:
+    """Start compiling the kernels of this attention layout in a separate process, into the package's disk cache,
+    so that the training process only loads them (module docstring). Call it as early as the layout is known,
+    before the model is built. Best effort: without the package, with its disk cache turned off, under torchrun
+    (every rank would compile the same kernels) or if the process fails, the first call compiles in-process as
+    before (also with `SUROGATE_FLASH4_BACKGROUND=0`, to measure what this saves)."""
+    if not installed() or os.environ.get(_CACHE_ENV, "1") != "1" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    if os.environ.get("SUROGATE_FLASH4_BACKGROUND", "1") == "0":
+        return
+    layout = (batch, seq_len, heads, kv_heads, head_dim, str(dtype).removeprefix("torch."))
+    with _background_lock:
+        if layout in _background:
+            return
+        log_file = tempfile.TemporaryFile()
+        root = str(Path(__file__).resolve().parents[1])  # where `ops` is importable from
+        env = dict(
+            os.environ,
+            **{_CACHE_ENV: "1"},
+            PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+        )
+        cmd = [sys.executable, "-m", "ops.flash_attention", *map(str, layout)]
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+        _background[layout] = (proc, log_file)
+    log.debug("FlashAttention-4 kernels for %s compiling in process %d", layout, proc.pid)
+
+
+def _wait_for_background(layout: tuple) -> int | str | None:
+    """Wait (without the interpreter lock) for a background compile of `layout`, if one was started; returns its
+    exit code (None if none was started)."""
+    with _background_lock:
+        entry = _background.pop(layout, None)
+    if entry is None:
+        return None
+    proc, log_file = entry
+    start = time.perf_counter()
+    try:
+        code = proc.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = "killed after 600 s"
+    if code != 0:
+        log_file.seek(0)
+        tail = log_file.read().decode(errors="replace")[-2000:]
+        log.warning(
+            "FlashAttention-4's background compile failed (%s); compiling in-process. Its output:\n%s", code, tail
+        )
+    else:
+        log.debug("waited %.1f s for FlashAttention-4's background compile of %s", time.perf_counter() - start, layout)
+    log_file.close()
+    return code
 
 
 def reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -82,6 +153,7 @@ def reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 @torch.library.custom_op("surogate::flash_causal_fwd", mutates_args=(), device_types="cuda")
 def flash_causal_fwd(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """-> (out [B, S, H, D], lse [B, H, S] fp32)."""
+    _wait_for_background(_layout(q.shape, k.shape, q.dtype))  # a no-op once a compile-ahead worker has waited
     if _ahead_lock.locked():  # the first call, while a worker still compiles: how long the step waits for it
         start = time.perf_counter()
         with _ahead_lock:
@@ -132,14 +204,21 @@ def flash_causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def _compile_kernels(q: Tensor, k: Tensor, v: Tensor) -> None:
-    """On a compile-ahead worker (meta tensors of the real layout): JIT-compile the forward and backward kernels
-    for this layout under a fake mode, where FlashAttention compiles without launching."""
+    """On a compile-ahead worker (meta tensors of the real layout): import the package and compile the forward and
+    backward kernels for this layout, or load them from the disk cache once a background compile is done."""
     if not on_worker():
         return
+    _wait_for_background(_layout(q.shape, k.shape, q.dtype))
+    with _ahead_lock:
+        _compile_layout(q, k, v, torch.device("cuda", torch.cuda.current_device()))
+
+
+def _compile_layout(q: Tensor, k: Tensor, v: Tensor, device: torch.device) -> None:
+    """Run the forward and backward once under a fake mode, where FlashAttention compiles without launching; q, k, v
+    give only shapes, strides and dtypes."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    device = torch.device("cuda", torch.cuda.current_device())
-    with _ahead_lock, FakeTensorMode():
+    with FakeTensorMode():
         start = time.perf_counter()
         interface = _interface()
         imported = time.perf_counter()
@@ -150,3 +229,17 @@ def _compile_kernels(q: Tensor, k: Tensor, v: Tensor) -> None:
             "FlashAttention-4 for q %s, k %s: import %.1f s, kernels %.1f s (compiled, or loaded from its disk cache)",
             tuple(q.shape), tuple(k.shape), imported - start, time.perf_counter() - imported,
         )  # fmt: skip
+
+
+def _main(argv: list[str]) -> None:
+    """`python -m ops.flash_attention B S HEADS KV_HEADS HEAD_DIM DTYPE`: compile that layout's kernels into the disk
+    cache (what `compile_in_background` runs)."""
+    batch, seq_len, heads, kv_heads, head_dim = map(int, argv[:5])
+    dtype = getattr(torch, argv[5])
+    q = torch.empty(batch, seq_len, heads, head_dim, dtype=dtype, device="meta")
+    kv = torch.empty(batch, seq_len, kv_heads, head_dim, dtype=dtype, device="meta")
+    _compile_layout(q, kv, kv, torch.device("cuda", torch.cuda.current_device()))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

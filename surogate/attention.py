@@ -28,8 +28,9 @@ batch), the mask is None, and every backend runs plain causal attention with the
             at Qwen3-8B shapes); it cannot take a document mask (its ragged form rebuilds its graph on every call),
             so packed rows stay on `backend`.
 - "flash4": FlashAttention-4's Hopper kernels (ops/flash_attention.py; the optional `flash-attn-4` package), ~8%
-            less time than cuDNN per forward + backward at Qwen3 shapes, +0.7-1.3% per training step; opt-in,
-            because its JIT compile adds 10-15 s to a run's first step until its disk cache holds the kernels.
+            less time than cuDNN per forward + backward at Qwen3 shapes, +0.7-1.3% per training step. Its kernels
+            compile in a separate process while the model is built (`prepare_causal_kernel`).
+- "auto":   flash4 where it can run (the package is installed, a Hopper GPU, head dim 64/96/128), else cudnn.
 
 CPU tensors always take SDPA.
 """
@@ -49,13 +50,14 @@ __all__ = [
     "attention",
     "build_doc_mask",
     "one_document_per_row",
+    "prepare_causal_kernel",
     "resolve_backend",
     "resolve_causal_kernel",
     "varlen_available",
 ]
 
 BACKENDS = ("sdpa", "flex", "varlen")
-CAUSAL_KERNELS = ("cudnn", "flash4")
+CAUSAL_KERNELS = ("auto", "cudnn", "flash4")
 
 
 class VarlenMask(NamedTuple):
@@ -86,18 +88,31 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
 
 
 def resolve_causal_kernel(name: str, device: torch.device | str, head_dim: int) -> str:
-    """Validate the kernel of plain causal attention (module docstring) for `device` and `head_dim`. CPU devices run
-    SDPA whatever the name."""
+    """Validate the kernel of plain causal attention (module docstring) for `device` and `head_dim`, resolving
+    "auto". CPU devices run SDPA whatever the name."""
     from ops import flash_attention
 
     if name not in CAUSAL_KERNELS:
         raise ValueError(f"causal attention kernel must be one of {', '.join(CAUSAL_KERNELS)}; got {name!r}")
+    if name == "auto":
+        return "flash4" if flash_attention.available(device, head_dim) else "cudnn"
     if name == "flash4" and not flash_attention.available(device, head_dim):
         raise ValueError(
             "causal attention kernel 'flash4' needs the flash-attn-4 package (pip install surogate[flash4]), a Hopper "
             f"GPU and head dim 64, 96 or 128 (device {device}, head dim {head_dim}); use 'cudnn'"
         )
     return name
+
+
+def prepare_causal_kernel(
+    kernel: str, batch: int, seq_len: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> None:
+    """Start what the resolved `kernel` needs before its first call, for rows of [batch, seq_len]: FlashAttention-4
+    compiles its kernels in a background process (ops/flash_attention.py). Nothing for cuDNN."""
+    if kernel == "flash4":
+        from ops import flash_attention
+
+        flash_attention.compile_in_background(batch, seq_len, heads, kv_heads, head_dim, dtype)
 
 
 def one_document_per_row(position_ids: torch.Tensor, labels: torch.Tensor | None = None) -> bool:

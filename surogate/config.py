@@ -202,11 +202,11 @@ class TrainConfig:
         ("auto", "flex", "varlen", "sdpa"),
     )
     attn_causal_kernel: str = opt(
-        "cudnn",
+        "auto",
         "attention kernel for rows of one sample (plain causal) on CUDA: cudnn, or flash4 (FlashAttention-4: needs "
-        "the flash-attn-4 package (pip install surogate[flash4]) and a Hopper GPU; ~1% faster steps, ~10-15 s more "
-        "to the first step of a run whose kernels are not yet in its disk cache)",
-        ("cudnn", "flash4"),
+        "the flash-attn-4 package (pip install surogate[flash4]) and a Hopper GPU; ~1% faster steps); auto = flash4 "
+        "where it can run, else cudnn",
+        ("auto", "cudnn", "flash4"),
     )
     # --- outputs
     output_dir: str = opt("outputs/run", "where the adapter, checkpoints, metrics.jsonl and loss.png go")

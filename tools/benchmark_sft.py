@@ -107,10 +107,11 @@ def build_ours(
     precision_overrides=(),
     recompute_layers=None,
     recompute_saves=(),
-    causal_kernel="cudnn",
+    causal_kernel="auto",
 ):
     """Our model as training runs it; returns (model, args, micro_step(batch, total_tokens): forward + backward)."""
     from surogate import distributed
+    from surogate.attention import prepare_causal_kernel, resolve_causal_kernel
     from surogate.cuda_graphs import cuda_graphs_enabled
     from surogate.lora import LoRAConfig
     from surogate.models.presets import PRESETS
@@ -124,6 +125,11 @@ def build_ours(
         if distributed.rank0():
             print(why, file=sys.stderr)
     load_device = torch.device("cpu") if shard_base else device
+    args = PRESETS[model_name]
+    causal_kernel = resolve_causal_kernel(causal_kernel, device, args.head_dim)
+    prepare_causal_kernel(
+        causal_kernel, s.micro_batch, s.seq_len, args.num_heads, args.num_kv_heads, args.head_dim, torch.bfloat16
+    )
     lora = LoRAConfig(rank=s.rank, alpha=s.alpha, dtype=torch.float32)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -452,8 +458,9 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     p.add_argument("--attn-backend", default="auto")
     p.add_argument(
-        "--attn-causal-kernel", default="cudnn", choices=["cudnn", "flash4"],
-        help="plain causal attention's kernel on CUDA (surogate/attention.py; flash4 needs flash-attn-4)",
+        "--attn-causal-kernel", default="auto", choices=["auto", "cudnn", "flash4"],
+        help="plain causal attention's kernel on CUDA (surogate/attention.py; flash4 needs flash-attn-4; auto: flash4 "
+        "where it can run, else cudnn)",
     )  # fmt: skip
     p.add_argument("--check-eager", action="store_true", help="also report eager vs compiled loss on one batch")
     p.add_argument("--eager", action="store_true", help="no torch.compile at all (CPU smoke tests, or to compare)")

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from ops import flash_attention
 from ops.flash_attention import available, flash_causal_attention, reference
 from surogate.attention import resolve_causal_kernel
 
@@ -23,10 +24,30 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_causal_kernel_choice():
     assert not available("cpu", 128)
     assert resolve_causal_kernel("cudnn", "cpu", 128) == "cudnn"  # CPU tensors take SDPA whatever the name
+    assert resolve_causal_kernel("auto", "cpu", 128) == "cudnn"  # flash4 only where it can run
     with pytest.raises(ValueError, match="flash-attn-4"):
         resolve_causal_kernel("flash4", "cpu", 128)
-    with pytest.raises(ValueError, match="one of cudnn, flash4"):
-        resolve_causal_kernel("auto", "cpu", 128)
+    with pytest.raises(ValueError, match="one of auto, cudnn, flash4"):
+        resolve_causal_kernel("flash5", "cpu", 128)
+
+
+@pytest.mark.skipif(flash_attention.installed(), reason="checks the case without the package")
+def test_background_compile_needs_the_package():
+    flash_attention.compile_in_background(2, 2048, 32, 8, 128)
+    assert not flash_attention._background
+
+
+@pytest.mark.gpu
+@needs_flash4
+def test_background_compile_fills_the_disk_cache(tmp_path, monkeypatch):
+    """The separate process compiles the layout's forward and backward kernels into the cache directory it is given
+    (the training process then loads them instead of compiling)."""
+    monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(tmp_path))
+    flash_attention.compile_in_background(1, 384, 4, 2, 64)
+    layout = flash_attention._layout((1, 384, 4, 64), (1, 384, 2, 64), torch.bfloat16)
+    assert flash_attention._wait_for_background(layout) == 0
+    assert len(list(tmp_path.rglob("*.o"))) >= 2
+    assert flash_attention._wait_for_background(layout) is None  # waited for once
 
 
 def test_reference_is_causal_attention_with_shared_kv_heads():
