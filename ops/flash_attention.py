@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,7 +50,7 @@ _HEAD_DIMS = (64, 96, 128)  # what FlashAttention-4's sm90 backward is tuned for
 # compiling them a second time.
 _ahead_lock = threading.Lock()
 _CACHE_ENV = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"  # the package's disk cache of compiled kernels
-_background: dict[tuple, tuple[subprocess.Popen, object]] = {}  # layout -> (process compiling it, its log file)
+_background: dict[tuple, _Background] = {}  # layout -> the processes compiling its kernels
 _background_lock = threading.Lock()
 
 
@@ -90,55 +91,78 @@ def _layout(q_shape, kv_shape, dtype: torch.dtype) -> tuple:
 def compile_in_background(
     batch: int, seq_len: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype = torch.bfloat16
 ) -> None:
-    """Start compiling the kernels of this attention layout in a separate process, into the package's disk cache,
-    so that the training process only loads them (module docstring). Call it as early as the layout is known,
-    before the model is built. Best effort: without the package, with its disk cache turned off, under torchrun
-    (every rank would compile the same kernels) or if the process fails, the first call compiles in-process as
-    before (also with `SUROGATE_FLASH4_BACKGROUND=0`, to measure what this saves)."""
+    """Start compiling the kernels of this attention layout in two separate processes (forward; backward), into the
+    package's disk cache, so that the training process only loads them (module docstring). Call it as early as the
+    layout is known. Best effort: without the package, with its disk cache turned off, under torchrun (every rank
+    would compile the same kernels), with `SUROGATE_FLASH4_BACKGROUND=0` (to measure what this saves) or if a
+    process fails, the first call compiles in-process as before."""
     if not installed() or os.environ.get(_CACHE_ENV, "1") != "1" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return
     if os.environ.get("SUROGATE_FLASH4_BACKGROUND", "1") == "0":
         return
     layout = (batch, seq_len, heads, kv_heads, head_dim, str(dtype).removeprefix("torch."))
+    root = str(Path(__file__).resolve().parents[1])  # where `ops` is importable from
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, **{_CACHE_ENV: "1"}, PYTHONPATH=path)
     with _background_lock:
         if layout in _background:
             return
-        log_file = tempfile.TemporaryFile()
-        root = str(Path(__file__).resolve().parents[1])  # where `ops` is importable from
-        env = dict(
-            os.environ,
-            **{_CACHE_ENV: "1"},
-            PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-        )
-        cmd = [sys.executable, "-m", "ops.flash_attention", *map(str, layout)]
-        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
-        _background[layout] = (proc, log_file)
-    log.debug("FlashAttention-4 kernels for %s compiling in process %d", layout, proc.pid)
+        logs = [tempfile.TemporaryFile() for _ in _PARTS]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "ops.flash_attention", *map(str, layout), part],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            for part, out in zip(_PARTS, logs)
+        ]
+        _background[layout] = _Background(procs, logs, time.perf_counter())
+    log.debug("FlashAttention-4 kernels for %s compiling in processes %s", layout, [p.pid for p in procs])
 
 
-def _wait_for_background(layout: tuple) -> int | str | None:
-    """Wait (without the interpreter lock) for a background compile of `layout`, if one was started; returns its
-    exit code (None if none was started)."""
-    with _background_lock:
-        entry = _background.pop(layout, None)
+_PARTS = ("fwd", "bwd")  # one process each: the two compiles run side by side
+
+
+@dataclass
+class _Background:
+    procs: list[subprocess.Popen]
+    logs: list
+    started: float
+
+
+def _wait_for_background(layout: tuple) -> int | None:
+    """Wait (without the interpreter lock) for the background compile of `layout`, if one was started; returns its
+    exit code (None if none was started or it was already reported)."""
+    entry = _background.get(layout)
     if entry is None:
         return None
-    proc, log_file = entry
-    start = time.perf_counter()
-    try:
-        code = proc.wait(timeout=600)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        code = "killed after 600 s"
-    if code != 0:
-        log_file.seek(0)
-        tail = log_file.read().decode(errors="replace")[-2000:]
+    codes = []
+    for proc in entry.procs:
+        try:
+            codes.append(proc.wait(timeout=600))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            codes.append(proc.wait())
+    code = next((c for c in codes if c), 0)
+    with _background_lock:
+        if _background.pop(layout, None) is None:  # another thread reported it
+            return code
+    if code:
+        tails = []
+        for out in entry.logs:
+            out.seek(0)
+            tails.append(out.read().decode(errors="replace")[-1500:])
         log.warning(
-            "FlashAttention-4's background compile failed (%s); compiling in-process. Its output:\n%s", code, tail
+            "FlashAttention-4's background compile failed (%s); compiling in-process:\n%s", codes, "\n".join(tails)
         )
     else:
-        log.debug("waited %.1f s for FlashAttention-4's background compile of %s", time.perf_counter() - start, layout)
-    log_file.close()
+        log.debug(
+            "FlashAttention-4's background compile of %s took %.1f s", layout, time.perf_counter() - entry.started
+        )
+    for out in entry.logs:
+        out.close()
     return code
 
 
@@ -208,37 +232,44 @@ def _compile_kernels(q: Tensor, k: Tensor, v: Tensor) -> None:
     backward kernels for this layout, or load them from the disk cache once a background compile is done."""
     if not on_worker():
         return
-    _wait_for_background(_layout(q.shape, k.shape, q.dtype))
     with _ahead_lock:
-        _compile_layout(q, k, v, torch.device("cuda", torch.cuda.current_device()))
-
-
-def _compile_layout(q: Tensor, k: Tensor, v: Tensor, device: torch.device) -> None:
-    """Run the forward and backward once under a fake mode, where FlashAttention compiles without launching; q, k, v
-    give only shapes, strides and dtypes."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode():
         start = time.perf_counter()
-        interface = _interface()
+        _interface()  # imported while a background compile runs
         imported = time.perf_counter()
-        fq, fk, fv = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device) for t in (q, k, v))
-        out, lse = interface._flash_attn_fwd(fq, fk, fv, causal=True, return_lse=True)[:2]
-        interface._flash_attn_bwd(fq, fk, fv, out, torch.empty_like(out), lse, causal=True)
+        _wait_for_background(_layout(q.shape, k.shape, q.dtype))
+        waited = time.perf_counter()
+        _compile_layout(q, k, v, torch.device("cuda", torch.cuda.current_device()))
         log.debug(
-            "FlashAttention-4 for q %s, k %s: import %.1f s, kernels %.1f s (compiled, or loaded from its disk cache)",
-            tuple(q.shape), tuple(k.shape), imported - start, time.perf_counter() - imported,
+            "FlashAttention-4 for q %s, k %s: import %.1f s, background wait %.1f s, kernels %.1f s (compiled, or "
+            "loaded from the disk cache)", tuple(q.shape), tuple(k.shape), imported - start, waited - imported,
+            time.perf_counter() - waited,
         )  # fmt: skip
 
 
+def _compile_layout(q: Tensor, k: Tensor, v: Tensor, device: torch.device, parts: tuple[str, ...] = _PARTS) -> None:
+    """Run the forward and/or the backward once under a fake mode, where FlashAttention compiles without launching;
+    q, k, v give only shapes, strides and dtypes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        interface = _interface()
+        fq, fk, fv = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device) for t in (q, k, v))
+        if "fwd" in parts:
+            interface._flash_attn_fwd(fq, fk, fv, causal=True, return_lse=True)
+        if "bwd" in parts:
+            B, S, H, _ = q.shape
+            out, lse = torch.empty_like(fq), torch.empty(B, H, S, dtype=torch.float32, device=device)
+            interface._flash_attn_bwd(fq, fk, fv, out, torch.empty_like(out), lse, causal=True)
+
+
 def _main(argv: list[str]) -> None:
-    """`python -m ops.flash_attention B S HEADS KV_HEADS HEAD_DIM DTYPE`: compile that layout's kernels into the disk
-    cache (what `compile_in_background` runs)."""
+    """`python -m ops.flash_attention B S HEADS KV_HEADS HEAD_DIM DTYPE fwd|bwd`: compile that layout's forward or
+    backward kernels into the disk cache (what `compile_in_background` runs)."""
     batch, seq_len, heads, kv_heads, head_dim = map(int, argv[:5])
-    dtype = getattr(torch, argv[5])
+    dtype, part = getattr(torch, argv[5]), argv[6]
     q = torch.empty(batch, seq_len, heads, head_dim, dtype=dtype, device="meta")
     kv = torch.empty(batch, seq_len, kv_heads, head_dim, dtype=dtype, device="meta")
-    _compile_layout(q, kv, kv, torch.device("cuda", torch.cuda.current_device()))
+    _compile_layout(q, kv, kv, torch.device("cuda", torch.cuda.current_device()), (part,))
 
 
 if __name__ == "__main__":

@@ -298,6 +298,22 @@ def git_commit() -> str:
         return "unknown"
 
 
+def prepare_attention(cli, device, s: Setting) -> None:
+    """Before any model is built: start what each preset's causal attention kernel needs (FlashAttention-4 compiles
+    its kernels in background processes), as training does when it starts (build_ours repeats it: a no-op then)."""
+    from surogate.attention import prepare_causal_kernel, resolve_causal_kernel
+    from surogate.models.presets import PRESETS
+
+    if device.type != "cuda" or s.docs_per_row != 1:
+        return
+    for model_name in cli.model:
+        args = PRESETS.get(model_name)
+        if args is not None:
+            kernel = resolve_causal_kernel(cli.attn_causal_kernel, device, args.head_dim)
+            heads = (args.num_heads, args.num_kv_heads, args.head_dim)
+            prepare_causal_kernel(kernel, s.micro_batch, s.seq_len, *heads, torch.bfloat16)
+
+
 def run_one(name: str, model_name: str, recipe: str, cli, device, s: Setting) -> dict:
     import torch.distributed as dist
 
@@ -510,6 +526,7 @@ def main(argv: list[str] | None = None) -> None:
     s = Setting(
         cli.micro_batch, cli.seq_len, cli.grad_accum, warmup=cli.warmup, steps=cli.steps, docs_per_row=cli.docs_per_row
     )
+    prepare_attention(cli, device, s)
     rows = []
 
     def record(row: dict) -> None:
