@@ -53,6 +53,7 @@ __all__ = [
     "prepare_causal_kernel",
     "resolve_backend",
     "resolve_causal_kernel",
+    "rows_of_one_document",
     "varlen_available",
 ]
 
@@ -133,6 +134,13 @@ def one_document_per_row(position_ids: torch.Tensor, labels: torch.Tensor | None
         if end < len(row) and (labels is None or bool((labels[r, end:] != -100).any())):
             return False
     return True
+
+
+def rows_of_one_document(position_ids: torch.Tensor) -> int:
+    """How many rows of [rows, S] position ids may run plain causal attention: one document, perhaps followed by a
+    padding tail (positions restart at most once). An upper bound on what `one_document_per_row` accepts (it also
+    needs the tail to carry no labels), cheap enough for a whole dataset."""
+    return int(((position_ids == 0).sum(-1) <= 2).sum())
 
 
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:

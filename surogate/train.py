@@ -194,7 +194,7 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
     from omegaconf import OmegaConf
 
     from surogate import distributed
-    from surogate.attention import prepare_causal_kernel
+    from surogate.attention import prepare_causal_kernel, rows_of_one_document
     from surogate.checkpointing import TrainState, load_checkpoint, remove_stale, saved_config
     from surogate.data import batches, build_dataset, steps_per_epoch
     from surogate.data.config import BUNDLED_TOKENIZER
@@ -227,10 +227,11 @@ def run(cfg: TrainConfig, plan: Plan) -> dict:
     # Replicate or shard the frozen base (decided before loading: a sharded base is loaded on the CPU and each
     # fully_shard moves only its shards to the GPU).
     model_args = PRESETS[cfg.model] if plan.is_preset else inspect_checkpoint(cfg.model, cfg.allow_pickle)
-    prepare_causal_kernel(
-        plan.causal_kernel, cfg.per_device_train_batch_size, cfg.sequence_len, model_args.num_heads,
-        model_args.num_kv_heads, model_args.head_dim, plan.dtype,
-    )  # fmt: skip
+    if rows_of_one_document(dataset.position_ids) >= cfg.per_device_train_batch_size:  # else attention is masked
+        prepare_causal_kernel(
+            plan.causal_kernel, cfg.per_device_train_batch_size, cfg.sequence_len, model_args.num_heads,
+            model_args.num_kv_heads, model_args.head_dim, plan.dtype,
+        )  # fmt: skip
     base_bytes = distributed.base_weight_bytes(
         model_args,
         plan.dtype,

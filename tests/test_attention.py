@@ -8,6 +8,7 @@ from surogate.attention import (
     build_doc_mask,
     one_document_per_row,
     resolve_backend,
+    rows_of_one_document,
     varlen_available,
 )
 
@@ -99,6 +100,13 @@ def test_one_document_per_row_is_read_off_cpu_positions():
     labels[:, 20:] = -100
     assert one_document_per_row(padded, labels)
     assert not one_document_per_row(padded)  # without labels a tail is a document
+
+
+def test_rows_of_one_document_counts_rows_that_may_skip_the_mask():
+    S = sum(DOC_LENS)
+    rows = torch.cat([torch.arange(S).repeat(3, 1), _packed_position_ids(DOC_LENS, batch=2)])
+    assert rows_of_one_document(rows) == 3
+    assert rows_of_one_document(_packed_position_ids((20, 4), batch=2)) == 2  # a document and a padding tail
 
 
 def _causal_vs_masked(device, dtype, tol):
