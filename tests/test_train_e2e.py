@@ -113,9 +113,11 @@ def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, device):
 
 @pytest.mark.gpu
 @CUDA
-def test_short_run_cuda_bf16_compiled(tmp_path):
+@pytest.mark.parametrize("packing", ["true", "false"])  # false: rows of one sample, plain causal attention
+def test_short_run_cuda_bf16_compiled(tmp_path, packing):
     out = tmp_path / "run"
     args = ["sequence_len=256", "max_steps=12", "learning_rate=3e-3", "warmup_steps=2", "compile=true"]
+    args.append(f"sample_packing={packing}")
     assert main([f"output_dir={out}", "device=cuda", *args]) == 0
     rows = _metrics(out)
     assert len(rows) == 12 and all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["peak_mem_gib"] > 0
