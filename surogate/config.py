@@ -205,7 +205,7 @@ class TrainConfig:
         "auto",
         "attention kernel for rows of one sample (plain causal) on CUDA: cudnn, or flash4 (FlashAttention-4: needs "
         "the flash-attn-4 package (pip install surogate[flash4]) and a Hopper GPU; ~1% faster steps); auto = flash4 "
-        "where it can run, else cudnn",
+        "where it can run on one GPU, else cudnn",
         ("auto", "cudnn", "flash4"),
     )
     # --- outputs

@@ -39,6 +39,15 @@ def test_background_compile_needs_the_package():
 
 @pytest.mark.gpu
 @needs_flash4
+def test_auto_picks_flash4_in_one_process_only(monkeypatch):
+    assert resolve_causal_kernel("auto", "cuda", 128) == "flash4"
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: not measured there yet
+    assert resolve_causal_kernel("auto", "cuda", 128) == "cudnn"
+    assert resolve_causal_kernel("flash4", "cuda", 128) == "flash4"  # asked for by name, it runs
+
+
+@pytest.mark.gpu
+@needs_flash4
 def test_background_compile_fills_the_disk_cache(tmp_path, monkeypatch):
     """The separate process compiles the layout's forward and backward kernels into the cache directory it is given
     (the training process then loads them instead of compiling)."""
