@@ -219,3 +219,21 @@ def test_two_gpus_nccl_compiled_match_one_gpu(tmp_path, shard):
     assert main([*gpu, f"output_dir={one}", "gradient_accumulation_steps=2"]) == 0
     for a, b in zip(metrics(dp), metrics(one)):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-2), (a, b)  # bf16: summation order differs
+
+
+@pytest.mark.gpu
+@CUDA2
+def test_two_gpus_flash4_rows_of_one_sample_match_one_gpu(tmp_path):
+    """FlashAttention-4 asked for by name under torchrun (`auto` keeps cuDNN there), on rows of one sample so every
+    batch runs plain causal attention: the same losses as one GPU."""
+    from ops.flash_attention import available
+
+    if not available("cuda", 64):
+        pytest.skip("needs flash-attn-4 on a Hopper GPU")
+    gpu = [a for a in FAST if not a.startswith(("compile=", "dtype="))]
+    gpu += ["device=cuda", "compile=true", "sample_packing=false", "attn_causal_kernel=flash4"]
+    dp, one = tmp_path / "dp", tmp_path / "one"
+    torchrun([*gpu, f"output_dir={dp}", "gradient_accumulation_steps=1", "shard_base_weights=true"])
+    assert main([*gpu, f"output_dir={one}", "gradient_accumulation_steps=2"]) == 0
+    for a, b in zip(metrics(dp), metrics(one)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-2), (a, b)
