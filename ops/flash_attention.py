@@ -100,7 +100,7 @@ def compile_in_background(
         return
     if os.environ.get("SUROGATE_FLASH4_BACKGROUND", "1") == "0":
         return
-    layout = (batch, seq_len, heads, kv_heads, head_dim, str(dtype).removeprefix("torch."))
+    layout = _layout((batch, seq_len, heads, head_dim), (batch, seq_len, kv_heads, head_dim), dtype)
     root = str(Path(__file__).resolve().parents[1])  # where `ops` is importable from
     path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, **{_CACHE_ENV: "1"}, PYTHONPATH=path)
@@ -115,7 +115,7 @@ def compile_in_background(
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-            )  # fmt: skip
+            )
             for part, out in zip(_PARTS, logs)
         ]
         _background[layout] = _Background(procs, logs, time.perf_counter())
@@ -134,7 +134,7 @@ class _Background:
 
 def _wait_for_background(layout: tuple) -> int | None:
     """Wait (without the interpreter lock) for the background compile of `layout`, if one was started; returns its
-    exit code (None if none was started or it was already reported)."""
+    exit code (None if none was started, or an earlier call already waited for it)."""
     entry = _background.get(layout)
     if entry is None:
         return None
