@@ -28,8 +28,9 @@ batch), the mask is None, and every backend runs plain causal attention with the
             at Qwen3-8B shapes); it cannot take a document mask (its ragged form rebuilds its graph on every call),
             so packed rows stay on `backend`.
 - "flash4": FlashAttention-4's Hopper kernels (ops/flash_attention.py; the optional `flash-attn-4` package), ~8%
-            less time than cuDNN per forward + backward at Qwen3 shapes, +0.7-1.3% per training step. Its kernels
-            compile in a separate process while the model is built (`prepare_causal_kernel`).
+            less time than cuDNN per forward + backward at Qwen3 shapes, +0.6-1.7% per training step (4B-14B,
+            same machine). Its kernels compile in separate processes while the model is built
+            (`prepare_causal_kernel`).
 - "auto":   flash4 where it can run (the package is installed, a Hopper GPU, head dim 64/96/128) in a single
             process, else cudnn (FlashAttention-4 under torchrun has not been measured yet).
 
@@ -112,7 +113,7 @@ def prepare_causal_kernel(
     kernel: str, batch: int, seq_len: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype
 ) -> None:
     """Start what the resolved `kernel` needs before its first call, for rows of [batch, seq_len]: FlashAttention-4
-    compiles its kernels in a background process (ops/flash_attention.py). Nothing for cuDNN."""
+    compiles its kernels in background processes (ops/flash_attention.py). Nothing for cuDNN."""
     if kernel == "flash4":
         from ops import flash_attention
 

@@ -127,9 +127,9 @@ def build_ours(
     load_device = torch.device("cpu") if shard_base else device
     args = PRESETS[model_name]
     causal_kernel = resolve_causal_kernel(causal_kernel, device, args.head_dim)
-    prepare_causal_kernel(
-        causal_kernel, s.micro_batch, s.seq_len, args.num_heads, args.num_kv_heads, args.head_dim, torch.bfloat16
-    )
+    if s.docs_per_row == 1:  # rows of one document: plain causal attention
+        heads = (args.num_heads, args.num_kv_heads, args.head_dim)
+        prepare_causal_kernel(causal_kernel, s.micro_batch, s.seq_len, *heads, torch.bfloat16)
     lora = LoRAConfig(rank=s.rank, alpha=s.alpha, dtype=torch.float32)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
