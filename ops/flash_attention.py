@@ -12,11 +12,12 @@ each way: the forward returns the output and the row log-sum-exp, the backward t
 
 The first step: FlashAttention compiles its kernels at their first call (CuTe DSL, ~8.6 s for the five of one
 layout), and importing it takes ~4.7 s; both hold the interpreter that Dynamo and Inductor need, so done in the
-training process they added 10-15 s to a cold first step. Two things keep that off the critical path:
-`compile_in_background`, called before the model is built, compiles the layout's kernels in a fresh process (its
-own interpreter: nothing shared with the compile) into the package's disk cache, which is turned on below; and the
-op's fake hands the import and a load of those kernels to a compile-ahead worker, which first waits for that
-process. A later run finds the kernels on disk either way.
+training process they added 10-15 s to a cold first step. Two things keep most of that off the critical path:
+`compile_in_background`, called before the model is built, compiles the layout's kernels in two fresh processes
+(forward; backward: their own interpreters, nothing shared with the compile) into the package's disk cache, which is
+turned on below; and the op's fake hands the import and a load of those kernels to a compile-ahead worker, which
+imports while those processes run, then waits for them. The first step then takes 1-4 s longer than with cuDNN
+(benchmarks/NOTES.md). A later run finds the kernels on disk either way.
 
 `reference` is SDPA in fp32: what the kernels must match within bf16 rounding.
 """
