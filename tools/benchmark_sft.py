@@ -111,7 +111,7 @@ def build_ours(
 ):
     """Our model as training runs it; returns (model, args, micro_step(batch, total_tokens): forward + backward)."""
     from surogate import distributed
-    from surogate.attention import prepare_causal_kernel, resolve_causal_kernel
+    from surogate.attention import resolve_causal_kernel
     from surogate.cuda_graphs import cuda_graphs_enabled
     from surogate.lora import LoRAConfig
     from surogate.models.presets import PRESETS
@@ -125,11 +125,7 @@ def build_ours(
         if distributed.rank0():
             print(why, file=sys.stderr)
     load_device = torch.device("cpu") if shard_base else device
-    args = PRESETS[model_name]
-    causal_kernel = resolve_causal_kernel(causal_kernel, device, args.head_dim)
-    if s.docs_per_row == 1:  # rows of one document: plain causal attention
-        heads = (args.num_heads, args.num_kv_heads, args.head_dim)
-        prepare_causal_kernel(causal_kernel, s.micro_batch, s.seq_len, *heads, torch.bfloat16)
+    causal_kernel = resolve_causal_kernel(causal_kernel, device, PRESETS[model_name].head_dim)  # prepared in main
     lora = LoRAConfig(rank=s.rank, alpha=s.alpha, dtype=torch.float32)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -300,7 +296,7 @@ def git_commit() -> str:
 
 def prepare_attention(cli, device, s: Setting) -> None:
     """Before any model is built: start what each preset's causal attention kernel needs (FlashAttention-4 compiles
-    its kernels in background processes), as training does when it starts (build_ours repeats it: a no-op then)."""
+    its kernels in background processes), as training does when it starts."""
     from surogate.attention import prepare_causal_kernel, resolve_causal_kernel
     from surogate.models.presets import PRESETS
 
