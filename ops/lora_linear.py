@@ -3,7 +3,8 @@
 Why an op at all: the eager LoRA module (`surogate/lora.py`) is four GEMMs and three pointwise ops that autograd and
 Inductor see one by one. Written as one op we control what the forward saves (the LoRA input and the [N, r] product
 `x A^T`, never the base output), that the backward never forms a gradient for the frozen weight, and that the two
-dX contributions accumulate in place in one buffer (`dx = dy W; dx += dxa A` via `addmm_`, no extra [N, in] pass).
+dX contributions accumulate in one buffer (`dx = dxa A; dx += dy W`, the base GEMM adding onto the rank-r product in
+its epilogue: no extra [N, in] pass).
 
 Why lists: one op serves a single projection and a *group* of projections that read the same input (q/k/v,
 gate/up). For a group the base weights are concatenated ([sum out, in], prepared once, see `frozen_concat`) so the
@@ -40,9 +41,9 @@ Dtypes: whatever the graph hands in; the pass keeps eager's `A.to(x.dtype)` cast
 in the activation dtype and their gradients go back in that dtype (the cast node's backward brings them to the
 fp32 master dtype, exactly as in eager). dA/dB are always returned in the dtype of A/B as given to the op.
 
-Kernels: cuBLAS through `torch.mm`/`addmm_` (also the CPU path), except the two in-place rank-r updates (the LoRA
-term added into the base output, and the LoRA dX into the base dX): on CUDA those are a Triton kernel
-(`add_low_rank_`), because cuBLAS streams the output only at ~2 TB/s when the inner dimension is 16-48. Another
+Kernels: cuBLAS through `torch.mm`/`addmm_` (also the CPU path), except the in-place rank-r update of the base
+output (the LoRA term): on CUDA a Triton kernel (`add_low_rank_`), because cuBLAS streams the output only at ~2 TB/s
+when the inner dimension is 16-48. The LoRA dX needs no such pass: `_grad_x_with_lora`. Another
 kernel can replace `_lora_forward` or `_lora_backward` for a device/dtype where it measurably wins; nothing outside
 those two functions would change.
 `lora_linear_reference` is the plain-torch definition the op is tested against.
@@ -228,7 +229,10 @@ def weight_with_tail(weights: Sequence[Tensor], lora_A: Tensor, reuse: bool = Fa
     full = view.new_empty(0).set_(view.untyped_storage(), view.storage_offset(), shape, view.stride())
     held = (lora_A.data_ptr(), lora_A._version)
     if not (reuse and _TAIL_HOLDS.get(full.data_ptr()) == held):
-        full[view.shape[0] :].copy_(lora_A)
+        # An elementwise kernel, not copy_: a same-dtype copy_ is a cudaMemcpy, and in a CUDA graph that memcpy node
+        # cost ~7.4 us between two GEMMs against ~2.4 for a kernel (H100, benchmarks/NOTES.md). x * 1 is exact.
+        with torch.no_grad():
+            torch.mul(lora_A, 1, out=full[view.shape[0] :])
         _TAIL_HOLDS[full.data_ptr()] = held
         stats["weight_tail_copies"] += 1
     stats["weight_tail_gemms"] += 1
@@ -379,9 +383,14 @@ def _grad_x_xa_tail(dy: Tensor, weights: Sequence[Tensor], lora_A: Tensor) -> Te
     if w_ext is not None:
         return torch.mm(dy, w_ext)
     w = frozen_concat(weights)
-    grad_x = torch.mm(dy[:, : w.shape[0]], w)
-    add_low_rank_(grad_x, dy[:, w.shape[0] :], lora_A)
-    return grad_x
+    return _grad_x_with_lora(dy[:, : w.shape[0]], w, dy[:, w.shape[0] :], lora_A)
+
+
+def _grad_x_with_lora(dy: Tensor, w: Tensor, dxa: Tensor, lora_A: Tensor) -> Tensor:
+    """dy W + dxa A [N, in]: the rank-r product first, then the base dX GEMM adds onto it (cuBLAS's beta = 1: the
+    accumulator is read in the GEMM's epilogue). The other order, the base GEMM and then a pass of the rank-r update
+    over its output, took 12-17 us more per call at Qwen3-4B/8B o-projection shapes (H100, benchmarks/NOTES.md)."""
+    return torch.mm(dxa, lora_A).addmm_(dy, w)
 
 
 def _lora_backward(
@@ -437,11 +446,15 @@ def _lora_backward(
             torch.mm(dxa_i.t(), xl.reshape(-1, in_features), out=g_i)
     if not needs_grad_x:
         return grad_y.new_empty(0), grad_a, grad_b, []
-    if base_grad_x is None:
-        grad_x = torch.mm(dy, weights[0] if len(weights) == 1 else frozen_concat(weights))  # [N, in]; no dW, ever
+    lead = grad_y.shape[:-1]
+    if base_grad_x is None:  # [N, in]; no dW, ever
+        w = weights[0] if len(weights) == 1 else frozen_concat(weights)
+        if n and shared_input:  # the LoRA dX folds into the base dX
+            grad_x = _grad_x_with_lora(dy, w, dxa, lora_As[0] if n == 1 else torch.cat(lora_As))
+            return grad_x.view(*lead, in_features), grad_a, grad_b, []
+        grad_x = torch.mm(dy, w)
     else:
         grad_x = base_grad_x(dy)
-    lead = grad_y.shape[:-1]
     grad_lora_inputs: list[Tensor] = []
     if not n:
         pass
