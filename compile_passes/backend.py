@@ -26,6 +26,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from compile_passes.down_lora_fusion import fuse_down_lora_into_swiglu
 from compile_passes.keep_lora_xa import checkpoint_bodies, keep_lora_xa
 from compile_passes.lora_a_concat import concat_lora_as
+from compile_passes.lora_master_dtype import pass_lora_masters
 from compile_passes.lora_rewrite import rewrite_lora_linears
 from compile_passes.lora_xa_tail import put_xa_in_tail
 from compile_passes.qkv_rope_lora_fusion import fuse_qkv_rope_lora
@@ -92,7 +93,8 @@ def _run_passes_on_graph(gm: fx.GraphModule, ops: RecipeOps) -> dict[str, int]:
         counts["fuse_qkv_rope_lora"] = fuse_qkv_rope_lora(gm, ops.lora_linear)  # needs the fused q/k/v group
         counts["fuse_residual_into_lora"] = fuse_residual_into_lora(gm, ops.lora_linear)  # after down_lora_fusion
         counts["concat_lora_as"] = concat_lora_as(gm, ops.lora_linear)  # after the B-removing fusions
-        counts["put_xa_in_tail"] = put_xa_in_tail(gm, ops.lora_linear)  # needs one A per group: last
+        counts["put_xa_in_tail"] = put_xa_in_tail(gm, ops.lora_linear)  # needs one A per group
+        counts["pass_lora_masters"] = pass_lora_masters(gm)  # on the epilogue ops the fusions wrote: last
     for graph_pass in ops.graph_passes:
         counts[graph_pass.__name__] = graph_pass(gm, ops)
     return counts

@@ -80,14 +80,31 @@ def grad_rows_with_tail(y: Tensor, width: int) -> tuple[Tensor, Tensor]:
     return full, full[:, :width]
 
 
+def lora_grad_dtype(lora_mats: list[Tensor]) -> torch.dtype:
+    """The dtype the LoRA epilogue ops return their flat gradients in: their LoRA matrices' (one dtype for all: the
+    ops' checks). In training the matrices come in their fp32 master dtype (compile_passes/lora_master_dtype.py), so
+    the fp32 sums of the kernels' atomics are returned as they are, with no rounding kernel; the gradient of xa (an
+    activation) is cast to xa's dtype where it is split off."""
+    return lora_mats[0].dtype
+
+
+def check_lora_mats(op: str, lora_mats: list[Tensor]) -> None:
+    if len({m.dtype for m in lora_mats}) > 1 or not all(m.dtype.is_floating_point for m in lora_mats):
+        raise ValueError(f"{op}: the LoRA matrices must share one floating dtype, got {[m.dtype for m in lora_mats]}")
+
+
 def round_lora_grads(flat: Tensor, dy_full: Tensor, width: int, dtype: torch.dtype) -> Tensor:
-    """The fp32 flat buffer (`lora_grad_buffer`: dxa first) rounded to `dtype`. With xa in y's tail, dxa is rounded
-    into dy_full's last columns instead, and the buffer returned holds only the rest (its dxa part is [N, 0])."""
+    """The fp32 flat buffer (`lora_grad_buffer`: dxa first) in `dtype` (no kernel when that is fp32). With xa in y's
+    tail, dxa is rounded into dy_full's last columns instead, and the buffer returned holds only the rest (its dxa
+    part is [N, 0])."""
     m, tail = dy_full.shape[0], dy_full.shape[1] - width
     if not tail:
         return flat.to(dtype)
     dy_full[:, width:].copy_(flat[: m * tail].view(m, tail))
-    return flat[m * tail :].to(dtype)
+    rest = flat[m * tail :]
+    if rest.dtype == dtype and rest.data_ptr() % 16:  # a view past dxa: compiled callers assume 16-byte alignment
+        return rest.clone()
+    return rest.to(dtype)
 
 
 def move_dxa_to_tail(dy: Tensor, flat: Tensor, y: Tensor, width: int) -> tuple[Tensor, Tensor]:
@@ -96,4 +113,5 @@ def move_dxa_to_tail(dy: Tensor, flat: Tensor, y: Tensor, width: int) -> tuple[T
     if not tail:
         return dy.view(y.shape), flat
     m = dy.numel() // width
-    return torch.cat([dy.reshape(m, width), flat[: m * tail].view(m, tail)], dim=1).view(y.shape), flat[m * tail :]
+    dxa = flat[: m * tail].view(m, tail).to(dy.dtype)
+    return torch.cat([dy.reshape(m, width), dxa], dim=1).view(y.shape), flat[m * tail :]

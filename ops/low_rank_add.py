@@ -35,9 +35,9 @@ _LOW_RANK_MIN_BYTES = 40 << 20
 
 
 def low_rank_add_reference(y: Tensor, xa: Tensor, b: Tensor, scaling: float, residual: Tensor | None = None) -> Tensor:
-    """y [..., out] + scaling * xa [N, r] B^T (B [out, r]), N = prod of y's leading dims; plus `residual` (y's
-    shape) when given."""
-    out = y + scaling * (xa @ b.t()).view_as(y)
+    """y [..., out] + scaling * xa [N, r] B^T (B [out, r], cast to xa's dtype), N = prod of y's leading dims; plus
+    `residual` (y's shape) when given."""
+    out = y + scaling * (xa @ b.to(xa.dtype).t()).view_as(y)
     return out if residual is None else residual + out
 
 
@@ -68,6 +68,7 @@ def _triton_low_rank_add_kernel():
         a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak, mask=a_mask, other=0.0)
         b_mask = (rk[:, None] < K) & (rn[None, :] < N)
         b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn, mask=b_mask, other=0.0)
+        b = b.to(a.dtype)  # B may come in its fp32 master dtype (compile_passes/lora_master_dtype.py)
         if IEEE:  # fp32 operands (CPU interpreter tests): exact products, not TF32
             acc = tl.dot(a, b, input_precision="ieee")
         else:
@@ -97,7 +98,7 @@ def _triton_low_rank_grad_kernel():
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
         rr = tl.arange(0, BR)
         col_ok = (rn[:, None] < N) & (rr[None, :] < R)
-        b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :], mask=col_ok, other=0.0)
+        b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :], mask=col_ok, other=0.0).to(g_ptr.dtype.element_ty)
         db = tl.zeros((BN, BR), tl.float32)
         for i in range(row_tiles):
             rm = ((tl.program_id(1) * row_tiles + i) * BM + tl.arange(0, BM)).to(tl.int64)
@@ -131,7 +132,8 @@ def _low_rank_add_into(
     triton_ok = on_gpu(y) or os.environ.get("TRITON_INTERPRET") == "1"
     # cuBLAS adds one tensor (its C): with a residual the kernel is one pass where addmm + add would be two
     small = on_gpu(y) and y.numel() * y.element_size() < _LOW_RANK_MIN_BYTES and residual is None
-    if not triton_ok or small or a.shape[1] > _LOW_RANK_MAX_K or y.dtype != a.dtype or a.dtype != b.dtype:
+    if not triton_ok or small or a.shape[1] > _LOW_RANK_MAX_K or y.dtype != a.dtype:
+        b = b.to(a.dtype)  # B may come in its master dtype (the kernel casts it on load)
         if out is y:
             out.addmm_(a, b, alpha=alpha)
         else:
@@ -195,19 +197,22 @@ def _setup_context(ctx, inputs, output) -> None:
 
 @torch.library.custom_op("surogate::low_rank_add_grad", mutates_args=())
 def low_rank_add_grad(grad_out: Tensor, xa: Tensor, b: Tensor, scaling: float) -> Tensor:
-    """[grad_xa = s g B | grad_B = s g^T xa] flat (one output: an op's outputs may not alias), `_grad_views` splits
-    it. One Triton kernel reads g once for both (CUDA, or CPU tensors under TRITON_INTERPRET=1); elsewhere two
-    GEMMs with the scale as their alpha, where graph ops would add a multiply kernel per product."""
+    """[grad_xa = s g B | grad_B = s g^T xa] flat in B's dtype (one output: an op's outputs may not alias),
+    `_grad_views` splits it. One Triton kernel reads g once for both (CUDA, or CPU tensors under TRITON_INTERPRET=1);
+    elsewhere two GEMMs with the scale as their alpha, where graph ops would add a multiply kernel per product. With
+    B in its fp32 master dtype (compile_passes/lora_master_dtype.py) the kernel's fp32 sums are returned unrounded."""
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     triton_ok = on_gpu(g2) or os.environ.get("TRITON_INTERPRET") == "1"
     if not triton_ok or not _grad_kernel_takes(g2, xa, b):
-        return torch.cat([mm_scaled(g2, b, scaling).flatten(), mm_scaled(g2.t(), xa, scaling).flatten()])
+        dxa, db = mm_scaled(g2, b.to(g2.dtype), scaling), mm_scaled(g2.t(), xa, scaling)
+        return torch.cat([dxa.flatten(), db.flatten()]).to(b.dtype)
     return _low_rank_grad_triton(g2, xa, b, scaling)
 
 
 def _grad_kernel_takes(g2: Tensor, xa: Tensor, b: Tensor) -> bool:
-    """Whether the one-kernel gradient covers these operands: a LoRA-sized rank, one dtype."""
-    return xa.shape[1] <= _LOW_RANK_MAX_K and g2.dtype == xa.dtype == b.dtype
+    """Whether the one-kernel gradient covers these operands: a LoRA-sized rank, g and xa of one dtype (B of theirs
+    or fp32)."""
+    return xa.shape[1] <= _LOW_RANK_MAX_K and g2.dtype == xa.dtype and b.dtype in (xa.dtype, torch.float32)
 
 
 def _low_rank_grad_triton(g2: Tensor, xa: Tensor, b: Tensor, scaling: float) -> Tensor:
@@ -222,13 +227,13 @@ def _low_rank_grad_triton(g2: Tensor, xa: Tensor, b: Tensor, scaling: float) -> 
             per_program, BM=bm, BN=bn, BR=max(16, 1 << (r - 1).bit_length()), IEEE=g2.dtype == torch.float32,
             num_warps=warps,
         )  # fmt: skip
-    return flat.to(g2.dtype)
+    return flat.to(b.dtype)
 
 
 @low_rank_add_grad.register_fake
 def _low_rank_add_grad_fake(grad_out, xa, b, scaling):
     compile_ahead(_grad_ahead, grad_out, xa, b, scaling)
-    return xa.new_empty(xa.numel() + b.numel())
+    return b.new_empty(xa.numel() + b.numel())
 
 
 def _grad_ahead(grad_out: Tensor, xa: Tensor, b: Tensor, scaling: float) -> None:
@@ -244,7 +249,7 @@ def _grad_views(flat: Tensor, xa: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 def _backward(ctx, grad_out):
     xa, b = ctx.saved_tensors
     grad_xa, grad_b = _grad_views(low_rank_add_grad(grad_out, xa, b, ctx.scaling), xa, b)
-    return grad_out, grad_xa, grad_b, None, grad_out if ctx.has_residual else None
+    return grad_out, grad_xa.to(xa.dtype), grad_b, None, grad_out if ctx.has_residual else None
 
 
 low_rank_add.register_autograd(_backward, setup_context=_setup_context)

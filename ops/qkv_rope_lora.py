@@ -43,8 +43,10 @@ from torch import Tensor
 from ops._launch import (
     as_rows,
     cdiv,
+    check_lora_mats,
     grad_rows_with_tail,
     lora_grad_buffer,
+    lora_grad_dtype,
     move_dxa_to_tail,
     rank_block,
     round_lora_grads,
@@ -103,7 +105,7 @@ def qkv_rope_lora_reference(
     parts = zip(
         y.reshape(-1, y.shape[-1]).split(outs, dim=1), xa.split([b.shape[1] for b in lora_Bs], dim=1), lora_Bs, scalings
     )
-    q, k, v = (y_i + s * (x_i @ b.t()) for y_i, x_i, b, s in parts)
+    q, k, v = (y_i + s * (x_i @ b.to(x_i.dtype).t()) for y_i, x_i, b, s in parts)
     q, k, v = (t.view(*lead, -1, head_dim) for t in (q, k, v))
     if norm_weights:
         q, k = _rms_norm(q, norm_weights[0], eps), _rms_norm(k, norm_weights[1], eps)
@@ -150,7 +152,8 @@ def _backward_torch(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, hea
         dys.append(g.reshape(-1, b.shape[0]).to(y.dtype))
     dxa = torch.cat([s * (dy_i.float() @ b.float()) for dy_i, b, s in zip(dys, lora_Bs, scalings)], dim=1)
     dbs = [s * (dy_i.float().t() @ x_i.float()) for dy_i, x_i, s in zip(dys, xas, scalings)]
-    return torch.cat(dys, dim=1).view(y.shape), torch.cat([t.flatten() for t in (dxa, *dbs)]).to(xa.dtype)
+    flat = torch.cat([t.flatten() for t in (dxa, *dbs)]).to(lora_grad_dtype(lora_Bs))
+    return torch.cat(dys, dim=1).view(y.shape), flat
 
 
 def _kernel_operands(y, lora_Bs, norm_weights, cos, sin, head_dim):
@@ -198,7 +201,7 @@ def _bwd_row_tiles_per_program(heads: int, row_tiles: int, multiprocessors: int 
 
 
 def _backward(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps):
-    """(dy [..., Nq + Nk + Nv], the LoRA gradients dxa [N, r_q + r_k + r_v], dB_q, dB_k, dB_v flat in xa's dtype).
+    """(dy [..., Nq + Nk + Nv], the LoRA gradients dxa [N, r_q + r_k + r_v], dB_q, dB_k, dB_v flat in the B's dtype).
     With xa in y's tail (`ops._launch`), dy is [dy | dxa] and the flat buffer holds the dB's."""
     y_in, width = y, sum(b.shape[0] for b in lora_Bs)
     y, xa = xa_from_tail(y, xa, width)
@@ -239,7 +242,7 @@ def _backward(grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim,
             IEEE=y.dtype == torch.float32, TMA=tma,
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
-    return dy_full.view(y_in.shape), round_lora_grads(flat, dy_full, width, xa.dtype)
+    return dy_full.view(y_in.shape), round_lora_grads(flat, dy_full, width, lora_grad_dtype(lora_Bs))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -257,6 +260,7 @@ def _check(
             "qkv_rope_lora takes y [..., Nq + Nk + Nv] (+ r_q + r_k + r_v with xa in its tail), the q, k and v B"
             " matrices, and 0 or 2 norm weights"
         )
+    check_lora_mats("qkv_rope_lora", lora_Bs)
     if any(w % head_dim for w in widths) or head_dim % 2 or y.dim() < 2:
         raise ValueError(f"qkv_rope_lora: widths {widths} must be whole heads of even head_dim {head_dim}")
 
@@ -314,7 +318,7 @@ def qkv_rope_lora_grad(
 def _qkv_rope_lora_grad_fake(grad_q, grad_k, grad_v, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps):
     grads = (grad_q, grad_k, grad_v)
     compile_ahead(_backward, grads, y, xa, lora_Bs, scalings, norm_weights, cos, sin, head_dim, eps)
-    return y.new_empty(y.shape), xa.new_empty(xa.numel() + sum(b.numel() for b in lora_Bs))
+    return y.new_empty(y.shape), lora_Bs[0].new_empty(xa.numel() + sum(b.numel() for b in lora_Bs))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -338,7 +342,7 @@ def _backward_formula(ctx, grad_q, grad_k, grad_v):
     )
     grad_xa, *grad_Bs = split_flat(flat, lora_grad_buffer(xa.shape[0], xa.shape[1], [b.shape for b in lora_Bs]))
     grad_Bs = [g.to(b.dtype) for g, b in zip(grad_Bs, lora_Bs)]
-    return grad_y, grad_xa, grad_Bs, None, [None] * ctx.n_norm, None, None, None, None
+    return grad_y, grad_xa.to(xa.dtype), grad_Bs, None, [None] * ctx.n_norm, None, None, None, None
 
 
 qkv_rope_lora.register_autograd(_backward_formula, setup_context=_setup_context)

@@ -20,14 +20,15 @@ from ops._triton_lora import _dot, _load_xa
 
 
 @triton.jit
-def _load_b(b_ptr, brow, rank, stride_b, D2: tl.constexpr, BR: tl.constexpr):
-    """One head's rows of B as two [D2, BR] halves (zero past the rank)."""
+def _load_b(b_ptr, xa_ptr, brow, rank, stride_b, D2: tl.constexpr, BR: tl.constexpr):
+    """One head's rows of B as two [D2, BR] halves (zero past the rank), in xa's dtype: B may come in its fp32
+    master dtype (compile_passes/lora_master_dtype.py), and this is the graph's cast it replaces."""
     rr = tl.arange(0, BR)
     d = tl.arange(0, D2)
     rank_ok = rr[None, :] < rank
     b1 = tl.load(b_ptr + (brow + d)[:, None] * stride_b + rr[None, :], mask=rank_ok, other=0.0)
     b2 = tl.load(b_ptr + (brow + D2 + d)[:, None] * stride_b + rr[None, :], mask=rank_ok, other=0.0)
-    return b1, b2
+    return b1.to(xa_ptr.dtype.element_ty), b2.to(xa_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -93,7 +94,7 @@ def _fwd_head(
     """out[rm, head] = rope(norm(y[rm, col0 + head] + s xa B^T)): y read once, out written once."""
     d = tl.arange(0, D2)
     xa = _load_xa(xa_ptr, rm, M, xcol, rank, stride_xm, BR)
-    b1, b2 = _load_b(b_ptr, head * 2 * D2, rank, stride_b, D2, BR)
+    b1, b2 = _load_b(b_ptr, xa_ptr, head * 2 * D2, rank, stride_b, D2, BR)
     # pointer tiles (the forward gained nothing from TMA), so no first row (m0) is needed: 0
     p1, p2 = _preactivation(y_ptr, xa, b1, b2, 0, rm, M, col0 + head * 2 * D2, stride_ym, scale, D2, IEEE, False)
     if NORM:  # Qwen3's per-head RMSNorm: normalized value rounded to the activation dtype, then the weight
@@ -157,7 +158,7 @@ def _bwd_head(
     rr = tl.arange(0, BR)
     db1 = tl.zeros((D2, BR), dtype=tl.float32)
     db2 = tl.zeros((D2, BR), dtype=tl.float32)
-    b1, b2 = _load_b(b_ptr, brow, rank, stride_b, D2, BR)
+    b1, b2 = _load_b(b_ptr, xa_ptr, brow, rank, stride_b, D2, BR)
     if NORM:
         w1 = tl.load(w_ptr + d).to(tl.float32)[None, :]
         w2 = tl.load(w_ptr + D2 + d).to(tl.float32)[None, :]

@@ -46,8 +46,10 @@ from torch import Tensor
 from ops._launch import (
     as_rows,
     cdiv,
+    check_lora_mats,
     grad_rows_with_tail,
     lora_grad_buffer,
+    lora_grad_dtype,
     move_dxa_to_tail,
     rank_block,
     round_lora_grads,
@@ -78,8 +80,8 @@ def swiglu_lora_reference(y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings
     (b_g, b_u), (s_g, s_u) = lora_Bs, scalings
     g, u = y.reshape(-1, y.shape[-1]).chunk(2, dim=-1)
     x_g, x_u = xa.split([b_g.shape[1], b_u.shape[1]], dim=1)
-    g = g + s_g * (x_g @ b_g.t())
-    u = u + s_u * (x_u @ b_u.t())
+    g = g + s_g * (x_g @ b_g.to(xa.dtype).t())
+    u = u + s_u * (x_u @ b_u.to(xa.dtype).t())
     return (F.silu(g) * u).view(*y.shape[:-1], g.shape[-1])
 
 
@@ -88,7 +90,7 @@ def swiglu_lora_down_reference(
 ) -> tuple[Tensor, Tensor]:
     """(h, h A_down^T), h = `swiglu_lora_reference(...)`; xa_down [N, r_d] as the down projection's LoRA makes it."""
     h = swiglu_lora_reference(y, xa, lora_Bs, scalings)
-    return h, h.reshape(-1, h.shape[-1]) @ down_A.t()
+    return h, h.reshape(-1, h.shape[-1]) @ down_A.to(h.dtype).t()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -106,6 +108,7 @@ def _preactivations_torch(y2: Tensor, xa: Tensor, lora_Bs: list[Tensor], scaling
     (b_g, b_u), (s_g, s_u) = lora_Bs, scalings
     x_g, x_u = xa.split([b_g.shape[1], b_u.shape[1]], dim=1)
     g, u = y2.float().chunk(2, dim=-1)
+    b_g, b_u = b_g.to(xa.dtype), b_u.to(xa.dtype)  # B may come in its master dtype: the graph's cast, here
     return g + s_g * (x_g @ b_g.t()).float(), u + s_u * (x_u @ b_u.t()).float(), x_g, x_u
 
 
@@ -123,7 +126,7 @@ def _forward(
         g, u, _, _ = _preactivations_torch(y2, xa, lora_Bs, scalings)
         h.copy_(F.silu(g) * u)
         if down_A is not None:
-            xad = h @ down_A.t()
+            xad = h @ down_A.to(h.dtype).t()
     else:
         from ops.swiglu_lora_kernels import swiglu_lora_fwd_kernel
 
@@ -162,7 +165,7 @@ def _backward(
     down_A: Tensor | None = None,
     grad_xad: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(dy [..., 2I], the LoRA gradients dxa [N, r_g + r_u], dB_g, dB_u (and dA_down) flat in xa's dtype: see
+    """(dy [..., 2I], the LoRA gradients dxa [N, r_g + r_u], dB_g, dB_u (and dA_down) flat in the B's dtype: see
     `_grad_layout`). With `down_A`, grad_h is the down projection's base dX only and grad_xad the gradient of
     xa_down: its LoRA dX (grad_xad A_down) is added here. With xa in y's tail (`ops._launch`), dy is [dy | dxa]
     and the flat buffer holds the rest."""
@@ -176,13 +179,14 @@ def _backward(
         dh32 = dh.float()
         dad = None
         if down_A is not None:
-            dh32 = dh32 + (grad_xad @ down_A).float()
+            dh32 = dh32 + (grad_xad @ down_A.to(grad_xad.dtype)).float()
             dad = grad_xad.t() @ (g * sig * u).to(y.dtype)
         dg = (dh32 * u * sig * (1 + g * (1 - sig))).to(y.dtype)
         du = (dh32 * g * sig).to(y.dtype)
-        dxa = torch.cat([s_g * (dg @ b_g), s_u * (du @ b_u)], dim=1)
+        dxa = torch.cat([s_g * (dg @ b_g.to(dg.dtype)), s_u * (du @ b_u.to(du.dtype))], dim=1)
         lora = [dxa, s_g * (dg.t() @ x_g), s_u * (du.t() @ x_u)] + ([] if dad is None else [dad])
-        dy, flat = torch.cat([dg, du], dim=1), torch.cat([t.flatten().to(xa.dtype) for t in lora])
+        grad_dtype = lora_grad_dtype(lora_Bs)
+        dy, flat = torch.cat([dg, du], dim=1), torch.cat([t.flatten().to(grad_dtype) for t in lora])
         return move_dxa_to_tail(dy, flat, y_in, width)
     dy_full, flat = _backward_triton(dh, y_in, y2, xa, b_g, b_u, float(s_g), float(s_u), down_A, grad_xad)
     return dy_full.view(y_in.shape), flat
@@ -234,7 +238,7 @@ def _backward_triton(
             BM=bm, BN=bn, BR=rank_block([b_g, b_u]), BRD=_down_rank_block(down_A), DOWN=down_A is not None,
             IEEE=y2.dtype == torch.float32, TMA=tma, num_warps=warps,
         )  # fmt: skip
-    return dy_full, round_lora_grads(flat, dy_full, width, xa.dtype)
+    return dy_full, round_lora_grads(flat, dy_full, width, lora_grad_dtype([b_g]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -249,6 +253,7 @@ def _check(y: Tensor, xa: Tensor, lora_Bs: list[Tensor], scalings: list[float]) 
             "swiglu_lora takes y [..., 2I] and xa [N, r_g + r_u] (or y [..., 2I + r_g + r_u] and xa [N, 0]) and the"
             " gate and up B matrices ([I, r] each)"
         )
+    check_lora_mats("swiglu_lora", lora_Bs)
 
 
 @torch.library.custom_op("surogate::swiglu_lora", mutates_args=())
@@ -275,7 +280,7 @@ def swiglu_lora_grad(
 @swiglu_lora_grad.register_fake
 def _swiglu_lora_grad_fake(grad_h, y, xa, lora_Bs, scalings):
     compile_ahead(_backward, grad_h, y, xa, lora_Bs, scalings)
-    return y.new_empty(y.shape), xa.new_empty(xa.numel() + sum(b.numel() for b in lora_Bs))
+    return y.new_empty(y.shape), lora_Bs[0].new_empty(xa.numel() + sum(b.numel() for b in lora_Bs))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -288,7 +293,7 @@ def _backward_formula(ctx, grad_h):
     y, xa, b_g, b_u = ctx.saved_tensors
     grad_y, flat = swiglu_lora_grad(grad_h, y, xa, [b_g, b_u], ctx.scalings)
     grad_xa, grad_bg, grad_bu = split_flat(flat, _grad_layout(xa, [b_g, b_u], None))
-    return grad_y, grad_xa, [grad_bg.to(b_g.dtype), grad_bu.to(b_u.dtype)], None
+    return grad_y, grad_xa.to(xa.dtype), [grad_bg.to(b_g.dtype), grad_bu.to(b_u.dtype)], None
 
 
 swiglu_lora.register_autograd(_backward_formula, setup_context=_setup_context)
@@ -303,6 +308,7 @@ def swiglu_lora_down(
     _check(y, xa, lora_Bs, scalings)
     if down_A.shape[-1] != lora_Bs[0].shape[0]:
         raise ValueError("swiglu_lora_down takes the down projection's A as [r, I]")
+    check_lora_mats("swiglu_lora_down", [*lora_Bs, down_A])
     return _forward(y, xa, lora_Bs, scalings, down_A)
 
 
@@ -330,7 +336,8 @@ def swiglu_lora_down_grad(
 @swiglu_lora_down_grad.register_fake
 def _swiglu_lora_down_grad_fake(grad_h, grad_xa_down, y, xa, lora_Bs, scalings, down_A):
     compile_ahead(_backward, grad_h, y, xa, lora_Bs, scalings, down_A, grad_xa_down)
-    return y.new_empty(y.shape), xa.new_empty(xa.numel() + sum(b.numel() for b in lora_Bs) + down_A.numel())
+    n = xa.numel() + sum(b.numel() for b in lora_Bs) + down_A.numel()
+    return y.new_empty(y.shape), lora_Bs[0].new_empty(n)
 
 
 def _setup_context_down(ctx, inputs, output) -> None:
@@ -347,7 +354,8 @@ def _backward_formula_down(ctx, grad_h, grad_xa_down):
         grad_xa_down = xa.new_zeros(xa.shape[0], down_A.shape[0])
     grad_y, flat = swiglu_lora_down_grad(grad_h, grad_xa_down, y, xa, [b_g, b_u], ctx.scalings, down_A)
     grad_xa, grad_bg, grad_bu, grad_ad = split_flat(flat, _grad_layout(xa, [b_g, b_u], down_A))
-    return grad_y, grad_xa, [grad_bg.to(b_g.dtype), grad_bu.to(b_u.dtype)], None, grad_ad.to(down_A.dtype)
+    grad_bs = [grad_bg.to(b_g.dtype), grad_bu.to(b_u.dtype)]
+    return grad_y, grad_xa.to(xa.dtype), grad_bs, None, grad_ad.to(down_A.dtype)
 
 
 swiglu_lora_down.register_autograd(_backward_formula_down, setup_context=_setup_context_down)

@@ -21,11 +21,13 @@ from ops._triton_lora import _dot, _load_xa
 
 
 @triton.jit
-def _load_b(b_ptr, rn, N, rank, stride_bn, stride_br, BR: tl.constexpr):
-    """B[rn, :rank] as [BN, BR] (zero beyond the rank and N)."""
+def _load_b(b_ptr, xa_ptr, rn, N, rank, stride_bn, stride_br, BR: tl.constexpr):
+    """B[rn, :rank] as [BN, BR] (zero beyond the rank and N), in xa's dtype: B may come in its fp32 master dtype
+    (compile_passes/lora_master_dtype.py), and this is the graph's cast it replaces."""
     rr = tl.arange(0, BR)
     mask = (rn[:, None] < N) & (rr[None, :] < rank)
-    return tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br, mask=mask, other=0.0)
+    b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br, mask=mask, other=0.0)
+    return b.to(xa_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -94,11 +96,11 @@ def swiglu_lora_fwd_kernel(
     fp32 atomics: the down projection's LoRA then never reads h again."""
     n0 = tl.program_id(0) * BN
     rn = n0 + tl.arange(0, BN)
-    bg = _load_b(bg_ptr, rn, N, rank_g, stride_bgn, stride_bgr, BR)
-    bu = _load_b(bu_ptr, rn, N, rank_u, stride_bun, stride_bur, BR)
+    bg = _load_b(bg_ptr, xa_ptr, rn, N, rank_g, stride_bgn, stride_bgr, BR)
+    bu = _load_b(bu_ptr, xa_ptr, rn, N, rank_u, stride_bun, stride_bur, BR)
     rd = tl.arange(0, BRD)
     if DOWN:
-        ad = _load_a_down(ad_ptr, rn, N, rank_d, stride_ad, BRD)
+        ad = _load_a_down(ad_ptr, xa_ptr, rn, N, rank_d, stride_ad, BRD)
     for i in range(row_tiles):
         m0, rm, g, u, _, _ = _run_tile(
             i, row_tiles, y_g, y_u, xa_ptr, bg, bu, n0, rn, M, N, rank_g, rank_u, stride_ym, stride_xm, scale_g,
@@ -112,11 +114,12 @@ def swiglu_lora_fwd_kernel(
 
 
 @triton.jit
-def _load_a_down(ad_ptr, rn, N, rank, stride_ad, BRD: tl.constexpr):
-    """A_down[:rank, rn] as [BRD, BN] (zero past the rank and N)."""
+def _load_a_down(ad_ptr, xa_ptr, rn, N, rank, stride_ad, BRD: tl.constexpr):
+    """A_down[:rank, rn] as [BRD, BN] (zero past the rank and N), in xa's dtype (as `_load_b`)."""
     rr = tl.arange(0, BRD)
     mask = (rr[:, None] < rank) & (rn[None, :] < N)
-    return tl.load(ad_ptr + rr[:, None] * stride_ad + rn[None, :], mask=mask, other=0.0)
+    a = tl.load(ad_ptr + rr[:, None] * stride_ad + rn[None, :], mask=mask, other=0.0)
+    return a.to(xa_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -141,13 +144,13 @@ def swiglu_lora_bwd_kernel(
     n0 = tl.program_id(0) * BN
     rn = n0 + tl.arange(0, BN)
     rr = tl.arange(0, BR)
-    bg = _load_b(bg_ptr, rn, N, rank_g, stride_bgn, stride_bgr, BR)
-    bu = _load_b(bu_ptr, rn, N, rank_u, stride_bun, stride_bur, BR)
+    bg = _load_b(bg_ptr, xa_ptr, rn, N, rank_g, stride_bgn, stride_bgr, BR)
+    bu = _load_b(bu_ptr, xa_ptr, rn, N, rank_u, stride_bun, stride_bur, BR)
     dbg = tl.zeros((BN, BR), dtype=tl.float32)
     dbu = tl.zeros((BN, BR), dtype=tl.float32)
     rd = tl.arange(0, BRD)
     if DOWN:
-        ad = _load_a_down(ad_ptr, rn, N, rank_d, stride_ad, BRD)
+        ad = _load_a_down(ad_ptr, xa_ptr, rn, N, rank_d, stride_ad, BRD)
         dad = tl.zeros((BRD, BN), dtype=tl.float32)
     for i in range(row_tiles):
         m0, rm, g, u, xg, xu = _run_tile(

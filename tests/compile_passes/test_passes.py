@@ -143,6 +143,7 @@ def test_get_attr_parameters():
         "fuse_residual_into_lora": 0,
         "concat_lora_as": 0,  # the fused q/k/v group keeps its B's
         "put_xa_in_tail": 0,
+        "pass_lora_masters": 0,  # no epilogue op (no SwiGLU, no RoPE, no residual)
     }
     x = torch.randn(2, 3, 24)
     assert rel_err(gm(x), module(x)) <= 1e-5
@@ -166,6 +167,7 @@ def test_tiny_block_op_structure_and_stats():
         "fuse_residual_into_lora": 2,  # o and down, each with the residual add after it
         "concat_lora_as": 1,  # gate/up, which runs without B
         "put_xa_in_tail": 1,  # gate/up: [y | xa] in one tensor for its SwiGLU op
+        "pass_lora_masters": 3,  # SwiGLU's B's and A_down, o's and down's B products: the parameters, not casts
     }
     # the per-projection outputs come from one split of the fused output; xa is read only by the SwiGLU op of the
     # gate/up group, which runs without B (swiglu_lora_fusion.py); the down projection runs its base alone, its LoRA

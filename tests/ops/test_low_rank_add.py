@@ -142,12 +142,23 @@ print("ok")
     )
 
 
+def test_op_with_b_in_master_dtype_cpu():
+    """B in fp32 with bf16 activations (compile_passes/lora_master_dtype.py): cast on use, its gradient in fp32."""
+    y, xa, b = op_inputs((2, 9), 48, 8, torch.bfloat16)
+    b = b.detach().float().requires_grad_()
+    check_against_reference(y, xa, b, 2.0, 1e-2)
+    grad_b = torch.autograd.grad(low_rank_add(y, xa, b, 2.0), b, torch.randn(y.shape, dtype=y.dtype))[0]
+    assert grad_b.dtype == torch.float32
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("m,out", [(4096, 4096), (4096, 8192)])  # below and above the Triton path's size
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_op_cuda_bf16(m, out, with_residual):
+@pytest.mark.parametrize("b_dtype", [torch.bfloat16, torch.float32])  # fp32: the master (lora_master_dtype.py)
+def test_op_cuda_bf16(m, out, with_residual, b_dtype):
     y, xa, b = op_inputs((m,), out, 16, torch.bfloat16, "cuda")
+    b = b.detach().to(b_dtype).requires_grad_()
     residual = torch.randn(y.shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) if with_residual else None
     check_against_reference(y, xa, b, 2.0, 1e-2, residual)
 
@@ -156,3 +167,5 @@ def test_op_cuda_bf16(m, out, with_residual):
 @needs_cuda
 def test_op_opcheck_cuda():
     torch.library.opcheck(OP, (*op_inputs((2, 64), 256, 16, torch.bfloat16, "cuda"), 2.0))
+    y, xa, b = op_inputs((2, 64), 256, 16, torch.bfloat16, "cuda")
+    torch.library.opcheck(OP, (y, xa, b.detach().float().requires_grad_(), 2.0))

@@ -145,12 +145,31 @@ def test_lora_op_without_b_then_qkv_rope_lora_matches_eager():
             assert rel(got, want) < 1e-5
 
 
+def test_bs_in_master_dtype_cpu():
+    """The B's in fp32 with bf16 activations (compile_passes/lora_master_dtype.py): cast on use, their gradients
+    (fp32 sums) returned in fp32, xa's in bf16."""
+    y, xa, Bs, s, ws, cos, sin = qkv_inputs(2, 7, 4, 2, 16, (4, 4, 2), dtype=torch.bfloat16)
+    masters = [b.detach().float().requires_grad_() for b in Bs]
+    fp32 = [t.detach().float().requires_grad_() for t in (y, xa)] + [b.detach().float().requires_grad_() for b in Bs]
+    ref = qkv_rope_lora_reference(fp32[0], fp32[1], fp32[2:], s, [w.float() for w in ws], cos.float(), sin.float(),
+                                  16, 1e-6)  # fmt: skip
+    out = qkv_rope_lora(y, xa, masters, s, ws, cos, sin, 16, 1e-6)
+    got = grads(out, [y, xa, *masters])
+    assert [g.dtype for g in got] == [torch.bfloat16] * 2 + [torch.float32] * 3
+    for o, r in zip(out, ref):
+        assert rel(o, r) < 1e-2
+    for g, w in zip(got, grads(ref, fp32)):
+        assert rel(g, w) < 2e-2
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("shape", [(2, 2048, 32, 8, 128, 16, True, True), (1, 1000, 16, 8, 64, 8, False, False)])
-def test_cuda_bf16_matches_fp32_reference(shape):
+@pytest.mark.parametrize("b_dtype", [torch.bfloat16, torch.float32])  # fp32: the masters (lora_master_dtype.py)
+def test_cuda_bf16_matches_fp32_reference(shape, b_dtype):
     *dims, rank, norm, half = shape
     y, xa, Bs, s, ws, cos, sin = qkv_inputs(*dims, (rank,) * 3, norm, torch.bfloat16, "cuda", half=half)
+    Bs = [b.detach().to(b_dtype).requires_grad_() for b in Bs]
     head_dim = dims[4]
     fp32 = [t.detach().float().requires_grad_() for t in (y, xa, *Bs)]
     ref = qkv_rope_lora_reference(fp32[0], fp32[1], fp32[2:], s, [w.float() for w in ws], cos.float(), sin.float(),
@@ -167,6 +186,8 @@ def test_cuda_bf16_matches_fp32_reference(shape):
 def test_opcheck_cuda():
     y, xa, Bs, s, ws, cos, sin = qkv_inputs(1, 64, 4, 2, 128, (16, 16, 16), True, torch.bfloat16, "cuda")
     torch.library.opcheck(OP, (y, xa, Bs, s, ws, cos, sin, 128, 1e-6))
+    masters = [b.detach().float().requires_grad_() for b in Bs]  # compile_passes/lora_master_dtype.py
+    torch.library.opcheck(OP, (y, xa, masters, s, ws, cos, sin, 128, 1e-6))
 
 
 @pytest.mark.gpu

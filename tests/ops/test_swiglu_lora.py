@@ -155,11 +155,29 @@ def test_lora_op_without_b_opcheck():
     torch.library.opcheck(LORA, (x, ws, None, As, [], [2.0, 2.0], []))
 
 
+def test_bs_in_master_dtype_cpu():
+    """The B's (and the down projection's A) in fp32 with bf16 activations (compile_passes/lora_master_dtype.py):
+    cast on use, their gradients returned in fp32, xa's in bf16."""
+    y, xa, Bs, s, down_A = down_inputs((2, 7), 24, (4, 4), 4, torch.bfloat16)
+    masters = [t.detach().float().requires_grad_() for t in (*Bs, down_A)]
+    fp32 = [t.detach().float().requires_grad_() for t in (y, xa, *Bs, down_A)]
+    ref = swiglu_lora_down_reference(fp32[0], fp32[1], fp32[2:4], s, fp32[4])
+    out = swiglu_lora_down(y, xa, masters[:2], s, masters[2])
+    got = down_grads(out, [y, xa, *masters])
+    assert [g.dtype for g in got] == [torch.bfloat16] * 2 + [torch.float32] * 3
+    for o, r in zip(out, ref):
+        assert rel(o, r) < 1e-2
+    for g, w in zip(got, down_grads(ref, fp32)):
+        assert rel(g, w) < 2e-2
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("m,inter,rank", [(4096, 1536, 16), (1000, 700, 8), (513, 3072, 32)])
-def test_cuda_bf16_matches_fp32_reference(m, inter, rank):
+@pytest.mark.parametrize("b_dtype", [torch.bfloat16, torch.float32])  # fp32: the masters (lora_master_dtype.py)
+def test_cuda_bf16_matches_fp32_reference(m, inter, rank, b_dtype):
     y, xa, Bs, s = swiglu_inputs((m,), inter, (rank, rank), torch.bfloat16, "cuda")
+    Bs = [b.detach().to(b_dtype).requires_grad_() for b in Bs]
     fp32 = [t.detach().float().requires_grad_() for t in (y, xa, *Bs)]
     ref = swiglu_lora_reference(fp32[0], fp32[1], fp32[2:], s)
     out = swiglu_lora(y, xa, Bs, s)
@@ -173,6 +191,7 @@ def test_cuda_bf16_matches_fp32_reference(m, inter, rank):
 def test_opcheck_cuda():
     y, xa, Bs, s = swiglu_inputs((64,), 256, (16, 16), torch.bfloat16, "cuda")
     torch.library.opcheck(OP, (y, xa, Bs, s))
+    torch.library.opcheck(OP, (y, xa, [b.detach().float().requires_grad_() for b in Bs], s))  # fp32 masters
 
 
 @pytest.mark.gpu
@@ -246,3 +265,21 @@ def test_mlp_with_down_lora_in_swiglu_matches_eager(recipe_op):
     tol = 1e-5 if recipe_op == "bf16" else 6e-2
     for got, want in zip(lora_grads(out, x, [*As, a_d], [*Bs, b_d]), lora_grads(ref, x, [*As, a_d], [*Bs, b_d])):
         assert rel(got, want) < tol
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("mat_dtype", [torch.bfloat16, torch.float32])  # fp32: the masters (lora_master_dtype.py)
+def test_down_cuda_bf16_matches_fp32_reference(mat_dtype):
+    y, xa, Bs, s, down_A = down_inputs((2048,), 1536, (16, 16), 16, torch.bfloat16, "cuda")
+    mats = [t.detach().to(mat_dtype).requires_grad_() for t in (*Bs, down_A)]
+    fp32 = [t.detach().float().requires_grad_() for t in (y, xa, *Bs, down_A)]
+    ref = swiglu_lora_down_reference(fp32[0], fp32[1], fp32[2:4], s, fp32[4])
+    out = swiglu_lora_down(y, xa, mats[:2], s, mats[2])
+    for o, r in zip(out, ref):
+        assert rel(o, r) < 1e-2
+    got = down_grads(out, [y, xa, *mats])
+    assert [g.dtype for g in got[2:]] == [mat_dtype] * 3
+    for g, w in zip(got, down_grads(ref, fp32)):
+        assert rel(g, w) < 2e-2
+    torch.library.opcheck(torch.ops.surogate.swiglu_lora_down.default, (y, xa, mats[:2], s, mats[2]))
