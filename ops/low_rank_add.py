@@ -203,7 +203,8 @@ def low_rank_add_grad(grad_out: Tensor, xa: Tensor, b: Tensor, scaling: float) -
     B in its fp32 master dtype (compile_passes/lora_master_dtype.py) the kernel's fp32 sums are returned unrounded."""
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     triton_ok = on_gpu(g2) or os.environ.get("TRITON_INTERPRET") == "1"
-    if not triton_ok or not _grad_kernel_takes(g2, xa, b):
+    deterministic = torch.are_deterministic_algorithms_enabled()  # the kernel sums with atomics
+    if not triton_ok or deterministic or not _grad_kernel_takes(g2, xa, b):
         dxa, db = mm_scaled(g2, b.to(g2.dtype), scaling), mm_scaled(g2.t(), xa, scaling)
         return torch.cat([dxa.flatten(), db.flatten()]).to(b.dtype)
     return _low_rank_grad_triton(g2, xa, b, scaling)

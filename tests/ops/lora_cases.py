@@ -2,6 +2,7 @@
 output against a fixed random upstream gradient, the relative error that refuses NaN, and a runner for Triton
 kernels under the interpreter."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -12,6 +13,17 @@ import torch
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     assert torch.isfinite(a).all()
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@contextlib.contextmanager
+def deterministic():
+    """The ops' deterministic paths (no atomics): for opcheck of fp32 LoRA-matrix gradients, whose last bits the
+    kernels' fp32 atomics otherwise vary from run to run (rounded to bf16 they mostly agree)."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def lora_inputs(lead, d_in, outs, ranks, dtype=torch.float32, device="cpu", seed=0):
