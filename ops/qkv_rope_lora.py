@@ -19,7 +19,9 @@ Numerics: the pre-activations are formed in fp32 and never rounded (the unfused 
 the normalized value is rounded to the activation dtype before the weight, as in the eager module; the weight
 product and RoPE stay in fp32 until the output is rounded. dxa and dB are summed in fp32 with atomics (last bits
 depend on the order blocks run in); with `torch.use_deterministic_algorithms(True)` the backward takes the
-plain-torch path.
+plain-torch path. The B's may come in any floating dtype (in training their fp32 masters:
+`compile_passes/lora_master_dtype.py`): the kernels round them to the activation dtype on load, and dB is returned
+in B's dtype, so fp32 B's get the fp32 sums unrounded; dxa is returned in xa's dtype.
 
 xa may also come as y's last columns (xa then [N, 0]; `xa_tail` in ops/lora_linear.py,
 `compile_passes/lora_xa_tail.py`): the op reads it there and its backward returns [dy | dxa] as one tensor.

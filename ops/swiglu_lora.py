@@ -18,7 +18,9 @@ are summed in fp32 with atomics (one add per column block for dxa, one per group
 last bits depend on the order the GPU runs the blocks in, as with FlashAttention's dQ; with
 `torch.use_deterministic_algorithms(True)` the backward takes the plain-torch path instead. (A deterministic
 kernel, each program owning its partial sums over a block of rows and columns, ran at 1.5 TB/s against 2.2 on the
-8B shape and worse on smaller ones: too few programs to hide memory latency.)
+8B shape and worse on smaller ones: too few programs to hide memory latency.) The B's (and the down projection's A)
+may come in any floating dtype (in training their fp32 masters: `compile_passes/lora_master_dtype.py`): rounded to
+the activation dtype on load, their gradients returned in their own dtype (the fp32 sums, unrounded).
 
 `swiglu_lora_down(y, xa, [B_g, B_u], s, A_down)` also returns the down projection's LoRA-A product xa_down =
 h A_down^T (each forward tile adds its part with fp32 atomics), and its backward takes the down projection's LoRA
