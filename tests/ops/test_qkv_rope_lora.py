@@ -150,7 +150,7 @@ def test_bs_in_master_dtype_cpu():
     (fp32 sums) returned in fp32, xa's in bf16."""
     y, xa, Bs, s, ws, cos, sin = qkv_inputs(2, 7, 4, 2, 16, (4, 4, 2), dtype=torch.bfloat16)
     masters = [b.detach().float().requires_grad_() for b in Bs]
-    fp32 = [t.detach().float().requires_grad_() for t in (y, xa)] + [b.detach().float().requires_grad_() for b in Bs]
+    fp32 = [t.detach().float().requires_grad_() for t in (y, xa, *Bs)]
     ref = qkv_rope_lora_reference(fp32[0], fp32[1], fp32[2:], s, [w.float() for w in ws], cos.float(), sin.float(),
                                   16, 1e-6)  # fmt: skip
     out = qkv_rope_lora(y, xa, masters, s, ws, cos, sin, 16, 1e-6)
