@@ -96,6 +96,20 @@ def add_varlen_rows(add, q, k, v, pos) -> None:
     causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
     add("varlen flash (document-causal)", lambda *_: varlen.varlen_attn(qp, kp, vp, cu, cu, max_len, max_len, **causal))
     add("varlen cudnn (document-causal)", lambda *_: _CudnnVarlen.apply(qp, kp, vp, cu, max_len))
+    from ops.flash_attention import available
+
+    if available(q.device, D):  # FlashAttention-4's cu_seqlens kernels take GQA k/v as they are
+        from flash_attn.cute.interface import flash_attn_varlen_func
+
+        kg, vg = packed(k), packed(v)
+        add("varlen flash4 (document-causal)", lambda *_: flash_attn_varlen_func(
+            qp, kg, vg, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len, causal=True)[0])  # fmt: skip
+        # cu_seqlens padded with empty documents to a fixed capacity, and the row length as the longest document:
+        # shapes that do not change from batch to batch (a CUDA graph replays them).
+        cap = cu.new_full((4 * len(cu),), int(cu[-1]))
+        cap[: len(cu)] = cu
+        add(f"varlen flash4, {len(cap) - 1} slots, max S (document-causal)", lambda *_: flash_attn_varlen_func(
+            qp, kg, vg, cu_seqlens_q=cap, cu_seqlens_k=cap, max_seqlen_q=S, max_seqlen_k=S, causal=True)[0])  # fmt: skip
 
 
 def main() -> None:
