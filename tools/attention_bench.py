@@ -6,8 +6,9 @@
 Rows are the standard benchmark's (micro batch 2 x 2048); `--docs N` splits each row into N equal documents
 (document-causal mask). SDPA rows ignore documents (plain causal): they are the dense ceiling to compare against,
 not an equivalent. The varlen rows mask documents as flex does, through FlashAttention's and cuDNN's cu_seqlens
-kernels (k/v expanded to the query heads beforehand). TFLOP/s counts causal attention (half of 4*S*S*D per head
-forward, 2.5x that for backward), for one document per row.
+kernels (k/v expanded to the query heads beforehand), and FlashAttention-4's when it is installed (GQA k/v as
+they are; also with cu_seqlens padded to a fixed length, the shapes a CUDA graph would need). TFLOP/s counts causal
+attention (half of 4*S*S*D per head forward, 2.5x that for backward), for one document per row.
 """
 
 from __future__ import annotations
@@ -102,14 +103,19 @@ def add_varlen_rows(add, q, k, v, pos) -> None:
         from flash_attn.cute.interface import flash_attn_varlen_func
 
         kg, vg = packed(k), packed(v)
-        add("varlen flash4 (document-causal)", lambda *_: flash_attn_varlen_func(
-            qp, kg, vg, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len, causal=True)[0])  # fmt: skip
+
+        def flash4(offsets, longest):
+            return lambda *_: flash_attn_varlen_func(
+                qp, kg, vg, cu_seqlens_q=offsets, cu_seqlens_k=offsets, max_seqlen_q=longest, max_seqlen_k=longest,
+                causal=True,
+            )[0]  # fmt: skip
+
+        add("varlen flash4 (document-causal)", flash4(cu, max_len))
         # cu_seqlens padded with empty documents to a fixed capacity, and the row length as the longest document:
         # shapes that do not change from batch to batch (a CUDA graph replays them).
         cap = cu.new_full((4 * len(cu),), int(cu[-1]))
         cap[: len(cu)] = cu
-        add(f"varlen flash4, {len(cap) - 1} slots, max S (document-causal)", lambda *_: flash_attn_varlen_func(
-            qp, kg, vg, cu_seqlens_q=cap, cu_seqlens_k=cap, max_seqlen_q=S, max_seqlen_k=S, causal=True)[0])  # fmt: skip
+        add(f"varlen flash4, {len(cap) - 1} slots, max S (document-causal)", flash4(cap, S))
 
 
 def main() -> None:
