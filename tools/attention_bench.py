@@ -24,8 +24,17 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def timed(fn, iters: int = 10) -> float:
+def timed(fn, iters: int = 10, graph: bool = False) -> float:
+    """Seconds per call of `fn`; `graph`: replayed from a CUDA graph, so the host's launch work is not counted (the
+    training step runs attention inside one)."""
     for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        fn = g.replay
         fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -116,6 +125,12 @@ def add_varlen_rows(add, q, k, v, pos) -> None:
         cap = cu.new_full((4 * len(cu),), int(cu[-1]))
         cap[: len(cu)] = cu
         add(f"varlen flash4, {len(cap) - 1} slots, max S (document-causal)", flash4(cap, S))
+        # Buckets a graph per bucket could use: slots and the longest document rounded up to powers of two.
+        slots = 1 << (len(cu) - 2).bit_length()  # documents: len(cu) - 1
+        bucket = cu.new_full((slots + 1,), int(cu[-1]))
+        bucket[: len(cu)] = cu
+        longest = max(128, 1 << (max_len - 1).bit_length())
+        add(f"varlen flash4, {slots} slots, max {longest} (document-causal)", flash4(bucket, longest))
 
 
 def main() -> None:
@@ -132,6 +147,7 @@ def main() -> None:
     p.add_argument("--docs", type=int, default=1)
     p.add_argument("--options", nargs="*", default=[], help="flex kernel_options dicts (JSON) to try")
     p.add_argument("--autotune", action="store_true", help="also flex compiled with max-autotune-no-cudagraphs")
+    p.add_argument("--graph", action="store_true", help="time replays of a CUDA graph (kernels only, no host work)")
     cli = p.parse_args()
 
     a = PRESETS[cli.model]
@@ -149,7 +165,7 @@ def main() -> None:
 
     def add(name, attn):
         try:
-            s = timed(fwd_bwd(attn, q, k, v))
+            s = timed(fwd_bwd(attn, q, k, v), graph=cli.graph)
             rows.append((name, f"{s * 1e3:.2f}", f"{flops / s / 1e12:.0f}"))
         except Exception as e:  # a backend that does not apply here is a row, not a crash
             rows.append((name, "error", f"{type(e).__name__}: {str(e)[:80]}"))
